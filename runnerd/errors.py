@@ -1,0 +1,54 @@
+"""The one exception hierarchy of runnerd.
+
+Everything runnerd raises on purpose derives from :class:`RunnerdError`, so
+a caller can catch one type. A job that fails is *not* an exception: it is a
+:class:`runnerd.result.Result` with ``outcome`` set. Exceptions are for things
+the operator or the calling program must fix.
+"""
+
+from __future__ import annotations
+
+
+class RunnerdError(Exception):
+    """Base class of every error runnerd raises on purpose."""
+
+
+class ConfigError(RunnerdError):
+    """The configuration (file, flags or a value in them) is unusable."""
+
+
+class PolicyError(RunnerdError):
+    """The sandbox policy (nsjail config or seccomp policy) is invalid or unsafe."""
+
+
+class EnvironmentMissing(RunnerdError):
+    """The sandbox environment is not built, or is not the one the lock describes."""
+
+
+class SandboxError(RunnerdError):
+    """The host could not set up or tear down a cage (mounts, cgroups, nsjail)."""
+
+
+class JobRejected(RunnerdError):
+    """A job request breaks a limit or a rule; the message says which.
+
+    ``code`` is the wire error code the daemon answers with
+    (``BAD_REQUEST`` or ``TOO_LARGE``).
+    """
+
+    def __init__(self, message: str, code: str = "BAD_REQUEST") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ClientError(RunnerdError):
+    """A client-side failure: no answer in time, a closed client, a bad reply."""
+
+
+class RemoteError(ClientError):
+    """The daemon answered a request with ``type: "error"``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

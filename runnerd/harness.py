@@ -1,0 +1,220 @@
+"""runnerd's harness: runs *inside* the cage, as the jailed user, under the sandbox env's Python.
+
+Standard library only (the sandbox env does not have runnerd installed), and
+never imported by the host: the host copies this file into the cage.
+
+It runs the job's code the way ``python main.py`` would, from /work, so that
+tracebacks name ``main.py`` and the user's own lines, then renders the
+Matplotlib figures still open (those a notebook would show), and tells the
+host what happened as JSON lines on the report fd (argv[1]):
+
+    {"event": "start"}
+    {"event": "end", "exit_code": 0, "error": null | {type, message, traceback, lineno},
+     "figures": 2, "figures_dropped": 0}          (from the job's process)
+    {"event": "exit", "exit_code": 0} | {"event": "exit", "signal": 9}
+                                                  (from PID 1, once that process ended)
+
+The host trusts none of it beyond its size: user code shares this process
+and can write to the fd too. The report can only make a result look worse
+(see runnerd/result.py), and outputs are collected by the host itself.
+"""
+
+import builtins
+import faulthandler
+import importlib.util
+import json
+import linecache
+import os
+import signal
+import sys
+import traceback
+import types
+
+CODE_PATH = "/runnerd/main.py"
+BACKEND_NAME = "runnerd_inline"
+BACKEND_PATH = "/runnerd/runnerd_inline.py"
+FILENAME = "main.py"
+MAX_MESSAGE = 8 * 1024
+MAX_TRACEBACK = 32 * 1024
+
+
+def _cut(text, limit):
+    if len(text) <= limit:
+        return text
+    head = limit // 4
+    tail = limit - head
+    return f"{text[:head]}\n... [{len(text) - limit} characters cut] ...\n{text[-tail:]}"
+
+
+class _BackendFinder:
+    """Makes MPLBACKEND=module://runnerd_inline importable without putting /runnerd on sys.path."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == BACKEND_NAME:
+            return importlib.util.spec_from_file_location(name, BACKEND_PATH)
+        return None
+
+
+def _user_frames(te):
+    """Cut a TracebackException (and its chain) down to frames of the user's code.
+
+    A chained exception left with no user frame at all happened wholly
+    inside a library (pandas raising KeyError from its index engine, then
+    again for the user): it is dropped, as it only repeats the error.
+    """
+    te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename == FILENAME])
+    for attr in ("__cause__", "__context__"):
+        chained = getattr(te, attr)
+        if chained is None:
+            continue
+        _user_frames(chained)
+        if not chained.stack:
+            setattr(te, attr, None)
+    return te
+
+
+def _type_name(exc_type):
+    module = getattr(exc_type, "__module__", "builtins")
+    name = getattr(exc_type, "__qualname__", exc_type.__name__)
+    return name if module in ("builtins", "__main__") else f"{module}.{name}"
+
+
+def describe(exc):
+    """The error record of an exception raised by the user's code."""
+    te = _user_frames(traceback.TracebackException.from_exception(exc))
+    text = "".join(te.format())
+    lineno = None
+    if te.stack:
+        lineno = te.stack[-1].lineno
+    elif isinstance(exc, SyntaxError) and exc.filename == FILENAME:
+        lineno = exc.lineno
+    try:
+        message = str(exc)
+    except Exception:  # a user exception whose __str__ raises
+        message = f"<{_type_name(type(exc))} with an unprintable message>"
+    if isinstance(exc, SyntaxError) and exc.msg:
+        message = exc.msg
+    return {
+        "type": _type_name(type(exc)),
+        "message": _cut(message, MAX_MESSAGE),
+        "traceback": _cut(text, MAX_TRACEBACK),
+        "lineno": lineno,
+    }
+
+
+def _exit_code(exc):
+    """Python's own rules for SystemExit."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code & 0xFF
+    try:
+        print(code, file=sys.__stderr__)
+    except Exception:
+        pass
+    return 1
+
+
+def _write_stderr(text):
+    try:
+        os.write(2, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def _run_user_code(send, max_figures):
+    """Run the job's code in this (forked) process; returns its exit code."""
+    faulthandler.enable(file=sys.__stderr__)
+    with open(CODE_PATH, encoding="utf-8") as fh:
+        source = fh.read()
+    # Lines for tracebacks; mtime None keeps linecache.checkcache() from dropping it.
+    linecache.cache[FILENAME] = (len(source), None, source.splitlines(True), FILENAME)
+    sys.meta_path.append(_BackendFinder)
+    # Read by the backend; the host enforces the cap again on what it collects.
+    os.environ["RUNNERD_MAX_FIGURES"] = str(max_figures)
+    sys.argv = [FILENAME]
+    sys.path.insert(0, os.getcwd())
+
+    # A fresh __main__ without __file__: multiprocessing's spawn then treats
+    # it as interactive instead of trying to re-run a main.py.
+    module = types.ModuleType("__main__")
+    module.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = module
+
+    error = None
+    try:
+        code = compile(source, FILENAME, "exec", dont_inherit=True)
+        exec(code, module.__dict__)
+        exit_code = 0
+    except SystemExit as exc:
+        exit_code = _exit_code(exc)
+    except BaseException as exc:
+        error = describe(exc)
+        _write_stderr(error["traceback"])
+        exit_code = 1
+
+    rendered = dropped = 0
+    if "matplotlib.pyplot" in sys.modules:
+        try:
+            backend = importlib.import_module(BACKEND_NAME)
+            rendered, dropped = backend.render_open_figures()
+        except BaseException as exc:
+            _write_stderr(f"runnerd: the open figures could not be rendered: {type(exc).__name__}: {exc}\n")
+    send(event="end", exit_code=exit_code, error=error, figures=rendered, figures_dropped=dropped)
+    return exit_code
+
+
+def _init(child, send):
+    """PID 1 of the cage: reap every process until the job's own process ends.
+
+    The kernel gives a pid namespace's init odd rules (signals without a
+    handler are ignored, orphans become its zombies), so the user's code runs
+    in a child with ordinary semantics, and this small process reaps. When
+    it exits, the kernel kills whatever is left in the namespace: a job
+    cannot leave a daemon behind.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return 1
+        except InterruptedError:
+            continue
+        if pid != child:
+            continue
+        if os.WIFSIGNALED(status):
+            signum = os.WTERMSIG(status)
+            send(event="exit", signal=signum)
+            return 128 + signum
+        code = os.waitstatus_to_exitcode(status)
+        send(event="exit", exit_code=code)
+        return code
+
+
+def main(argv):
+    report_fd = int(argv[1])
+    max_figures = int(argv[2])
+    os.set_inheritable(report_fd, False)
+    report = os.fdopen(report_fd, "w", encoding="utf-8")
+
+    def send(**record):
+        try:
+            report.write(json.dumps(record) + "\n")
+            report.flush()
+        except (OSError, ValueError):
+            pass  # the user's code closed or broke the fd; the host copes
+
+    send(event="start")
+    child = os.fork()
+    if child == 0:
+        # A normal interpreter exit from here flushes the user's open files.
+        sys.exit(_run_user_code(send, max_figures))
+    os._exit(_init(child, send))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

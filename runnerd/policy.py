@@ -1,0 +1,229 @@
+"""The sandbox policy: an nsjail config (protobuf text) and the kafel seccomp policy it names.
+
+Loaded once at start-up (and on reload), checked in three steps so that a
+bad policy stops runnerd with a clear message instead of failing each job:
+
+1. :func:`load` reads both files and looks at the config's top-level fields:
+   runnerd refuses settings it owns (uid maps, log target, fds) and settings
+   that would weaken the cage (a namespace turned off, capabilities kept, new
+   privileges allowed, network moved in), and takes the cgroup limits, which
+   it applies itself (see cgroups.py);
+2. :func:`check_with_nsjail` has nsjail itself parse the config and compile
+   the kafel policy (runnerd does not re-implement either);
+3. the preflight probe (preflight.py) runs a job in a real cage and checks,
+   from inside, what the policy promised: unprivileged uid, no capabilities,
+   seccomp on, no network.
+
+The checked texts are then given to every nsjail through pipes, so editing
+the files on disk changes nothing until the next start or reload.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from .cgroups import CgroupLimits
+from .errors import PolicyError
+
+# Fields runnerd sets per job or relies on; a policy may not set them.
+_OWNED = {
+    "uidmap": "runnerd maps inside uid 1000 to uid_base + slot itself",
+    "gidmap": "runnerd maps inside gid 1000 to uid_base + slot itself",
+    "exec_bin": "runnerd runs its harness",
+    "log_fd": "runnerd reads nsjail's log on its own fd",
+    "log_file": "runnerd reads nsjail's log on its own fd",
+    "pass_fd": "runnerd decides which fds reach the job",
+    "seccomp_string": "name the kafel file with seccomp_policy_file",
+    "silent": "runnerd needs the job's stdout and stderr",
+    "stderr_to_null": "runnerd needs the job's stderr",
+    "chroot_dir": "bind what the job needs with mount { } instead",
+    "daemon": "runnerd waits for each nsjail",
+    "port": "runnerd runs nsjail once per job",
+}
+# Fields that must keep a given value if present (the cage's promises).
+_REQUIRED_VALUES = {
+    "mode": "ONCE",
+    "clone_newuser": "true",
+    "clone_newns": "true",
+    "clone_newpid": "true",
+    "clone_newnet": "true",
+    "clone_newipc": "true",
+    "clone_newuts": "true",
+    "clone_newcgroup": "true",
+    "keep_caps": "false",
+    "disable_no_new_privs": "false",
+    "skip_setsid": "false",
+    "is_root_rw": "false",
+    "use_pasta": "false",
+}
+# Fields that would bring a network interface or capabilities in.
+_FORBIDDEN = {
+    "cap": "capabilities are never kept",
+    "iface_own": "the job has no network",
+    "macvlan_iface": "the job has no network",
+}
+
+
+def scan_fields(text: str) -> dict[str, list[str]]:
+    """Top-level ``name: value`` fields of a protobuf text config (values unquoted).
+
+    Only a scanner for the fields runnerd has to look at: it skips the
+    contents of ``{ }`` blocks and comments, and knows quoted strings. The
+    real parse is nsjail's (:func:`check_with_nsjail`).
+    """
+    fields: dict[str, list[str]] = {}
+    i, n, depth = 0, len(text), 0
+    token = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|[^\s#{};,]+)")
+    while i < n:
+        c = text[i]
+        if c == "#":
+            nl = text.find("\n", i)
+            i = n if nl < 0 else nl + 1
+        elif c in "\"'":
+            m = re.compile(rf"{c}(?:[^{c}\\\n]|\\.)*{c}").match(text, i)
+            if not m:
+                raise PolicyError(f"unterminated string at offset {i}")
+            i = m.end()
+        elif c == "{":
+            depth += 1
+            i += 1
+        elif c == "}":
+            depth -= 1
+            if depth < 0:
+                raise PolicyError(f"unbalanced '}}' at offset {i}")
+            i += 1
+        elif depth == 0 and (m := token.match(text, i)):
+            value = m.group(2)
+            if value[:1] in "\"'":
+                value = value[1:-1]
+            fields.setdefault(m.group(1), []).append(value)
+            i = m.end()
+        else:
+            i += 1
+    if depth != 0:
+        raise PolicyError("unbalanced '{' in the config")
+    return fields
+
+
+def _one_int(fields: Mapping[str, list[str]], name: str, path: Path) -> int:
+    values = fields.get(name)
+    if not values:
+        raise PolicyError(f"{path}: {name} is missing; runnerd applies it to each job's cgroup")
+    try:
+        value = int(values[-1], 0)
+    except ValueError:
+        raise PolicyError(f"{path}: {name} must be a number, got {values[-1]!r}") from None
+    if value <= 0:
+        raise PolicyError(f"{path}: {name} must be positive, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Policy:
+    path: Path
+    cfg_text: str
+    kafel_path: Path
+    kafel_text: str
+    limits: CgroupLimits
+    fields: Mapping[str, tuple[str, ...]]
+
+    @property
+    def cwd(self) -> str:
+        return self.fields.get("cwd", ("/",))[-1]
+
+
+def load(path: Path) -> Policy:
+    """Read and statically check the policy at *path*; PolicyError naming the problem."""
+    try:
+        cfg_text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"cannot read the nsjail config {path}: {exc.strerror}") from None
+    try:
+        raw = scan_fields(cfg_text)
+    except PolicyError as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+    for name, why in {**_OWNED, **_FORBIDDEN}.items():
+        if name in raw:
+            raise PolicyError(f"{path}: {name} may not be set in a runnerd policy ({why})")
+    for name, wanted in _REQUIRED_VALUES.items():
+        for value in raw.get(name, []):
+            if value != wanted:
+                raise PolicyError(f"{path}: {name}: {value} would weaken the cage; runnerd needs {name}: {wanted}")
+    if raw.get("cwd", ["/"])[-1] != "/work":
+        raise PolicyError(f"{path}: cwd must be \"/work\", where runnerd mounts the job's working directory")
+    kafel_names = raw.get("seccomp_policy_file")
+    if not kafel_names:
+        raise PolicyError(f"{path}: seccomp_policy_file is missing; a runnerd policy always has a seccomp filter")
+    kafel_path = (path.parent / kafel_names[-1]).resolve()
+    try:
+        kafel_text = kafel_path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"cannot read the seccomp policy {kafel_path} (named in {path}): {exc.strerror}") from None
+    limits = CgroupLimits(
+        memory_bytes=_one_int(raw, "cgroup_mem_max", path),
+        pids=_one_int(raw, "cgroup_pids_max", path),
+        cpu_ms_per_sec=_one_int(raw, "cgroup_cpu_ms_per_sec", path),
+    )
+    return Policy(
+        path=path,
+        cfg_text=cfg_text,
+        kafel_path=kafel_path,
+        kafel_text=kafel_text,
+        limits=limits,
+        fields={k: tuple(v) for k, v in raw.items()},
+    )
+
+
+# nsjail's command-line flags that turn its own cgroup handling off: runnerd
+# puts the whole nsjail process in the job's cgroup instead.
+NSJAIL_CGROUPS_OFF = ("--cgroup_mem_max", "0", "--cgroup_pids_max", "0", "--cgroup_cpu_ms_per_sec", "0")
+
+
+def _nsjail_problems(log: str) -> str:
+    lines = [ln for ln in log.splitlines() if ln.startswith(("[W]", "[E]", "[F]"))]
+    # "[W][date][pid] function():line message" -> "message"
+    cleaned = [re.sub(r"^\[[WEF]\]\[[^\]]*\](\[\d+\])?\s*\S+\(\):\d+\s*", "", ln) for ln in lines]
+    return "; ".join(c for c in cleaned if c) or log.strip()[-500:]
+
+
+def check_with_nsjail(policy: Policy, nsjail: Path) -> None:
+    """Have nsjail parse the config and compile the kafel policy; PolicyError with its words if not.
+
+    Runs ``/usr/bin/true`` in a throw-away cage (about 20 ms): nsjail only
+    compiles the seccomp policy on the way to running something.
+    """
+    with tempfile.TemporaryDirectory(prefix="runnerd-policy-") as scratch:
+        os.chmod(scratch, 0o755)
+        cfg_r, cfg_w = os.pipe()
+        kafel_r, kafel_w = os.pipe()
+        try:
+            os.write(cfg_w, policy.cfg_text.encode())
+            os.write(kafel_w, policy.kafel_text.encode())
+        finally:
+            os.close(cfg_w)
+            os.close(kafel_w)
+        argv = [
+            str(nsjail), "--config", f"/dev/fd/{cfg_r}", "--seccomp_policy", f"/dev/fd/{kafel_r}",
+            "--log_fd", "2", "--quiet", *NSJAIL_CGROUPS_OFF,
+            "--user", "1000:65534:1", "--group", "1000:65534:1",
+            "--bindmount_ro", f"{scratch}:/work", "--time_limit", "10",
+            "--", "/usr/bin/true",
+        ]  # fmt: skip
+        try:
+            proc = subprocess.run(
+                argv, pass_fds=(cfg_r, kafel_r), stdin=subprocess.DEVNULL,
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise PolicyError(f"cannot run nsjail ({nsjail}) to check the policy: {exc}") from None
+        finally:
+            os.close(cfg_r)
+            os.close(kafel_r)
+    if proc.returncode != 0:
+        raise PolicyError(f"nsjail rejects the policy {policy.path}: {_nsjail_problems(proc.stderr)}")

