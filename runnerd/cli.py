@@ -115,15 +115,79 @@ async def _run_local(cfg: config_mod.Config, code: str, files: list[tuple[str, b
         runtime.close()
 
 
+def _run_remote(endpoint: str, code: str, files: list[tuple[str, bytes]], timeout: float | None) -> Result:
+    from .client import Client, Finished, Output
+
+    with Client(endpoint) as client:
+        for event in client.stream(code, dict(files), timeout):
+            if isinstance(event, Output):
+                target = sys.stdout if event.stream == "stdout" else sys.stderr
+                target.buffer.write(event.data)
+                target.flush()
+            elif isinstance(event, Finished):
+                return event.result
+    raise RunnerdError("the daemon sent no result")  # pragma: no cover
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load_config(args)
     try:
         code = Path(args.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RunnerdError(f"cannot read {args.file}: {exc}") from None
     files = _read_inputs(args.input)
-    result = asyncio.run(_run_local(cfg, code, files, args.timeout))
+    endpoint = args.endpoint or os.environ.get("RUNNERD_ENDPOINT")
+    if endpoint:
+        result = _run_remote(endpoint, code, files, args.timeout)
+    else:
+        result = asyncio.run(_run_local(_load_config(args), code, files, args.timeout))
     return _report(result, Path(args.out) if args.out else None, streamed=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+
+    overrides: dict[str, Any] = {
+        "bind": tuple(args.bind) if args.bind else None,
+        "concurrency": args.concurrency,
+        "queue_size": args.queue_size,
+        "log_level": args.log_level,
+    }
+    cfg = _load_config(args, **overrides)
+    logging.getLogger().setLevel(cfg.log_level.upper())
+    return asyncio.run(Daemon(cfg).run())
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    from .client import Client, resolve_endpoint
+
+    endpoint = resolve_endpoint(args.endpoint)
+    with Client(endpoint) as client:
+        pong = client.ping(timeout=args.timeout)
+    print(f"{endpoint}: {pong.get('server')} (protocol {pong.get('protocol')}, pid {pong.get('pid')})")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from .client import Client, resolve_endpoint
+
+    with Client(resolve_endpoint(args.endpoint)) as client:
+        stats = client.stats(timeout=args.timeout)
+    for key in ("v", "id", "type"):
+        stats.pop(key, None)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    lat, run = stats.get("latency_ms", {}), stats.get("run_ms", {})
+    print(f"{stats.get('server')}  pid {stats.get('pid')}  up {stats.get('uptime_s')} s  rss {stats.get('rss_bytes', 0) / 2**20:.1f} MiB")
+    print(f"running {stats.get('running')}/{stats.get('concurrency')}  queued {stats.get('queued')}/{stats.get('queue_size')}  "
+          f"done {stats.get('done')}  retained {stats.get('retained')}")
+    print("outcomes  " + "  ".join(f"{k} {v}" for k, v in sorted(stats.get("outcomes", {}).items())))
+    print("reasons   " + "  ".join(f"{k} {v}" for k, v in sorted(stats.get("reasons", {}).items())))
+    print(f"latency   p50 {lat.get('p50')} ms  p95 {lat.get('p95')} ms  p99 {lat.get('p99')} ms (accepted to result)")
+    print(f"run       p50 {run.get('p50')} ms  p95 {run.get('p95')} ms  p99 {run.get('p99')} ms (in the cage)")
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -145,10 +209,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         policy_error = str(exc)
     checks = preflight.static_checks(nsjail, (env_status.ready, env_status.detail), cg_desc, policy_error)
     if not preflight.failures(checks):
+
+        async def probe() -> list[preflight.Check]:
+            rt = await runtime.open_runtime(cfg, probe=False)
+            try:
+                return await preflight.probe(rt.cage)
+            finally:
+                rt.close()
+
         try:
-            rt = asyncio.run(runtime.open_runtime(cfg, probe=True))
-            checks.extend(rt.checks)
-            rt.close()
+            checks.extend(asyncio.run(probe()))
         except RunnerdError as exc:
             checks.append(preflight.Check("cage probe", False, str(exc)))
     for c in checks:
@@ -188,7 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", default=[], metavar="PATH", help="an input file, readable by its name (repeatable)")
     p.add_argument("--out", metavar="DIR", help="write figures and files here")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="wall clock in seconds (default 30)")
+    p.add_argument("--endpoint", default=None, help="run through this daemon (default: $RUNNERD_ENDPOINT; unset: a local cage)")
     p.set_defaults(func=cmd_run, default_level="WARNING")
+
+    p = sub.add_parser("serve", help="run the daemon")
+    p.add_argument("--bind", action="append", metavar="ENDPOINT", help="ipc://PATH or tcp://HOST:PORT (repeatable)")
+    p.add_argument("--concurrency", type=int, default=None, help="cages at once (default: the CPUs)")
+    p.add_argument("--queue-size", type=int, default=None, help="jobs waiting beyond those (default 64)")
+    p.set_defaults(func=cmd_serve, default_level="INFO")
+
+    for name, func, what in (("ping", cmd_ping, "check that a daemon answers"), ("stats", cmd_stats, "a daemon's counters")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--endpoint", default=None, help="default: $RUNNERD_ENDPOINT, else ipc:///run/runnerd/runnerd.sock")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
+        if name == "stats":
+            p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=func, default_level="WARNING")
 
     p = sub.add_parser("check", help="check the host, the policy and the cage, one line each")
     p.set_defaults(func=cmd_check, default_level="WARNING")

@@ -120,7 +120,11 @@ class Config:
     concurrency: int = field(default_factory=_default_concurrency)
     queue_size: int = 64
     retention_s: float = 300.0
+    # Results kept for resends, in all; the oldest go first past it.
+    retention_max_bytes: int = _size(512 * MiB)
     max_request_bytes: int = _size(80 * MiB)
+    # On SIGTERM, running jobs get this long to finish before they are killed.
+    shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
     limits: Limits = field(default_factory=Limits)
 
@@ -154,6 +158,8 @@ class Config:
             raise ConfigError(f"queue_size: must be >= 0, got {self.queue_size}")
         if self.retention_s < 0 or not math.isfinite(self.retention_s):
             raise ConfigError(f"retention_s: must be >= 0, got {self.retention_s}")
+        if self.shutdown_grace_s < 0 or not math.isfinite(self.shutdown_grace_s):
+            raise ConfigError(f"shutdown_grace_s: must be >= 0, got {self.shutdown_grace_s}")
         if not self.bind:
             raise ConfigError("bind: at least one endpoint is needed")
         for endpoint in self.bind:
@@ -192,7 +198,7 @@ def _coerce(key: str, annotation: str, value: Any, is_size: bool) -> Any:
     if kind == "tuple[str,...]":
         if isinstance(value, str):
             value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
         return tuple(value)
     raise ConfigError(f"{key}: cannot be set from a file")  # pragma: no cover - a field type we forgot

@@ -71,7 +71,7 @@ _FORBIDDEN = {
 
 
 def scan_fields(text: str) -> dict[str, list[str]]:
-    """Top-level ``name: value`` fields of a protobuf text config (values unquoted).
+    """Top-level fields of a protobuf text config: ``name: value`` (unquoted) and ``name { }`` ("{...}").
 
     Only a scanner for the fields runnerd has to look at: it skips the
     contents of ``{ }`` blocks and comments, and knows quoted strings. The
@@ -80,6 +80,7 @@ def scan_fields(text: str) -> dict[str, list[str]]:
     fields: dict[str, list[str]] = {}
     i, n, depth = 0, len(text), 0
     token = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|[^\s#{};,]+)")
+    message = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*:?\s*(?=\{)")
     while i < n:
         c = text[i]
         if c == "#":
@@ -98,6 +99,9 @@ def scan_fields(text: str) -> dict[str, list[str]]:
             if depth < 0:
                 raise PolicyError(f"unbalanced '}}' at offset {i}")
             i += 1
+        elif depth == 0 and (m := message.match(text, i)):
+            fields.setdefault(m.group(1), []).append("{...}")
+            i = m.end()
         elif depth == 0 and (m := token.match(text, i)):
             value = m.group(2)
             if value[:1] in "\"'":

@@ -1,0 +1,5 @@
+"""``python -m runnerd``: the same as the ``runnerd`` command."""
+
+from .cli import main
+
+main()

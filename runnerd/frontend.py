@@ -1,0 +1,187 @@
+"""The ZeroMQ front end: one ROUTER per endpoint, on asyncio.
+
+It decodes each frame (protocol.py), answers what it cannot take with a
+``type: "error"`` reply, hands runs and cancels to the scheduler, and
+routes replies back by the peer's ZeroMQ identity on the socket the
+request came in on. Nothing a peer sends can stop it: every frame is
+handled inside a guard that answers INTERNAL and goes on.
+
+Sockets are non-blocking for sends (``ROUTER_MANDATORY`` plus
+``DONTWAIT``): a reply to a peer that is gone or too slow to read is
+dropped, never waited for, and the peer can ask again by job id.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import grp
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+
+from . import protocol
+from .config import Config
+from .errors import RunnerdError
+from .protocol import CancelRequest, PingRequest, ProtocolError, RunRequest, StatsRequest
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+SOCKET_GROUP = "runnerd"
+SNDHWM = 100_000
+
+
+class EndpointInUse(RunnerdError):
+    """Another process already serves this endpoint."""
+
+
+@dataclass
+class Endpoint:
+    address: str
+    socket: zmq.asyncio.Socket
+    lock_fd: int = -1
+
+
+def _ipc_path(address: str) -> Path | None:
+    return Path(address[len("ipc://") :]) if address.startswith("ipc://") else None
+
+
+def _prepare_ipc(path: Path) -> int:
+    """Make the socket's directory (root and the runnerd group only) and take the endpoint's lock."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        gid = grp.getgrnam(SOCKET_GROUP).gr_gid
+    except KeyError:
+        gid = -1
+    if os.geteuid() == 0 and directory != Path("/tmp"):
+        os.chown(directory, 0, gid)
+        os.chmod(directory, 0o750 if gid >= 0 else 0o700)
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise EndpointInUse(
+            f"ipc://{path} is already served by another runnerd (it holds {lock}); stop it first"
+        ) from None
+    return fd
+
+
+class Frontend:
+    def __init__(self, config: Config, scheduler: Scheduler, ctx: zmq.asyncio.Context, *, info: Callable[[], dict[str, Any]]) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.ctx = ctx
+        self.info = info
+        self.endpoints: list[Endpoint] = []
+        self.frames_in = 0
+        self.errors_out = 0
+
+    def open(self) -> None:
+        """Bind every endpoint; EndpointInUse/RunnerdError (and nothing left bound) on failure."""
+        try:
+            for address in self.config.bind:
+                self.endpoints.append(self._bind(address))
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind(self, address: str) -> Endpoint:
+        lock_fd = -1
+        ipc = _ipc_path(address)
+        if ipc is not None:
+            lock_fd = _prepare_ipc(ipc)
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_request_bytes)
+        sock.setsockopt(zmq.SNDHWM, SNDHWM)
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            if lock_fd >= 0:
+                os.close(lock_fd)
+            if exc.errno == errno.EADDRINUSE:
+                raise EndpointInUse(f"{address} is already in use (another runnerd?)") from None
+            raise RunnerdError(f"cannot bind {address}: {exc.strerror}") from None
+        log.info("listening on %s", address)
+        return Endpoint(address, sock, lock_fd)
+
+    def close(self) -> None:
+        for ep in self.endpoints:
+            ep.socket.close(0)
+            if ep.lock_fd >= 0:
+                os.close(ep.lock_fd)
+        self.endpoints = []
+
+    async def serve(self) -> None:
+        import asyncio
+
+        await asyncio.gather(*(self._serve_one(ep) for ep in self.endpoints))
+
+    async def _serve_one(self, ep: Endpoint) -> None:
+        while True:
+            try:
+                frames = await ep.socket.recv_multipart(copy=True)
+            except zmq.ZMQError as exc:
+                if exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
+                    return
+                log.warning("%s: receive failed: %s", ep.address, exc)
+                continue
+            self.frames_in += 1
+            try:
+                self._handle(ep, frames)
+            except Exception:
+                log.exception("%s: unexpected error handling a frame", ep.address)
+                self._send(ep, frames[0], protocol.error_reply(None, protocol.INTERNAL, "internal error; see the daemon's log"))
+
+    def _send(self, ep: Endpoint, identity: bytes, frame: bytes) -> None:
+        fut = ep.socket.send_multipart([identity, frame], flags=zmq.DONTWAIT, copy=False)
+        exc = fut.exception() if fut.done() else None
+        if exc is not None:
+            # EHOSTUNREACH: the peer is gone. EAGAIN: it does not read.
+            log.debug("%s: reply dropped: %s", ep.address, exc)
+
+    def _sender(self, ep: Endpoint, identity: bytes) -> Callable[[bytes], None]:
+        return lambda frame: self._send(ep, identity, frame)
+
+    def _handle(self, ep: Endpoint, frames: list[bytes]) -> None:
+        identity, payload = frames[0], frames[1:]
+        send = self._sender(ep, identity)
+        if len(payload) != 1:
+            self.errors_out += 1
+            send(protocol.error_reply(None, protocol.BAD_REQUEST,
+                                      f"a request is one frame holding one msgpack map, got {len(payload)} frames; use a DEALER socket"))  # fmt: skip
+            return
+        try:
+            req = protocol.decode_request(payload[0], self.config.limits, self.config.max_request_bytes)
+        except ProtocolError as exc:
+            self.errors_out += 1
+            send(protocol.error_reply(exc.request_id, exc.code, exc.message))
+            return
+        try:
+            self._dispatch(req, ep, identity, send)
+        except ProtocolError as exc:
+            self.errors_out += 1
+            send(protocol.error_reply(req.id, exc.code, exc.message))
+
+    def _dispatch(self, req: protocol.Request, ep: Endpoint, identity: bytes, send: Callable[[bytes], None]) -> None:
+        if isinstance(req, RunRequest):
+            self.scheduler.submit(req, (ep.address, identity), send)
+        elif isinstance(req, CancelRequest):
+            self.scheduler.cancel(req.id, send)
+        elif isinstance(req, PingRequest):
+            send(protocol.reply(req.id, "pong", **self.info()))
+        elif isinstance(req, StatsRequest):
+            stats = self.scheduler.stats()
+            stats.update(frames_in=self.frames_in, errors_out=self.errors_out, **self.info())
+            send(protocol.reply(req.id, "stats", **stats))

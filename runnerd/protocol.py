@@ -1,0 +1,200 @@
+"""Wire protocol ``runnerd/1``: message kinds, validation, msgpack encoding.
+
+Every message is one ZeroMQ frame holding one msgpack map (strings as str,
+bytes as bin). docs/protocol.md is the contract for clients in any
+language; this module is its implementation on both sides.
+
+Requests carry ``v: 1``, ``op`` and ``id``; replies carry ``v: 1``, the
+request's ``id`` and ``type``. :func:`decode_request` turns a frame into a
+typed request or raises :class:`ProtocolError` with the wire error code and
+a message a person can act on; it never raises anything else, whatever the
+frame holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+import msgpack
+
+from .config import Limits
+from .errors import JobRejected
+from .job import JobSpec, make_job
+from .result import Result
+
+VERSION = 1
+
+BAD_REQUEST = "BAD_REQUEST"
+TOO_LARGE = "TOO_LARGE"
+BUSY = "BUSY"
+UNSUPPORTED_VERSION = "UNSUPPORTED_VERSION"
+NOT_FOUND = "NOT_FOUND"
+INTERNAL = "INTERNAL"
+ERROR_CODES = (BAD_REQUEST, TOO_LARGE, BUSY, UNSUPPORTED_VERSION, NOT_FOUND, INTERNAL)
+
+ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+OPS = ("run", "cancel", "ping", "stats")
+_FIELDS = {
+    "run": {"v", "op", "id", "code", "files", "timeout", "stream"},
+    "cancel": {"v", "op", "id"},
+    "ping": {"v", "op", "id"},
+    "stats": {"v", "op", "id"},
+}
+
+
+class ProtocolError(Exception):
+    """A request that cannot be taken; becomes a ``type: "error"`` reply."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    id: str
+    job: JobSpec
+    stream: bool
+    digest: str  # what the job is, to tell a resend from a clash of ids
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    id: str
+
+
+@dataclass(frozen=True)
+class PingRequest:
+    id: str
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    id: str
+
+
+Request = Union[RunRequest, CancelRequest, PingRequest, StatsRequest]
+
+
+def _unpack(frame: bytes, max_bytes: int) -> Any:
+    if len(frame) > max_bytes:
+        raise ProtocolError(TOO_LARGE, f"message is {len(frame)} bytes; the limit is {max_bytes}")
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True, max_ext_len=0, use_list=True)
+    except msgpack.exceptions.StackError:
+        raise ProtocolError(BAD_REQUEST, "message nests too deeply; a request is a flat map") from None
+    except msgpack.exceptions.ExtraData:
+        raise ProtocolError(BAD_REQUEST, "frame holds more than one msgpack object; send one map per frame") from None
+    except UnicodeDecodeError:
+        raise ProtocolError(BAD_REQUEST, "a msgpack str is not valid UTF-8; send bytes as bin") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ProtocolError(BAD_REQUEST, f"frame is not valid msgpack: {exc}") from None
+
+
+def _job_digest(code: str, files: list[tuple[str, bytes]], timeout: Any) -> str:
+    h = hashlib.sha256()
+    h.update(code.encode("utf-8", "surrogatepass"))
+    for name, data in files:
+        h.update(b"\0" + name.encode("utf-8", "surrogatepass") + b"\0" + hashlib.sha256(data).digest())
+    h.update(repr(timeout).encode())
+    return h.hexdigest()
+
+
+def decode_request(frame: bytes, limits: Limits, max_bytes: int) -> Request:
+    """Decode and check one request frame; ProtocolError (with the id when known) if it is not acceptable."""
+    msg = _unpack(frame, max_bytes)
+    if not isinstance(msg, dict):
+        raise ProtocolError(BAD_REQUEST, f"a request is a msgpack map, got {type(msg).__name__}")
+    raw_id = msg.get("id")
+    request_id = raw_id if isinstance(raw_id, str) and ID_RE.match(raw_id) else None
+    try:
+        return _check(msg, limits, request_id)
+    except ProtocolError as exc:
+        exc.request_id = request_id
+        raise
+
+
+def _check(msg: dict[str, Any], limits: Limits, request_id: str | None) -> Request:
+    if "v" not in msg:
+        raise ProtocolError(BAD_REQUEST, "missing field 'v' (the protocol version, 1)")
+    if msg["v"] != VERSION or isinstance(msg["v"], bool):
+        raise ProtocolError(UNSUPPORTED_VERSION, f"protocol version {msg['v']!r} is not supported; this daemon speaks v: 1")
+    if "id" not in msg:
+        raise ProtocolError(BAD_REQUEST, "missing field 'id'")
+    if request_id is None:
+        raise ProtocolError(BAD_REQUEST, "id must be a string of 1-128 characters from [A-Za-z0-9._:-]")
+    op = msg.get("op")
+    if op is None:
+        raise ProtocolError(BAD_REQUEST, "missing field 'op'")
+    if op not in OPS:
+        raise ProtocolError(BAD_REQUEST, f"unknown op {op!r}; ops are {', '.join(OPS)}")
+    unknown = sorted(set(msg) - _FIELDS[op])
+    if unknown:
+        raise ProtocolError(BAD_REQUEST, f"unknown field(s) {', '.join(map(repr, unknown))} in a {op} request")
+    if op == "cancel":
+        return CancelRequest(request_id)
+    if op == "ping":
+        return PingRequest(request_id)
+    if op == "stats":
+        return StatsRequest(request_id)
+
+    if "code" not in msg:
+        raise ProtocolError(BAD_REQUEST, "missing field 'code'")
+    files_raw = msg.get("files", [])
+    if not isinstance(files_raw, list):
+        raise ProtocolError(BAD_REQUEST, f"files must be a list of {{name, data}} maps, got {type(files_raw).__name__}")
+    if len(files_raw) > limits.max_files:
+        raise ProtocolError(TOO_LARGE, f"{len(files_raw)} input files; the limit is {limits.max_files}")
+    files: list[tuple[Any, Any]] = []
+    for index, f in enumerate(files_raw):
+        if not isinstance(f, dict):
+            raise ProtocolError(BAD_REQUEST, f"files[{index}] must be a map with name and data")
+        extra = sorted(set(f) - {"name", "data"})
+        if extra or "name" not in f or "data" not in f:
+            raise ProtocolError(BAD_REQUEST, f"files[{index}] must have exactly the fields name and data")
+        files.append((f["name"], f["data"]))
+    stream = msg.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ProtocolError(BAD_REQUEST, f"stream must be true or false, got {stream!r}")
+    try:
+        job = make_job(msg["code"], files, msg.get("timeout"), limits=limits)
+    except JobRejected as exc:
+        raise ProtocolError(exc.code, str(exc)) from None
+    digest = _job_digest(job.code, [(f.name, f.data) for f in job.files], msg.get("timeout"))
+    return RunRequest(id=request_id, job=job, stream=stream, digest=digest)
+
+
+# ---------------------------------------------------------------- replies
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def decode_reply(frame: bytes) -> dict[str, Any]:
+    """A reply as a client sees it; ValueError if it is not a map with a type."""
+    msg = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    if not isinstance(msg, dict) or "type" not in msg:
+        raise ValueError(f"not a runnerd reply: {msg!r:.200}")
+    return msg
+
+
+def reply(request_id: str | None, type_: str, **fields: Any) -> bytes:
+    return encode({"v": VERSION, "id": request_id, "type": type_, **fields})
+
+
+def error_reply(request_id: str | None, code: str, message: str) -> bytes:
+    return reply(request_id, "error", code=code, message=message)
+
+
+def result_reply(request_id: str, result: Result) -> bytes:
+    return reply(request_id, "result", **result.to_wire())
+
+
+def request(op: str, request_id: str, **fields: Any) -> bytes:
+    return encode({"v": VERSION, "op": op, "id": request_id, **fields})

@@ -1,0 +1,310 @@
+"""The scheduler: a bounded queue, concurrency slots, cancel, retention, resend-safe job ids.
+
+Transport-agnostic: it talks to peers only through ``Send`` callables
+(one per peer, non-blocking, allowed to drop), so the frontend can route
+replies by ZeroMQ identity and tests can drive it without sockets.
+
+Rules:
+
+* at most ``concurrency`` jobs run; up to ``queue_size`` more wait; beyond
+  that a run is refused with BUSY at once;
+* a job id names one job for as long as it is retained: a ``run`` with an
+  id already known (queued, running, or finished less than ``retention_s``
+  ago) does not run again; the peer is subscribed and gets ``accepted``,
+  the stream so far (with byte offsets, so it can drop what it has seen)
+  and the result. The same id with a different job is refused;
+* finished jobs are kept ``retention_s`` seconds, and at most
+  ``retention_max_bytes`` of results in all (oldest dropped first);
+* a peer that disappears costs nothing but its own job's messages: sends
+  never block, a send that fails is dropped (the peer can ask again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Hashable
+
+from . import protocol
+from .job import JobSpec
+from .protocol import ProtocolError, RunRequest
+from .result import Outcome, Reason, Result
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[bytes], None]
+Runner = Callable[..., Awaitable[Result]]  # (job, *, on_output, stop, name) -> Result
+LATENCY_WINDOW = 1000
+
+
+class State(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclass
+class Subscriber:
+    send: Send
+    stream: bool
+
+
+@dataclass
+class JobRecord:
+    id: str
+    digest: str
+    spec: JobSpec
+    state: State = State.QUEUED
+    subscribers: dict[Hashable, Subscriber] = field(default_factory=dict)
+    chunks: list[tuple[str, int, bytes]] = field(default_factory=list)
+    offsets: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
+    stop: "asyncio.Future[Reason] | None" = None
+    result: Result | None = None
+    accepted_at: float = field(default_factory=time.monotonic)
+    finished_at: float = 0.0
+    size: int = 0
+
+    def chunk_frame(self, stream: str, offset: int, data: bytes) -> bytes:
+        return protocol.reply(self.id, stream, data=data, offset=offset)
+
+
+def _result_size(result: Result) -> int:
+    return (
+        len(result.stdout)
+        + len(result.stderr)
+        + sum(len(a.data) for a in (*result.figures, *result.files))
+        + 1024
+    )
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+
+    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        concurrency: int,
+        queue_size: int,
+        retention_s: float,
+        retention_max_bytes: int,
+    ) -> None:
+        self.runner = runner
+        self.concurrency = concurrency
+        self.queue_size = queue_size
+        self.retention_s = retention_s
+        self.retention_max_bytes = retention_max_bytes
+        self.jobs: dict[str, JobRecord] = {}
+        self._queue: asyncio.Queue[JobRecord] = asyncio.Queue()
+        self._finished: deque[str] = deque()  # ids in finishing order, for eviction
+        self._retained_bytes = 0
+        self.queued = 0
+        self.running = 0
+        self.done = 0
+        self.outcomes: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self._latency: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._run_wall: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._workers: list[asyncio.Task[None]] = []
+        self._started = time.monotonic()
+        self.accepting = True
+        self.refusal = "the queue is full"
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._worker(i), name=f"runnerd-slot-{i}") for i in range(self.concurrency)]
+
+    async def close(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    # ------------------------------------------------------------ requests
+
+    def submit(self, req: RunRequest, peer: Hashable, send: Send) -> None:
+        """Take a run request (or resubscribe to a known id); ProtocolError (BUSY, BAD_REQUEST) if not."""
+        record = self.jobs.get(req.id)
+        if record is not None:
+            if record.digest != req.digest:
+                raise ProtocolError(
+                    protocol.BAD_REQUEST,
+                    f"id {req.id!r} already names a different job; use a new id for new code",
+                )
+            self._subscribe(record, peer, Subscriber(send, req.stream), replay=True)
+            return
+        if not self.accepting:
+            raise ProtocolError(protocol.BUSY, self.refusal)
+        if self.queued + self.running >= self.concurrency + self.queue_size:
+            raise ProtocolError(
+                protocol.BUSY,
+                f"{self.running} jobs running and {self.queued} queued (queue_size {self.queue_size}); retry later",
+            )
+        record = JobRecord(id=req.id, digest=req.digest, spec=req.job)
+        self.jobs[req.id] = record
+        self.queued += 1
+        self._subscribe(record, peer, Subscriber(send, req.stream), replay=False)
+        self._queue.put_nowait(record)
+
+    def _subscribe(self, record: JobRecord, peer: Hashable, sub: Subscriber, *, replay: bool) -> None:
+        known = peer in record.subscribers
+        record.subscribers[peer] = sub
+        _safe(sub.send, protocol.reply(record.id, "accepted", state=record.state.value, duplicate=replay))
+        if replay and not known and sub.stream:
+            for stream, offset, data in record.chunks:
+                _safe(sub.send, record.chunk_frame(stream, offset, data))
+        if record.result is not None:
+            _safe(sub.send, protocol.result_reply(record.id, record.result))
+
+    def cancel(self, job_id: str, send: Send) -> None:
+        """Cancel a queued or running job; NOT_FOUND if there is none with that id."""
+        record = self.jobs.get(job_id)
+        if record is None or record.state is State.DONE:
+            why = "has already finished" if record else "is not queued or running"
+            raise ProtocolError(protocol.NOT_FOUND, f"no job to cancel: {job_id!r} {why}")
+        _safe(send, protocol.reply(job_id, "cancelling", state=record.state.value))
+        if record.state is State.QUEUED:
+            self.queued -= 1
+            self._finish(record, Result(outcome=Outcome.FAILED, reason=Reason.CANCELLED), wall_s=0.0)
+        elif record.stop is not None and not record.stop.done():
+            record.stop.set_result(Reason.CANCELLED)
+
+    def end_queued(self, reason: Reason) -> int:
+        """End every queued job now with *reason*; returns how many."""
+        count = 0
+        for record in list(self.jobs.values()):
+            if record.state is State.QUEUED:
+                self.queued -= 1
+                self._finish(record, Result(outcome=Outcome.FAILED, reason=reason), wall_s=0.0)
+                count += 1
+        return count
+
+    def stop_running(self, reason: Reason) -> int:
+        """Ask every running job to stop with *reason* (its cage is killed); returns how many."""
+        count = 0
+        for record in self.jobs.values():
+            if record.state is State.RUNNING and record.stop is not None and not record.stop.done():
+                record.stop.set_result(reason)
+                count += 1
+        return count
+
+    # ------------------------------------------------------------ running
+
+    async def _worker(self, slot: int) -> None:
+        while True:
+            record = await self._queue.get()
+            if record.state is not State.QUEUED:
+                continue  # cancelled while it waited
+            self.queued -= 1
+            self.running += 1
+            record.state = State.RUNNING
+            record.stop = asyncio.get_running_loop().create_future()
+            started = time.monotonic()
+            try:
+                result = await self.runner(
+                    record.spec, on_output=lambda s, d, r=record: self._output(r, s, d), stop=record.stop
+                )
+            except asyncio.CancelledError:
+                self.running -= 1
+                raise
+            except Exception:
+                log.exception("job %s: the runner failed", record.id)
+                result = Result(outcome=Outcome.FAILED, reason=Reason.SANDBOX_ERROR, warnings=("internal error in runnerd",))
+            self.running -= 1
+            self._finish(record, result, wall_s=time.monotonic() - started)
+
+    def _output(self, record: JobRecord, stream: str, data: bytes) -> None:
+        offset = record.offsets[stream]
+        record.offsets[stream] = offset + len(data)
+        record.chunks.append((stream, offset, data))
+        record.size += len(data)
+        frame: bytes | None = None
+        for sub in list(record.subscribers.values()):
+            if sub.stream:
+                frame = frame or record.chunk_frame(stream, offset, data)
+                _safe(sub.send, frame)
+
+    def _finish(self, record: JobRecord, result: Result, *, wall_s: float) -> None:
+        record.state = State.DONE
+        record.result = result
+        record.finished_at = time.monotonic()
+        record.size += _result_size(result)
+        self.done += 1
+        self.outcomes[result.outcome.value] += 1
+        self.reasons[result.reason.value if result.reason else "none"] += 1
+        self._latency.append(record.finished_at - record.accepted_at)
+        if wall_s:
+            self._run_wall.append(wall_s)
+        u = result.usage
+        log.info(
+            "job %s %s reason=%s wall=%.3fs cpu=%.3fs peak=%.1fMiB queued=%.3fs",
+            record.id, result.outcome.value, result.reason.value if result.reason else "-",
+            u.wall_s, u.cpu_s, u.max_rss_bytes / 2**20, max(0.0, record.finished_at - record.accepted_at - wall_s),
+        )  # fmt: skip
+        frame = protocol.result_reply(record.id, result)
+        for sub in list(record.subscribers.values()):
+            _safe(sub.send, frame)
+        self._finished.append(record.id)
+        self._retained_bytes += record.size
+        self.evict()
+
+    # ------------------------------------------------------------ retention and stats
+
+    def evict(self, now: float | None = None) -> int:
+        """Forget finished jobs past retention or over the byte budget; returns how many."""
+        now = time.monotonic() if now is None else now
+        evicted = 0
+        while self._finished:
+            record = self.jobs.get(self._finished[0])
+            if record is None:
+                self._finished.popleft()
+                continue
+            expired = now - record.finished_at >= self.retention_s
+            if not expired and self._retained_bytes <= self.retention_max_bytes:
+                break
+            self._finished.popleft()
+            del self.jobs[record.id]
+            self._retained_bytes -= record.size
+            evicted += 1
+        return evicted
+
+    async def evict_forever(self, interval: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.evict()
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "running": self.running,
+            "queued": self.queued,
+            "done": self.done,
+            "retained": len(self._finished),
+            "retained_bytes": self._retained_bytes,
+            "concurrency": self.concurrency,
+            "queue_size": self.queue_size,
+            "outcomes": dict(self.outcomes),
+            "reasons": dict(self.reasons),
+            "latency_ms": _percentiles(list(self._latency)),
+            "run_ms": _percentiles(list(self._run_wall)),
+            "uptime_s": round(time.monotonic() - self._started, 1),
+        }
+
+
+def _safe(send: Send, frame: bytes) -> None:
+    try:
+        send(frame)
+    except Exception:  # a transport's problem never reaches the scheduler
+        log.exception("dropping a reply: the send failed")

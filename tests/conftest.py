@@ -1,0 +1,185 @@
+"""Shared fixtures: a real cage (real nsjail, real cgroups, the real sandbox env).
+
+Tests run as root on a host with the sandbox env built (``./bootstrap.sh
+test`` does both). Every test that runs hostile code depends on
+``cage_confirmed``: it runs the preflight probe first and *fails* the test
+if the cage is not there (a private pid namespace, an unprivileged uid,
+seccomp, no network), so hostile code never runs outside a cage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from runnerd import config as config_mod
+from runnerd.config import Config
+from runnerd.job import make_job
+from runnerd.result import Result
+from runnerd.runtime import Runtime, open_runtime
+
+TEST_ROOT = Path("/var/lib/runnerd-tests")
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("runnerd's cage tests need root (nsjail, cgroups, mounts)")
+
+
+@pytest.fixture(scope="session")
+def state_dir() -> Iterator[Path]:
+    """A state dir of the session's own (traversable by the jailed uid, unlike pytest's tmp)."""
+    _require_root()
+    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(TEST_ROOT, 0o755)
+    path = TEST_ROOT / f"s-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    path.mkdir(mode=0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def base_config(state_dir: Path) -> Config:
+    # Not the host's /etc/runnerd/runnerd.toml: tests use the defaults, the
+    # env bootstrap built, and a state dir of their own.
+    env = Path(os.environ.get("RUNNERD_TEST_ENV", str(config_mod.DEFAULT_STATE_DIR / "env")))
+    cfg = Config(state_dir=state_dir, env_path=env)
+    cfg.validate()
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def runtime(base_config: Config) -> Iterator[Runtime]:
+    rt = asyncio.run(open_runtime(base_config, probe=True))
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="session")
+def cage_confirmed(runtime: Runtime) -> Runtime:
+    """The cage, after the probe confirmed it; a failure here fails every hostile test."""
+    from runnerd.preflight import failures
+
+    bad = failures(runtime.checks)
+    if bad or not runtime.checks:
+        pytest.fail("the cage is not confirmed; refusing to run hostile code:\n" + "\n".join(c.line() for c in bad))
+    return runtime
+
+
+def run_job(rt: Runtime, code: str, files: dict[str, bytes] | None = None, timeout: float | None = None, **kw: Any) -> Result:
+    job = make_job(code, list((files or {}).items()), timeout, limits=rt.config.limits)
+    return asyncio.run(rt.cage.run(job, **kw))
+
+
+@pytest.fixture
+def run(cage_confirmed: Runtime):
+    def _run(code: str, files: dict[str, bytes] | None = None, timeout: float | None = None, **kw: Any) -> Result:
+        return run_job(cage_confirmed, code, files, timeout, **kw)
+
+    return _run
+
+
+def assert_serves(rt: Runtime) -> None:
+    """The next ordinary job still runs: what every hostile case checks after its attack."""
+    result = run_job(rt, "print(6 * 7)")
+    assert result.ok, result
+    assert result.stdout == "42\n"
+
+
+# ---------------------------------------------------------------- a real daemon process
+
+
+@dataclass
+class DaemonProc:
+    proc: subprocess.Popen
+    ipc: str
+    tcp: str
+    config_path: Path
+    log_path: Path
+
+    def endpoint(self, kind: str) -> str:
+        return self.ipc if kind == "ipc" else self.tcp
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_daemon(state_dir: Path, name: str, env_path: Path, **settings: Any) -> DaemonProc:
+    """Start ``python -m runnerd serve`` with its own config; wait until it answers ping."""
+    from runnerd.client import Client
+    from runnerd.errors import ClientError
+
+    sock_dir = state_dir / f"{name}-sock"
+    ipc = f"ipc://{sock_dir}/runnerd.sock"
+    tcp = f"tcp://127.0.0.1:{free_port()}"
+    lines = [
+        f'state_dir = "{state_dir}"',
+        f'env_path = "{env_path}"',
+        f'bind = ["{ipc}", "{tcp}"]',
+    ]
+    limits = settings.pop("limits", {})
+    for key, value in settings.items():
+        lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+    if limits:
+        lines.append("[limits]")
+        lines.extend(f"{k} = {v!r}" for k, v in limits.items())
+    config_path = state_dir / f"{name}.toml"
+    config_path.write_text("\n".join(lines) + "\n")
+    log_path = state_dir / f"{name}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runnerd", "--config", str(config_path), "serve"],
+        stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    daemon = DaemonProc(proc, ipc, tcp, config_path, log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the daemon exited with {proc.returncode}:\n{daemon.log()}")
+        try:
+            with Client(ipc) as c:
+                c.ping(timeout=1)
+            return daemon
+        except ClientError:
+            time.sleep(0.1)
+    daemon.stop()
+    pytest.fail(f"the daemon did not answer ping within 60 s:\n{daemon.log()}")
+
+
+@pytest.fixture(scope="session")
+def daemon(cage_confirmed: Runtime, state_dir: Path) -> Iterator[DaemonProc]:
+    d = start_daemon(state_dir, "main", cage_confirmed.config.sandbox_env, concurrency=2, queue_size=64)
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+@pytest.fixture(params=["ipc", "tcp"])
+def endpoint(request, daemon: DaemonProc) -> str:
+    return daemon.endpoint(request.param)

@@ -1,0 +1,354 @@
+"""Unit tests of the pure parts: validation, capture, outcome rules, policy and config checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from runnerd import cage, cgroups, config as config_mod, policy as policy_mod
+from runnerd.artifacts import collect, sniff_image
+from runnerd.config import Limits
+from runnerd.errors import ConfigError, JobRejected, PolicyError
+from runnerd.job import make_job
+from runnerd.output import StreamCapture
+from runnerd.result import Observation, Outcome, Reason, Result, decide
+
+LIMITS = Limits()
+
+
+# ---------------------------------------------------------------- job validation
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("", "empty"),
+        ("a/b.csv", "contains '/'"),
+        ("..", "not a file name"),
+        (".", "not a file name"),
+        ("a\x00b", "NUL"),
+        ("x" * 256, "256 bytes long"),
+        ("\u00e9" * 128, "256 bytes long"),
+        (42, "must be a string"),
+    ],
+)
+def test_bad_file_names(name, problem):
+    with pytest.raises(JobRejected, match=problem) as info:
+        make_job("pass", [(name, b"")], limits=LIMITS)
+    assert info.value.code == "BAD_REQUEST"
+
+
+def test_good_odd_file_names():
+    job = make_job("pass", [("d\u00f6:2 x.csv", b"1"), (".hidden", b""), ("x" * 255, b"")], limits=LIMITS)
+    assert [f.name for f in job.files][0] == "d\u00f6:2 x.csv"
+
+
+def test_job_limits():
+    small = Limits(max_code_bytes=10, max_files=2, max_files_bytes=5)
+    with pytest.raises(JobRejected, match="code is 11 bytes") as info:
+        make_job("x" * 11, limits=small)
+    assert info.value.code == "TOO_LARGE"
+    with pytest.raises(JobRejected, match="more than 2 input files"):
+        make_job("", [("a", b""), ("b", b""), ("c", b"")], limits=small)
+    with pytest.raises(JobRejected, match="more than 5 bytes"):
+        make_job("", [("a", b"123"), ("b", b"456")], limits=small)
+    with pytest.raises(JobRejected, match="given twice"):
+        make_job("", [("a", b""), ("a", b"")], limits=small)
+    with pytest.raises(JobRejected, match="must be bytes"):
+        make_job("", [("a", "text")], limits=small)
+    with pytest.raises(JobRejected, match="code must be a string"):
+        make_job(b"print(1)", limits=small)
+    with pytest.raises(JobRejected, match="lone surrogate"):
+        make_job("\udc80", limits=LIMITS)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), "10", True])
+def test_bad_timeouts(timeout):
+    with pytest.raises(JobRejected, match="timeout"):
+        make_job("pass", timeout=timeout, limits=LIMITS)
+
+
+def test_timeout_default_and_cap():
+    assert make_job("pass", limits=LIMITS).timeout == 30.0
+    assert make_job("pass", timeout=500, limits=LIMITS).timeout == 30.0
+    assert make_job("pass", timeout=2, limits=LIMITS).timeout == 2.0
+
+
+# ---------------------------------------------------------------- output capture
+
+
+def test_capture_keeps_everything_under_the_cap():
+    c = StreamCapture("stdout", 10)
+    assert c.feed(b"abc") == b"abc"
+    assert c.feed(b"defghij") == b"defghij"
+    assert not c.truncated and c.text() == "abcdefghij"
+
+
+def test_capture_keeps_head_and_tail():
+    c = StreamCapture("stdout", 10)
+    streamed = b"".join(c.feed(bytes([65 + i % 26])) for i in range(1000))
+    assert streamed == bytes(65 + i % 26 for i in range(10))  # only the cap streams live
+    assert c.truncated and c.total == 1000
+    text = c.text()
+    assert text.startswith("ABCDE") and text.endswith("HIJKL")
+    assert "990 bytes of stdout omitted; 1000 in all" in text
+
+
+def test_capture_flood_in_big_chunks():
+    c = StreamCapture("stderr", 1 << 20)
+    for _ in range(60):
+        c.feed(b"y" * (1 << 20))
+    assert len(c.tail) <= 2 * c.tail_cap
+    assert len(c.text()) < (1 << 20) + 200
+
+
+# ---------------------------------------------------------------- outcome rules
+
+
+def obs(**kw) -> Observation:
+    base = dict(started=True, finished=True, exit_status=0)
+    base.update(kw)
+    return Observation(**base)
+
+
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        ({}, (Outcome.OK, None)),
+        ({"exit_status": 3}, (Outcome.FAILED, Reason.EXIT)),
+        ({"exit_status": 1, "has_error": True}, (Outcome.FAILED, Reason.EXCEPTION)),
+        ({"exit_status": -11}, (Outcome.FAILED, Reason.SIGNAL)),
+        ({"exit_status": None, "timed_out": True}, (Outcome.DEADLINE_EXCEEDED, Reason.TIMEOUT)),
+        ({"exit_status": -9, "oom_kills": 1}, (Outcome.FAILED, Reason.MEMORY_LIMIT)),
+        # a child OOM-killed while the job still ended well: still OK
+        ({"exit_status": 0, "oom_kills": 1}, (Outcome.OK, None)),
+        ({"exit_status": None, "cancelled": True}, (Outcome.FAILED, Reason.CANCELLED)),
+        ({"exit_status": None, "output_limit": True}, (Outcome.FAILED, Reason.OUTPUT_LIMIT)),
+        ({"started": False, "exit_status": 255}, (Outcome.FAILED, Reason.SANDBOX_ERROR)),
+        # the deadline wins over everything the job did
+        ({"timed_out": True, "oom_kills": 2, "has_error": True}, (Outcome.DEADLINE_EXCEEDED, Reason.TIMEOUT)),
+    ],
+)
+def test_decide(kw, expected):
+    assert decide(obs(**kw)) == expected
+
+
+def test_exit_status_from_nsjail_log():
+    log = "[I][...] pid=7 ([STANDALONE MODE]) exited with status: 139, (PIDs left: 0)"
+    rep = cage.parse_report(b'{"event":"start"}\n{"event":"exit","signal":11}\n')
+    assert cage.exit_status(log, rep, 139) == -11
+    # the report cannot turn a status into a signal it does not match
+    rep2 = cage.parse_report(b'{"event":"start"}\n{"event":"exit","signal":9}\n')
+    assert cage.exit_status(log, rep2, 139) == 139
+    assert cage.exit_status("pid=7 (x) exited with status: 0, (PIDs left: 0)", rep2, 0) == 0
+    assert cage.exit_status("pid=7 (x) terminated with signal: SIGKILL (9), (PIDs", rep, 137) == -9
+    assert cage.exit_status("", cage.parse_report(b""), -9) is None
+
+
+def test_report_parsing_ignores_garbage():
+    raw = b'garbage\n{"event":"end","exit_code":0}\n[1,2]\n{"event":"start"}\n\xff\xfe\n{"event":"end","error":{"type":1}}\n'
+    rep = cage.parse_report(raw)
+    assert rep.started and rep.end == {"event": "end", "error": {"type": 1}}
+    err = cage.error_from_report({"error": {"type": "X" * 999, "message": None, "lineno": "7"}})
+    assert err.type == "X" * 200 and err.message == "" and err.lineno is None
+
+
+def test_result_wire_round_trip():
+    r = Result(outcome=Outcome.FAILED, reason=Reason.EXIT, stdout="a", exit_code=3, warnings=("w",))
+    assert Result.from_wire(r.to_wire()) == r
+
+
+def test_pb_string_escapes_everything_odd():
+    assert cage.pb_string('a"b\\c') == '"a\\042b\\134c"'
+    assert cage.pb_string("\u00e9\n") == '"\\303\\251\\012"'
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def test_collect_skips_links_fifos_and_caps(tmp_path: Path):
+    work, figs = tmp_path / "work", tmp_path / "figs"
+    work.mkdir()
+    figs.mkdir()
+    (tmp_path / "secret").write_text("SECRET")
+    os.symlink(tmp_path / "secret", work / "leak.png")
+    os.mkfifo(work / "fifo.txt")
+    os.link(tmp_path / "secret", work / "hard.txt")  # a hard link is a regular file: returned
+    (work / "input.csv").write_text("placeholder")
+    (work / "big.bin").write_bytes(b"x" * 2000)
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 30
+    for i in range(4):
+        (work / f"p{i}.png").write_bytes(png)
+    (figs / "figure_001.png").write_bytes(png)
+    deep = work
+    for i in range(20):
+        deep = deep / f"d{i}"
+    deep.mkdir(parents=True)
+    limits = Limits(max_figures=3, max_artifact_bytes=1000, max_artifacts_total_bytes=5000)
+    got = collect(work, figs, exclude=frozenset({"input.csv"}), limits=limits)
+    assert [f.name for f in got.figures] == ["p0.png", "p1.png", "p2.png"]
+    assert [f.name for f in got.files] == ["hard.txt"]
+    text = "\n".join(got.warnings)
+    assert "leak.png: a symbolic link" in text and "fifo.txt: not a regular file" in text
+    assert "big.bin: 2000 bytes" in text and "more than 3 figures" in text and "deeper than 16" in text
+    assert got.dropped
+
+
+def test_sniff_image():
+    assert sniff_image(b"\xff\xd8\xff\xe0") == "image/jpeg"
+    assert sniff_image(b'<?xml version="1.0"?>\n<svg xmlns=...') == "image/svg+xml"
+    assert sniff_image(b"hello") is None
+
+
+# ---------------------------------------------------------------- policy
+
+
+POLICY = config_mod.default_policy_path()
+
+
+def test_default_policy_loads():
+    p = policy_mod.load(POLICY)
+    assert p.limits == cgroups.CgroupLimits(memory_bytes=1 << 30, pids=64, cpu_ms_per_sec=1000)
+    assert p.cwd == "/work"
+    assert "clone3" in p.kafel_text
+
+
+def test_scan_fields_skips_blocks_strings_and_comments():
+    text = 'a: 1 # b: 2\nmount { c: 3 }\nd: "x { # y"\ne: \'q\' f: true\ng: { h: 1 }\n'
+    assert policy_mod.scan_fields(text) == {
+        "a": ["1"], "mount": ["{...}"], "d": ["x { # y"], "e": ["q"], "f": ["true"], "g": ["{...}"],
+    }
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("clone_newnet: false", "clone_newnet: false would weaken the cage"),
+        ("keep_caps: true", "keep_caps: true would weaken the cage"),
+        ('uidmap { inside_id: "0" outside_id: "0" }', "uidmap may not be set"),
+        ('cap: "CAP_SYS_ADMIN"', "cap may not be set"),
+        ("disable_no_new_privs: true", "disable_no_new_privs"),
+        ('iface_own: "eth0"', "iface_own may not be set"),
+    ],
+)
+def test_policy_refuses_weakening(tmp_path: Path, edit: str, message: str):
+    (tmp_path / "default.kafel").write_text(POLICY.with_name("default.kafel").read_text())
+    bad = tmp_path / "p.cfg"
+    bad.write_text(POLICY.read_text() + "\n" + edit + "\n")
+    with pytest.raises(PolicyError, match=message):
+        policy_mod.load(bad)
+
+
+def test_policy_requires_limits_and_seccomp(tmp_path: Path):
+    text = POLICY.read_text()
+    (tmp_path / "default.kafel").write_text("")
+    for field in ("cgroup_mem_max", "seccomp_policy_file"):
+        cfg = tmp_path / "p.cfg"
+        cfg.write_text("\n".join(ln for ln in text.splitlines() if not ln.startswith(field)))
+        with pytest.raises(PolicyError, match=f"{field} is missing"):
+            policy_mod.load(cfg)
+
+
+def test_nsjail_rejects_a_broken_policy(tmp_path: Path, runtime):
+    kafel = tmp_path / "default.kafel"
+    kafel.write_text("POLICY p { ERRNO(1) { no_such_syscall } } USE p DEFAULT ALLOW")
+    cfg = tmp_path / "p.cfg"
+    cfg.write_text(POLICY.read_text())
+    with pytest.raises(PolicyError, match="no_such_syscall"):
+        policy_mod.check_with_nsjail(policy_mod.load(cfg), runtime.nsjail)
+    kafel.write_text(POLICY.with_name("default.kafel").read_text())
+    cfg.write_text(POLICY.read_text() + "\nno_such_field: 3\n")
+    with pytest.raises(PolicyError, match="no_such_field"):
+        policy_mod.check_with_nsjail(policy_mod.load(cfg), runtime.nsjail)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_file_and_overrides(tmp_path: Path):
+    f = tmp_path / "r.toml"
+    f.write_text('concurrency = 3\nbind = "tcp://127.0.0.1:5555"\n[limits]\nmax_output_bytes = "2MiB"\nmax_timeout = 60\n')
+    cfg = config_mod.load(f, {"queue_size": 5})
+    assert cfg.concurrency == 3 and cfg.queue_size == 5 and cfg.bind == ("tcp://127.0.0.1:5555",)
+    assert cfg.limits.max_output_bytes == 2 << 20 and cfg.limits.max_timeout == 60.0
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("concurency = 3", "concurency: unknown key"),
+        ('concurrency = "3"', "concurrency: expected an integer"),
+        ("[limits]\nmax_figures = -1", "limits.max_figures: must be positive"),
+        ("[limits]\nnope = 1", "limits.nope: unknown key"),
+        ('[limits]\nmax_output_bytes = "lots"', "limits.max_output_bytes: expected a size"),
+        ('state_dir = "relative"', "state_dir: must be an absolute path"),
+        ('bind = ["http://x"]', "bind: 'http://x' is not"),
+        ("concurrency = ", "not valid TOML"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, text: str, key: str):
+    f = tmp_path / "r.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=key):
+        config_mod.load(f)
+
+
+# ---------------------------------------------------------------- cgroups
+
+
+MOUNTINFO_V1 = """\
+30 23 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+31 23 0:27 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
+32 23 0:28 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+33 23 0:29 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset
+"""
+MOUNTINFO_V2 = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n"
+
+
+def test_detect_v1_with_comounted_cpu():
+    cg = cgroups.detect("auto", MOUNTINFO_V1, "")
+    assert isinstance(cg, cgroups.CgroupsV1)
+    assert cg.mounts["cpu"] == cg.mounts["cpuacct"] == Path("/sys/fs/cgroup/cpu,cpuacct")
+
+
+def test_detect_v2_delegated_under_systemd(monkeypatch):
+    monkeypatch.setenv("INVOCATION_ID", "x")
+    cg = cgroups.detect("auto", MOUNTINFO_V2, "0::/system.slice/runnerd.service\n")
+    assert isinstance(cg, cgroups.CgroupsV2) and cg.delegated
+    assert cg.jobs == Path("/sys/fs/cgroup/system.slice/runnerd.service/jobs")
+    monkeypatch.delenv("INVOCATION_ID")
+    cg = cgroups.detect("auto", MOUNTINFO_V2, "0::/user.slice/session-1.scope\n")
+    assert not cg.delegated and cg.jobs == Path("/sys/fs/cgroup/runnerd")
+
+
+def _fake_v2_cgroup(path: Path, controllers: str = "cpu memory pids") -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "cgroup.controllers").write_text(controllers + "\n")
+    (path / "cgroup.subtree_control").write_text("")
+
+
+def test_v2_on_a_fake_tree(tmp_path: Path):
+    _fake_v2_cgroup(tmp_path)
+    _fake_v2_cgroup(tmp_path / "runnerd")
+    cg = cgroups.CgroupsV2(tmp_path, "auto")
+    cg.prepare()
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    job = cg.create("job-1", cgroups.CgroupLimits(memory_bytes=1 << 30, pids=64, cpu_ms_per_sec=500))
+    d = tmp_path / "runnerd" / "job-1"
+    assert (d / "memory.max").read_text() == str(1 << 30)
+    assert (d / "pids.max").read_text() == "64"
+    assert (d / "cpu.max").read_text() == "50000 100000"
+    (d / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    (d / "memory.peak").write_text("123456\n")
+    (d / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 1\n")
+    (d / "pids.events").write_text("max 7\n")
+    assert job.stats() == cgroups.CgroupStats(oom_kills=1, peak_bytes=123456, cpu_s=2.5, pids_limit_hits=7)
+    assert [j.name for j in cg.existing()] == ["job-1"]
+
+
+def test_v2_missing_controller_is_explained(tmp_path: Path):
+    _fake_v2_cgroup(tmp_path, "cpu pids")
+    with pytest.raises(Exception, match="lacks controller.*memory"):
+        cgroups.CgroupsV2(tmp_path, "auto").prepare()
