@@ -14,6 +14,7 @@ ax = by_region.plot.barh(title="Sales by region, 2026", color="tab:blue")
 ax.set_xlabel("units sold")
 plt.tight_layout()
 plt.savefig("sales_by_region.png", dpi=120)
+plt.close()
 
 monthly = df.pivot(index="month", columns="region", values="sales")
 monthly.plot(title="Monthly sales by region")

@@ -1,0 +1,95 @@
+#!/bin/sh
+# runnerd's set-up, on a fresh Debian 12 machine, as root:
+#
+#   ./bootstrap.sh demo    set everything up, then run the demo job through a real daemon
+#   ./bootstrap.sh test    set everything up, then run the tests (extra arguments go to pytest)
+#   ./bootstrap.sh setup   set everything up, nothing else
+#
+# "Everything": Debian's python3/venv packages, the host venv at .venv/ (runnerd
+# and its test tools), and the sandbox env (the pinned library set, hash-checked,
+# at /var/lib/runnerd/env). Each step checks first and does nothing when done, so
+# running it again is safe and quick.
+set -eu
+cd "$(dirname "$0")"
+
+mode=${1:-}
+case "$mode" in
+    demo | test | setup) shift ;;
+    *) echo "usage: $0 demo | test [pytest args] | setup" >&2; exit 2 ;;
+esac
+if [ "$(id -u)" != 0 ]; then
+    echo "bootstrap: run as root: runnerd's cages need nsjail, cgroups and mounts" >&2
+    exit 2
+fi
+
+say() { echo "bootstrap: $*"; }
+
+# 1. Debian packages: the sandbox env is built from Debian's own Python.
+missing=""
+for pkg in python3 python3-venv python3-pip ca-certificates; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing="$missing $pkg"
+    fi
+done
+if [ -n "$missing" ]; then
+    say "installing Debian packages:$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+fi
+
+# 2. The host venv: runnerd itself, editable, with its test tools.
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv from /usr/bin/python3"
+    /usr/bin/python3 -m venv .venv
+fi
+stamp=.venv/.runnerd-installed
+want=$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    say "installing runnerd into .venv"
+    .venv/bin/pip install --disable-pip-version-check -q -e '.[test]'
+    echo "$want" > "$stamp"
+fi
+
+# 3. The sandbox env (skipped when it matches env/requirements.lock).
+.venv/bin/runnerd env build
+
+case "$mode" in
+setup)
+    say "ready: .venv/bin/runnerd"
+    ;;
+test)
+    exec .venv/bin/python -m pytest -q "$@"
+    ;;
+demo)
+    sockdir=/run/runnerd-demo
+    endpoint="ipc://$sockdir/demo.sock"
+    log=$(mktemp /tmp/runnerd-demo.XXXXXX.log)
+    .venv/bin/runnerd serve --bind "$endpoint" >"$log" 2>&1 &
+    daemon=$!
+    trap 'kill -TERM $daemon 2>/dev/null; wait $daemon 2>/dev/null || true' EXIT INT TERM
+    tries=0
+    until .venv/bin/runnerd ping --endpoint "$endpoint" --timeout 1 >/dev/null 2>&1; do
+        tries=$((tries + 1))
+        if ! kill -0 $daemon 2>/dev/null || [ $tries -gt 60 ]; then
+            echo "bootstrap: the daemon did not come up; its log:" >&2
+            cat "$log" >&2
+            exit 1
+        fi
+        sleep 0.5
+    done
+    say "daemon up at $endpoint (log: $log); running examples/demo.py with examples/sales.csv"
+    echo
+    status=0
+    .venv/bin/runnerd run examples/demo.py --input examples/sales.csv --out demo-out \
+        --endpoint "$endpoint" || status=$?
+    echo
+    .venv/bin/runnerd stats --endpoint "$endpoint" | head -3
+    kill -TERM $daemon
+    wait $daemon || true
+    trap - EXIT INT TERM
+    if [ $status -eq 0 ]; then
+        say "done: the figures are in $(pwd)/demo-out/"
+    fi
+    exit $status
+    ;;
+esac
