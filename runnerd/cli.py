@@ -246,6 +246,48 @@ def cmd_env(args: argparse.Namespace) -> int:
     raise AssertionError(args.action)  # pragma: no cover
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .client import Client, resolve_endpoint
+    from .runtime import open_runtime
+
+    cfg = _load_config(args)
+    modes = set(args.modes.split(","))
+    unknown = modes - {"bare", "cage", "daemon"}
+    if unknown:
+        raise RunnerdError(f"unknown mode(s) {', '.join(sorted(unknown))}; modes are bare, cage, daemon")
+    names = args.workloads.split(",")
+    for name in names:
+        if name not in bench.WORKLOADS:
+            raise RunnerdError(f"unknown workload {name!r}; workloads are {', '.join(bench.WORKLOADS)}")
+    rows: list[bench.Row] = []
+    runtime = asyncio.run(open_runtime(cfg, probe=False)) if "cage" in modes else None
+    extra: dict[str, Any] = {}
+    endpoint = resolve_endpoint(args.endpoint)
+    try:
+        for name in names:
+            w = bench.WORKLOADS[name]()
+            if "bare" in modes:
+                rows.append(bench.bench_bare(cfg.sandbox_env / "bin" / "python3", w, args.jobs))
+            if runtime is not None:
+                rows.append(bench.bench_cage(runtime, w, args.jobs))
+            if "daemon" in modes:
+                rows.extend(bench.bench_daemon(endpoint, w, args.jobs, args.clients))
+    finally:
+        if runtime is not None:
+            runtime.close()
+    if "daemon" in modes:
+        with Client(endpoint) as c:
+            extra["daemon_rss_bytes"] = c.stats()["rss_bytes"]
+    print(bench.table(rows))
+    if "daemon_rss_bytes" in extra:
+        print(f"daemon RSS after the run: {extra['daemon_rss_bytes'] / 2**20:.1f} MiB")
+    if args.json:
+        bench.write_json(Path(args.json), rows, extra)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runnerd", description="Run model-written Python in nsjail cages.")
     parser.add_argument("--version", action="version", version=f"runnerd {__version__}")
@@ -274,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=func, default_level="WARNING")
+
+    p = sub.add_parser("bench", help="latency and throughput: bare python, the cage, a daemon")
+    p.add_argument("--endpoint", default=None, help="the daemon to drive (default: $RUNNERD_ENDPOINT or the default ipc socket)")
+    p.add_argument("--modes", default="bare,cage,daemon", help="comma-separated: bare, cage, daemon")
+    p.add_argument("--workloads", default="print,pandas_plot", help="comma-separated: print, pandas_plot, numpy, raises")
+    p.add_argument("--jobs", type=int, default=50, help="jobs per workload and mode")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients for the throughput run")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    p.set_defaults(func=cmd_bench, default_level="WARNING")
 
     p = sub.add_parser("check", help="check the host, the policy and the cage, one line each")
     p.set_defaults(func=cmd_check, default_level="WARNING")

@@ -1,0 +1,137 @@
+"""Scheduling logic with a stand-in runner (no cage): queue, BUSY, cancel, resend, retention."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+
+from runnerd.config import Limits
+from runnerd.job import make_job
+from runnerd.protocol import ProtocolError, RunRequest
+from runnerd.result import Outcome, Reason, Result
+from runnerd.scheduler import Scheduler
+
+
+class FakeRunner:
+    """Runs a job by waiting until released (or stopped), printing its code to stdout."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.runs = 0
+
+    async def __call__(self, job, *, on_output, stop, name=None) -> Result:
+        self.runs += 1
+        on_output("stdout", job.code.encode())
+        waiter = asyncio.ensure_future(self.release.wait())
+        await asyncio.wait([waiter, stop], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if stop.done():
+            return Result(outcome=Outcome.FAILED, reason=stop.result())
+        return Result(outcome=Outcome.OK, reason=None, stdout=job.code)
+
+
+def req(i: str, code: str = "x", stream: bool = True) -> RunRequest:
+    return RunRequest(id=i, job=make_job(code, limits=Limits()), stream=stream, digest=code)
+
+
+class Peer:
+    def __init__(self) -> None:
+        self.frames: list[dict] = []
+
+    def send(self, frame: bytes) -> None:
+        self.frames.append(msgpack.unpackb(frame, raw=False))
+
+    def types(self) -> list[str]:
+        return [f["type"] for f in self.frames]
+
+
+def make(runner, **kw) -> Scheduler:
+    opts = dict(concurrency=1, queue_size=1, retention_s=300, retention_max_bytes=1 << 30)
+    opts.update(kw)
+    return Scheduler(runner, **opts)
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_queue_busy_cancel_and_resend():
+    async def main():
+        runner = FakeRunner()
+        s = make(runner)
+        s.start()
+        a, b, c = Peer(), Peer(), Peer()
+        s.submit(req("1", "one"), "a", a.send)
+        s.submit(req("2", "two"), "b", b.send)
+        await settle()
+        assert (s.running, s.queued) == (1, 1)
+        with pytest.raises(ProtocolError) as info:
+            s.submit(req("3"), "c", c.send)
+        assert info.value.code == "BUSY"
+        # a resend of a known id is never BUSY: it subscribes
+        s.submit(req("1", "one"), "c", c.send)
+        assert c.types() == ["accepted", "stdout"] and c.frames[1]["offset"] == 0
+        with pytest.raises(ProtocolError, match="different job"):
+            s.submit(req("1", "other code"), "c", c.send)
+        s.cancel("2", c.send)
+        assert b.types() == ["accepted", "result"] and b.frames[-1]["reason"] == "cancelled"
+        runner.release.set()
+        await settle()
+        assert a.types() == ["accepted", "stdout", "result"] and a.frames[-1]["outcome"] == "OUTCOME_OK"
+        assert c.types()[-1] == "result"
+        assert runner.runs == 1  # job 2 never ran, job 1 ran once
+        with pytest.raises(ProtocolError) as info:
+            s.cancel("1", c.send)
+        assert info.value.code == "NOT_FOUND"
+        stats = s.stats()
+        assert stats["done"] == 2 and stats["outcomes"] == {"OUTCOME_FAILED": 1, "OUTCOME_OK": 1}
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_running_job_cancel_and_shutdown():
+    async def main():
+        runner = FakeRunner()
+        s = make(runner, concurrency=2, queue_size=2)
+        s.start()
+        peers = [Peer() for _ in range(4)]
+        for i, p in enumerate(peers):
+            s.submit(req(str(i)), i, p.send)
+        await settle()
+        s.cancel("0", peers[0].send)
+        await settle()
+        assert peers[0].frames[-1]["reason"] == "cancelled"
+        assert s.end_queued(Reason.SHUTDOWN) == 1
+        assert s.stop_running(Reason.SHUTDOWN) == 2
+        await settle()
+        reasons = sorted(p.frames[-1]["reason"] for p in peers)
+        assert reasons == ["cancelled", "shutdown", "shutdown", "shutdown"]
+        assert (s.running, s.queued) == (0, 0)
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_retention_by_time_and_bytes():
+    async def main():
+        runner = FakeRunner()
+        runner.release.set()
+        s = make(runner, concurrency=1, queue_size=10, retention_s=100, retention_max_bytes=5000)
+        s.start()
+        for i in range(4):
+            s.submit(req(str(i), "y" * 1500), i, Peer().send)
+            await settle()
+        # each result is ~1500*2 bytes + overhead: only the newest fits in 5000 bytes
+        assert list(s.jobs) == ["3"]
+        s.retention_max_bytes = 1 << 30
+        s.submit(req("4"), 4, Peer().send)
+        await settle()
+        assert s.evict(now=asyncio.get_running_loop().time() + 1000) == 2
+        assert s.jobs == {}
+        await s.close()
+
+    asyncio.run(main())
