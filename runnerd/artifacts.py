@@ -24,6 +24,7 @@ from .result import Artifact
 
 MAX_DEPTH = 16
 MAX_ENTRIES = 20_000
+MAX_WARNINGS = 20
 
 _IMAGE_MIME = {
     ".png": "image/png",
@@ -63,15 +64,32 @@ def _display_name(relative: str) -> str:
     return relative.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+class _Warnings(list):
+    """A list that keeps the first MAX_WARNINGS messages and counts the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.more = 0
+
+    def append(self, message: str) -> None:
+        if len(self) < MAX_WARNINGS:
+            super().append(message)
+        else:
+            self.more += 1
+
+    def final(self) -> list[str]:
+        return [*self, f"... and {self.more} more like these"] if self.more else list(self)
+
+
 @dataclass
 class Collected:
     figures: list[Artifact] = field(default_factory=list)
     files: list[Artifact] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    warnings: _Warnings = field(default_factory=_Warnings)
     dropped: bool = False
 
 
-def _walk(root: Path, exclude: frozenset[str], warnings: list[str]) -> list[tuple[str, Path]]:
+def _walk(root: Path, exclude: frozenset[str], warnings: _Warnings) -> list[tuple[str, Path]]:
     """(relative name, path) of the regular files under *root*, sorted, links and specials skipped."""
     found: list[tuple[str, Path]] = []
     stack: list[tuple[Path, str, int]] = [(root, "", 0)]

@@ -410,13 +410,18 @@ class Cage:
             has_error=error is not None and status != 0,
         )
         outcome, reason = decide(obs)
-        warnings = list(collected.warnings)
+        warnings = collected.warnings.final()
         limits = self.policy.limits
         for capture in (out, err):
             if capture.truncated:
                 warnings.append(capture.describe())
         if reason is Reason.MEMORY_LIMIT:
             warnings.append(f"killed by the out-of-memory killer at the memory limit of {limits.memory_bytes >> 20} MiB")
+        elif ex.stats.oom_kills:
+            warnings.append(
+                f"the out-of-memory killer ended {ex.stats.oom_kills} process(es) of the job "
+                f"at the memory limit of {limits.memory_bytes >> 20} MiB"
+            )
         if ex.stats.pids_limit_hits:
             warnings.append(
                 f"process/thread creation failed {ex.stats.pids_limit_hits} time(s) at the limit of {limits.pids}"

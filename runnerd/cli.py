@@ -192,38 +192,32 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from . import preflight, runtime
-    from .cgroups import detect
     from .config import default_lock_path
+    from .sandbox_env import LIBRARIES
 
     cfg = _load_config(args)
-    nsjail = runtime.locate_nsjail(cfg)
-    env_status = sandbox_env.status(cfg.sandbox_env, default_lock_path())
-    try:
-        cg_desc: str | RunnerdError = detect(cfg.cgroup_parent).describe()
-    except RunnerdError as exc:
-        cg_desc = exc
-    policy_error = None
-    try:
-        runtime.load_policy(cfg, nsjail)
-    except RunnerdError as exc:
-        policy_error = str(exc)
-    checks = preflight.static_checks(nsjail, (env_status.ready, env_status.detail), cg_desc, policy_error)
-    if not preflight.failures(checks):
-
-        async def probe() -> list[preflight.Check]:
-            rt = await runtime.open_runtime(cfg, probe=False)
-            try:
-                return await preflight.probe(rt.cage)
-            finally:
-                rt.close()
-
-        try:
-            checks.extend(asyncio.run(probe()))
-        except RunnerdError as exc:
-            checks.append(preflight.Check("cage probe", False, str(exc)))
+    checks, _ = preflight.static_checks(cfg, default_lock_path())
     for c in checks:
+        print(c.line(), flush=True)
+    if preflight.failures(checks):
+        return 1
+
+    async def probe() -> list[preflight.Check]:
+        rt = await runtime.open_runtime(cfg, probe=False)
+        try:
+            found = await preflight.probe(rt.cage)
+            found.append(await preflight.import_probe(rt.cage, list(LIBRARIES.values())))
+            return found
+        finally:
+            rt.close()
+
+    try:
+        probed = asyncio.run(probe())
+    except RunnerdError as exc:
+        probed = [preflight.Check("cage probe", False, str(exc))]
+    for c in probed:
         print(c.line())
-    return 0 if not preflight.failures(checks) else 1
+    return 0 if not preflight.failures(probed) else 1
 
 
 def cmd_env(args: argparse.Namespace) -> int:

