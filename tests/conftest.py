@@ -31,6 +31,9 @@ from runnerd.result import Result
 from runnerd.runtime import Runtime, open_runtime
 
 TEST_ROOT = Path("/var/lib/runnerd-tests")
+# Secrets no job may ever see: in every test daemon's environment, and in files on the host.
+CANARY = "CANARY-" + uuid.uuid4().hex
+CANARY_ENV = "RUNNERD_TEST_CANARY"
 
 
 def _require_root() -> None:
@@ -157,6 +160,7 @@ def start_daemon(state_dir: Path, name: str, env_path: Path, **settings: Any) ->
     proc = subprocess.Popen(
         [sys.executable, "-m", "runnerd", "--config", str(config_path), "serve"],
         stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env={**os.environ, CANARY_ENV: CANARY},
     )
     daemon = DaemonProc(proc, ipc, tcp, config_path, log_path)
     deadline = time.monotonic() + 60
@@ -183,3 +187,58 @@ def daemon(cage_confirmed: Runtime, state_dir: Path) -> Iterator[DaemonProc]:
 @pytest.fixture(params=["ipc", "tcp"])
 def endpoint(request, daemon: DaemonProc) -> str:
     return daemon.endpoint(request.param)
+
+
+@pytest.fixture(scope="session")
+def canary_files(state_dir: Path) -> Iterator[list[Path]]:
+    """Host files holding CANARY, readable by anyone on the host: no job may read them."""
+    paths = [
+        Path("/etc/runnerd-test-canary"),
+        Path("/root/runnerd-test-canary"),
+        Path("/tmp/runnerd-test-canary"),
+        Path("/var/lib/runnerd-test-canary"),
+        state_dir / "canary",
+    ]
+    for p in paths:
+        p.write_text(CANARY + "\n")
+        p.chmod(0o644)
+    yield paths
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+def jailed_processes(config: Config) -> list[int]:
+    """Host pids running as a jailed uid (uid_base .. uid_base + slots)."""
+    import psutil
+
+    from runnerd.host import MAX_SLOTS
+
+    low, high = config.uid_base, config.uid_base + MAX_SLOTS
+    found = []
+    for proc in psutil.process_iter(["uids"]):
+        uids = proc.info.get("uids")
+        if uids and any(low <= u < high for u in uids):
+            found.append(proc.pid)
+    return found
+
+
+def leftovers(config: Config) -> dict[str, list[str]]:
+    """What jobs may leave behind on the host: processes, cgroups, mounts, job dirs."""
+    from runnerd.cgroups import detect
+    from runnerd.workspace import mounted_job_dirs
+
+    return {
+        "processes": [str(p) for p in jailed_processes(config)],
+        "cgroups": [cg.name for cg in detect(config.cgroup_parent).existing()],
+        "mounts": [str(p) for p in mounted_job_dirs(config.jobs_dir)],
+        "job dirs": sorted(p.name for p in config.jobs_dir.iterdir()) if config.jobs_dir.exists() else [],
+    }
+
+
+def wait_clean(config: Config, timeout: float = 5.0) -> dict[str, list[str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = leftovers(config)
+        if not any(left.values()) or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
