@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import signal
 import subprocess
 import time
@@ -59,10 +58,6 @@ READ_CHUNK = 1 << 16
 
 _EXIT_RE = re.compile(r"\) exited with status: (\d+)")
 _SIGNAL_RE = re.compile(r"\) terminated with signal: \S+ \((\d+)\)")
-
-
-def new_job_name() -> str:
-    return f"job-{int(time.time() * 1000):x}-{secrets.token_hex(4)}"
 
 
 def pb_string(value: str) -> str:
@@ -235,7 +230,7 @@ class Cage:
         *stop*, when it gets a result (``Reason.CANCELLED`` or
         ``Reason.SHUTDOWN``), kills the cage and ends the job with that reason.
         """
-        name = name or new_job_name()
+        name = name or self.host.new_job_name()
         lease: SlotLease | None = None
         ws: Workspace | None = None
         cg: JobCgroup | None = None

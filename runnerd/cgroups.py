@@ -157,8 +157,8 @@ class Cgroups(ABC):
     def create(self, name: str, limits: CgroupLimits) -> JobCgroup: ...
 
     @abstractmethod
-    def existing(self) -> list[JobCgroup]:
-        """Job cgroups present now (orphans after a crash, if runnerd is not running jobs)."""
+    def existing(self, prefix: str = JOB_PREFIX) -> list[JobCgroup]:
+        """Job cgroups named *prefix*... present now (orphans, when no job of theirs runs)."""
 
     @abstractmethod
     def describe(self) -> str: ...
@@ -253,11 +253,11 @@ class CgroupsV1(Cgroups):
             raise SandboxError(f"cgroup v1: cannot create job cgroup {name}: {exc.strerror}") from None
         return JobCgroupV1(name, dirs)
 
-    def existing(self) -> list[JobCgroup]:
+    def existing(self, prefix: str = JOB_PREFIX) -> list[JobCgroup]:
         names: set[str] = set()
         for parent in self._parents().values():
             try:
-                names.update(e.name for e in os.scandir(parent) if e.is_dir() and e.name.startswith(JOB_PREFIX))
+                names.update(e.name for e in os.scandir(parent) if e.is_dir() and e.name.startswith(prefix))
             except OSError:
                 continue
         return [JobCgroupV1(n, {c: p / n for c, p in self._parents().items()}) for n in sorted(names)]
@@ -370,9 +370,9 @@ class CgroupsV2(Cgroups):
             raise
         return JobCgroupV2(name, path)
 
-    def existing(self) -> list[JobCgroup]:
+    def existing(self, prefix: str = JOB_PREFIX) -> list[JobCgroup]:
         try:
-            entries = [e.name for e in os.scandir(self.jobs) if e.is_dir() and e.name.startswith(JOB_PREFIX)]
+            entries = [e.name for e in os.scandir(self.jobs) if e.is_dir() and e.name.startswith(prefix)]
         except OSError:
             return []
         return [JobCgroupV2(n, self.jobs / n) for n in sorted(entries)]

@@ -115,10 +115,27 @@ async def _run_local(cfg: config_mod.Config, code: str, files: list[tuple[str, b
         runtime.close()
 
 
-def _run_remote(endpoint: str, code: str, files: list[tuple[str, bytes]], timeout: float | None) -> Result:
+def _curve(args: argparse.Namespace) -> dict[str, bytes] | None:
+    """CURVE keys for a client command, from --client-key/--server-key or the environment."""
+    from .client import curve_keys
+
+    client_key = getattr(args, "client_key", None) or os.environ.get("RUNNERD_CLIENT_KEY")
+    server_key = getattr(args, "server_key", None) or os.environ.get("RUNNERD_SERVER_KEY")
+    if not client_key and not server_key:
+        return None
+    if not (client_key and server_key):
+        raise RunnerdError("CURVE needs both --client-key (your .key_secret) and --server-key (the server's .key)")
+    try:
+        return curve_keys(client_key, server_key)
+    except (OSError, ValueError) as exc:
+        raise RunnerdError(f"cannot load the CURVE keys: {exc}") from None
+
+
+def _run_remote(endpoint: str, code: str, files: list[tuple[str, bytes]], timeout: float | None,
+                curve: dict[str, bytes] | None) -> Result:  # fmt: skip
     from .client import Client, Finished, Output
 
-    with Client(endpoint) as client:
+    with Client(endpoint, curve=curve) as client:
         for event in client.stream(code, dict(files), timeout):
             if isinstance(event, Output):
                 target = sys.stdout if event.stream == "stdout" else sys.stderr
@@ -137,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     files = _read_inputs(args.input)
     endpoint = args.endpoint or os.environ.get("RUNNERD_ENDPOINT")
     if endpoint:
-        result = _run_remote(endpoint, code, files, args.timeout)
+        result = _run_remote(endpoint, code, files, args.timeout, _curve(args))
     else:
         result = asyncio.run(_run_local(_load_config(args), code, files, args.timeout))
     return _report(result, Path(args.out) if args.out else None, streamed=True)
@@ -161,7 +178,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
     from .client import Client, resolve_endpoint
 
     endpoint = resolve_endpoint(args.endpoint)
-    with Client(endpoint) as client:
+    with Client(endpoint, curve=_curve(args)) as client:
         pong = client.ping(timeout=args.timeout)
     print(f"{endpoint}: {pong.get('server')} (protocol {pong.get('protocol')}, pid {pong.get('pid')})")
     return 0
@@ -172,7 +189,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     from .client import Client, resolve_endpoint
 
-    with Client(resolve_endpoint(args.endpoint)) as client:
+    with Client(resolve_endpoint(args.endpoint), curve=_curve(args)) as client:
         stats = client.stats(timeout=args.timeout)
     for key in ("v", "id", "type"):
         stats.pop(key, None)
@@ -282,6 +299,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    import zmq.auth
+
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    for suffix in (".key", ".key_secret"):
+        if (directory / f"{args.name}{suffix}").exists():
+            raise RunnerdError(f"{directory / (args.name + suffix)} exists; not overwriting a key")
+    public, secret = zmq.auth.create_certificates(str(directory), args.name)
+    os.chmod(secret, 0o600)
+    print(f"public key (give it out):  {public}")
+    print(f"secret key (keep it):      {secret}")
+    return 0
+
+
+def _add_curve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--client-key", default=None, metavar="FILE", help="CURVE: your .key_secret (or $RUNNERD_CLIENT_KEY)")
+    p.add_argument("--server-key", default=None, metavar="FILE", help="CURVE: the server's .key (or $RUNNERD_SERVER_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runnerd", description="Run model-written Python in nsjail cages.")
     parser.add_argument("--version", action="version", version=f"runnerd {__version__}")
@@ -295,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="write figures and files here")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="wall clock in seconds (default 30)")
     p.add_argument("--endpoint", default=None, help="run through this daemon (default: $RUNNERD_ENDPOINT; unset: a local cage)")
+    _add_curve_flags(p)
     p.set_defaults(func=cmd_run, default_level="WARNING")
 
     p = sub.add_parser("serve", help="run the daemon")
@@ -309,7 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print JSON")
+        _add_curve_flags(p)
         p.set_defaults(func=func, default_level="WARNING")
+
+    p = sub.add_parser("keygen", help="make a CURVE key pair (NAME.key public, NAME.key_secret secret)")
+    p.add_argument("dir", help="where to write them")
+    p.add_argument("name", help="the pair's name, e.g. server or a client's name")
+    p.set_defaults(func=cmd_keygen, default_level="WARNING")
 
     p = sub.add_parser("bench", help="latency and throughput: bare python, the cage, a daemon")
     p.add_argument("--endpoint", default=None, help="the daemon to drive (default: $RUNNERD_ENDPOINT or the default ipc socket)")

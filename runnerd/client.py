@@ -44,6 +44,17 @@ def resolve_endpoint(endpoint: str | None) -> str:
     return endpoint or os.environ.get("RUNNERD_ENDPOINT") or DEFAULT_ENDPOINT
 
 
+def curve_keys(client_secret_file: str | os.PathLike[str], server_public_file: str | os.PathLike[str]) -> dict[str, bytes]:
+    """The ``curve=`` argument of a client, from certificate files made by ``runnerd keygen``."""
+    import zmq.auth
+
+    public, secret = zmq.auth.load_certificate(os.fspath(client_secret_file))
+    server, _ = zmq.auth.load_certificate(os.fspath(server_public_file))
+    if not secret:
+        raise ValueError(f"{client_secret_file} holds no secret key (give the .key_secret file)")
+    return {"public": public, "secret": secret, "server": server}
+
+
 @dataclass(frozen=True)
 class Accepted:
     id: str

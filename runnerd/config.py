@@ -123,6 +123,11 @@ class Config:
     # Results kept for resends, in all; the oldest go first past it.
     retention_max_bytes: int = _size(512 * MiB)
     max_request_bytes: int = _size(80 * MiB)
+    # CURVE on every tcp endpoint: the server's secret certificate (as made by
+    # `runnerd keygen`) and a directory of the clients' public certificates.
+    # Both or neither; ipc endpoints are guarded by their directory's mode.
+    curve_server_key: Path | None = None
+    curve_clients_dir: Path | None = None
     # On SIGTERM, running jobs get this long to finish before they are killed.
     shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
@@ -146,7 +151,9 @@ class Config:
 
     def validate(self) -> None:
         self.limits.validate()
-        for name in ("state_dir", "env_path", "policy", "nsjail"):
+        if (self.curve_server_key is None) != (self.curve_clients_dir is None):
+            raise ConfigError("curve_server_key and curve_clients_dir: set both (CURVE on tcp) or neither")
+        for name in ("state_dir", "env_path", "policy", "nsjail", "curve_server_key", "curve_clients_dir"):
             value = getattr(self, name)
             if value is not None and not value.is_absolute():
                 raise ConfigError(f"{name}: must be an absolute path, got {str(value)!r}")

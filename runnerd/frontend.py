@@ -24,10 +24,12 @@ from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
+import zmq.auth
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from . import protocol
 from .config import Config
-from .errors import RunnerdError
+from .errors import ConfigError, RunnerdError
 from .protocol import CancelRequest, PingRequest, ProtocolError, RunRequest, StatsRequest
 from .scheduler import Scheduler
 
@@ -39,6 +41,17 @@ SNDHWM = 100_000
 
 class EndpointInUse(RunnerdError):
     """Another process already serves this endpoint."""
+
+
+def load_server_certificate(path: Path) -> tuple[bytes, bytes]:
+    """(public, secret) from a secret certificate file; ConfigError naming the file if unusable."""
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"curve_server_key: cannot load {path}: {exc}") from None
+    if not secret:
+        raise ConfigError(f"curve_server_key: {path} holds no secret key (give the .key_secret file)")
+    return public, secret
 
 
 @dataclass
@@ -84,15 +97,38 @@ class Frontend:
         self.endpoints: list[Endpoint] = []
         self.frames_in = 0
         self.errors_out = 0
+        self._auth: AsyncioAuthenticator | None = None
+        self._curve: tuple[bytes, bytes] | None = None
 
     def open(self) -> None:
         """Bind every endpoint; EndpointInUse/RunnerdError (and nothing left bound) on failure."""
         try:
+            self._start_auth()
             for address in self.config.bind:
                 self.endpoints.append(self._bind(address))
         except BaseException:
             self.close()
             raise
+
+    def _start_auth(self) -> None:
+        cfg = self.config
+        if cfg.curve_server_key is None or cfg.curve_clients_dir is None:
+            return
+        if not zmq.has("curve"):
+            raise ConfigError("curve_server_key: this libzmq was built without CURVE")
+        self._curve = load_server_certificate(cfg.curve_server_key)
+        if not cfg.curve_clients_dir.is_dir():
+            raise ConfigError(f"curve_clients_dir: {cfg.curve_clients_dir} is not a directory")
+        # ZAP: a tcp peer must present a public key found in the directory.
+        self._auth = AsyncioAuthenticator(self.ctx, log=logging.getLogger(__name__ + ".auth"))
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(cfg.curve_clients_dir))
+        log.info("CURVE on tcp endpoints; authorized client keys from %s", cfg.curve_clients_dir)
+
+    def reload_clients(self) -> None:
+        """Re-read the authorized client keys (new connections only)."""
+        if self._auth is not None and self.config.curve_clients_dir is not None:
+            self._auth.configure_curve(domain="*", location=str(self.config.curve_clients_dir))
 
     def _bind(self, address: str) -> Endpoint:
         lock_fd = -1
@@ -104,6 +140,9 @@ class Frontend:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_request_bytes)
         sock.setsockopt(zmq.SNDHWM, SNDHWM)
+        if self._curve is not None and address.startswith("tcp://"):
+            sock.curve_publickey, sock.curve_secretkey = self._curve
+            sock.curve_server = True
         try:
             sock.bind(address)
         except zmq.ZMQError as exc:
@@ -122,6 +161,9 @@ class Frontend:
             if ep.lock_fd >= 0:
                 os.close(ep.lock_fd)
         self.endpoints = []
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     async def serve(self) -> None:
         import asyncio

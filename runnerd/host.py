@@ -11,15 +11,18 @@ file, which gives it a uid of its own: ``uid_base + slot``.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
+import secrets
 import shutil
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import workspace
-from .cgroups import Cgroups
+from .cgroups import JOB_PREFIX, Cgroups
 from .config import Config
 from .errors import SandboxError
 
@@ -66,6 +69,14 @@ class HostState:
         self.config = config
         self.cgroups = cgroups
         self._lock_fd = -1
+        # Job cgroups are shared by every runnerd on the host (one parent per
+        # controller); the state dir's tag in their names keeps one
+        # instance's sweep off another instance's jobs.
+        tag = hashlib.sha256(str(config.state_dir.resolve()).encode()).hexdigest()[:8]
+        self.job_prefix = f"{JOB_PREFIX}{tag}-"
+
+    def new_job_name(self) -> str:
+        return f"{self.job_prefix}{int(time.time() * 1000):x}-{secrets.token_hex(4)}"
 
     def prepare(self) -> int:
         """Make the dirs and cgroup parents; sweep orphans when alone. Returns how many were swept."""
@@ -108,7 +119,7 @@ class HostState:
     def sweep(self) -> int:
         """Remove every job cgroup and job dir present (call only when no job runs)."""
         count = 0
-        for cg in self.cgroups.existing():
+        for cg in self.cgroups.existing(self.job_prefix):
             cg.kill()
             if cg.remove():
                 count += 1

@@ -144,7 +144,7 @@ def static_checks(config: "Config", lock: Path) -> tuple[list[Check], HostParts]
     """Host-side checks that need no cage, one line each, in the order a fix is needed."""
     from . import policy as policy_mod
     from . import sandbox_env
-    from .cgroups import CgroupLimits, detect
+    from .cgroups import JOB_PREFIX, CgroupLimits, detect
     from .config import default_policy_path
     from .host import check_traversable
     from .runtime import locate_nsjail
@@ -174,7 +174,7 @@ def static_checks(config: "Config", lock: Path) -> tuple[list[Check], HostParts]
     try:
         cgroups = detect(config.cgroup_parent)
         cgroups.prepare()
-        trial = cgroups.create(f"job-check-{os.getpid()}", CgroupLimits(64 << 20, 8, 100))
+        trial = cgroups.create(f"{JOB_PREFIX}check-{os.getpid()}", CgroupLimits(64 << 20, 8, 100))
         trial.remove()
         parts.cgroups = cgroups
         checks.append(Check("cgroups", True, f"{cgroups.describe()}: memory, pids and cpu limits set on a trial group"))
