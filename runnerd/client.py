@@ -136,6 +136,24 @@ class _Base:
         self.resend_interval = resend_interval
         self._curve = curve
 
+    def _decode(self, frame: bytes) -> dict[str, Any]:
+        try:
+            return protocol.decode_reply(frame)
+        except ValueError as exc:
+            raise ClientError(f"undecodable reply from {self.endpoint}: {exc}") from None
+
+    @staticmethod
+    def _control_answer(msg: dict[str, Any], request_id: str, expect: tuple[str, ...]) -> dict[str, Any] | None:
+        """The reply if it answers this control request; RemoteError for an error; None otherwise."""
+        if msg.get("id") != request_id:
+            return None
+        if msg.get("type") == "error":
+            raise RemoteError(str(msg.get("code")), str(msg.get("message")))
+        return msg if msg.get("type") in expect else None
+
+    def _no_answer(self, op: str, timeout: float) -> ClientError:
+        return ClientError(f"no answer to {op} from {self.endpoint} within {timeout:.0f} s")
+
     def _configure(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
         if self._curve:
@@ -173,10 +191,7 @@ class Client(_Base):
     def _recv(self, timeout: float) -> dict[str, Any] | None:
         if not self._sock.poll(max(0, int(timeout * 1000))):
             return None
-        try:
-            return protocol.decode_reply(self._sock.recv())
-        except ValueError as exc:
-            raise ClientError(f"undecodable reply from {self.endpoint}: {exc}") from None
+        return self._decode(self._sock.recv())
 
     def stream(
         self, code: str, files: Files = None, timeout: float | None = None, *,
@@ -233,17 +248,10 @@ class Client(_Base):
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not sock.poll(int(remaining * 1000)):
-                    raise ClientError(f"no answer to {op} from {self.endpoint} within {timeout:.0f} s")
-                try:
-                    msg = protocol.decode_reply(sock.recv())
-                except ValueError as exc:
-                    raise ClientError(f"undecodable reply from {self.endpoint}: {exc}") from None
-                if msg.get("id") != request_id:
-                    continue
-                if msg.get("type") == "error":
-                    raise RemoteError(str(msg.get("code")), str(msg.get("message")))
-                if msg.get("type") in expect:
-                    return msg
+                    raise self._no_answer(op, timeout)
+                answer = self._control_answer(self._decode(sock.recv()), request_id, expect)
+                if answer is not None:
+                    return answer
         finally:
             sock.close(0)
 
@@ -288,10 +296,7 @@ class AsyncClient(_Base):
             frame = await asyncio.wait_for(self._sock.recv(), timeout=max(0.0, timeout))
         except asyncio.TimeoutError:
             return None
-        try:
-            return protocol.decode_reply(frame)
-        except ValueError as exc:
-            raise ClientError(f"undecodable reply from {self.endpoint}: {exc}") from None
+        return self._decode(frame)
 
     async def stream(
         self, code: str, files: Files = None, timeout: float | None = None, *,
@@ -349,17 +354,10 @@ class AsyncClient(_Base):
                 try:
                     frame = await asyncio.wait_for(sock.recv(), timeout=max(0.0, remaining))
                 except asyncio.TimeoutError:
-                    raise ClientError(f"no answer to {op} from {self.endpoint} within {timeout:.0f} s") from None
-                try:
-                    msg = protocol.decode_reply(frame)
-                except ValueError as exc:
-                    raise ClientError(f"undecodable reply from {self.endpoint}: {exc}") from None
-                if msg.get("id") != request_id:
-                    continue
-                if msg.get("type") == "error":
-                    raise RemoteError(str(msg.get("code")), str(msg.get("message")))
-                if msg.get("type") in expect:
-                    return msg
+                    raise self._no_answer(op, timeout) from None
+                answer = self._control_answer(self._decode(frame), request_id, expect)
+                if answer is not None:
+                    return answer
         finally:
             sock.close(0)
 
