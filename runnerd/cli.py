@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__, config as config_mod, sandbox_env
+from . import __version__, config as config_mod, logs, sandbox_env
 from .errors import RunnerdError
 from .job import make_job
 from .result import Outcome, Result
@@ -24,14 +24,6 @@ log = logging.getLogger(__name__)
 
 EXIT_CODES = {Outcome.OK: 0, Outcome.FAILED: 1, Outcome.DEADLINE_EXCEEDED: 124}
 EXIT_USAGE = 2
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _load_config(args: argparse.Namespace, **overrides: Any) -> config_mod.Config:
@@ -169,9 +161,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "queue_size": args.queue_size,
         "log_level": args.log_level,
     }
-    cfg = _load_config(args, **overrides)
-    logging.getLogger().setLevel(cfg.log_level.upper())
-    return asyncio.run(Daemon(cfg).run())
+    if args.log_json:
+        overrides["log_format"] = "json"
+    values = {k: v for k, v in overrides.items() if v is not None}
+    cfg = config_mod.load(args.config, values)
+    logs.setup(cfg.log_level, cfg.log_format)
+    return asyncio.run(Daemon(cfg, config_path=args.config, overrides=values).run())
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
@@ -314,6 +309,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from .install import install
+
+    install(root=Path(args.root), build_env=not args.no_env, say=lambda m: print(f"runnerd install: {m}", flush=True))
+    return 0
+
+
 def _add_curve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-key", default=None, metavar="FILE", help="CURVE: your .key_secret (or $RUNNERD_CLIENT_KEY)")
     p.add_argument("--server-key", default=None, metavar="FILE", help="CURVE: the server's .key (or $RUNNERD_SERVER_KEY)")
@@ -339,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", action="append", metavar="ENDPOINT", help="ipc://PATH or tcp://HOST:PORT (repeatable)")
     p.add_argument("--concurrency", type=int, default=None, help="cages at once (default: the CPUs)")
     p.add_argument("--queue-size", type=int, default=None, help="jobs waiting beyond those (default 64)")
+    p.add_argument("--log-json", action="store_true", help="log JSON lines (log_format = \"json\")")
     p.set_defaults(func=cmd_serve, default_level="INFO")
 
     for name, func, what in (("ping", cmd_ping, "check that a daemon answers"), ("stats", cmd_stats, "a daemon's counters")):
@@ -349,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON")
         _add_curve_flags(p)
         p.set_defaults(func=func, default_level="WARNING")
+
+    p = sub.add_parser("install", help="install as a systemd service (unit, config, group, socket dir, env)")
+    p.add_argument("--root", default="/", help="write the files under this directory instead of /")
+    p.add_argument("--no-env", action="store_true", help="do not build the sandbox env")
+    p.set_defaults(func=cmd_install, default_level="WARNING")
 
     p = sub.add_parser("keygen", help="make a CURVE key pair (NAME.key public, NAME.key_secret secret)")
     p.add_argument("dir", help="where to write them")
@@ -378,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level or os.environ.get("RUNNERD_LOG_LEVEL") or args.default_level)
+    logs.setup(args.log_level or os.environ.get("RUNNERD_LOG_LEVEL") or args.default_level)
     try:
         code = args.func(args)
     except RunnerdError as exc:

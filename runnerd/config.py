@@ -131,6 +131,11 @@ class Config:
     # On SIGTERM, running jobs get this long to finish before they are killed.
     shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
+    # "text" lines or "json" lines, to stderr (the journal, under systemd).
+    log_format: str = "text"
+    # Prometheus text endpoint; 0 is off.
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -174,6 +179,10 @@ class Config:
                 raise ConfigError(f"bind: {endpoint!r} is not an ipc:// or tcp:// endpoint")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: one of DEBUG, INFO, WARNING, ERROR; got {self.log_level!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: \"text\" or \"json\", got {self.log_format!r}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port: 0 (off) or a port number, got {self.metrics_port}")
         floor = self.limits.max_files_bytes + self.limits.max_code_bytes
         if self.max_request_bytes < floor:
             raise ConfigError(

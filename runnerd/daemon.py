@@ -1,31 +1,50 @@
 """``runnerd serve``: wires the runtime, the scheduler and the front end together.
 
 Signals: the handlers only record the signal; the event loop acts on it.
-SIGTERM or SIGINT stops taking new runs (they get BUSY, "shutting down"),
-ends queued jobs with reason ``shutdown``, lets running jobs finish for up
-to ``shutdown_grace_s``, then kills the rest (reason ``shutdown``), sends
-every result and exits 0. A second SIGTERM/SIGINT skips the wait.
+
+* SIGTERM or SIGINT: stop taking runs (they get BUSY, "shutting down");
+  queued jobs are answered with a BUSY error (they never ran: send them
+  again after the restart); running jobs get ``shutdown_grace_s`` to finish,
+  then their cages are killed and their clients get a result with reason
+  ``shutdown``; then exit 0. A second SIGTERM/SIGINT skips the wait.
+* SIGHUP: reload the config file and the policy for *new* jobs. The new
+  config goes through every start-up check (and a probe job in a cage made
+  from it) first; if anything fails, the daemon logs why and keeps the old
+  one. Running jobs keep the cage they started with. ``bind``,
+  ``state_dir`` and the CURVE server key need a restart (the reload says so
+  and keeps them); the authorized client keys are re-read.
+
+Under systemd (Type=notify) it sends READY=1 once its sockets are bound and
+the checks passed, STATUS= with the counts, RELOADING=1/READY=1 around a
+reload, STOPPING=1, and WATCHDOG=1 at half of WatchdogSec.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 import psutil
 import zmq
 import zmq.asyncio
 
 from . import PROTOCOL_VERSION, __version__
+from . import config as config_mod
 from .config import Config
+from .errors import RunnerdError
 from .frontend import Frontend
+from .metrics import Metrics
+from .protocol import BUSY
 from .result import Reason
 from .runtime import Runtime, open_runtime
 from .scheduler import Scheduler
+from .sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +52,25 @@ log = logging.getLogger(__name__)
 FLUSH_S = 0.5
 # Imported in a probe job before the daemon takes work: a broken env fails start-up.
 CORE_LIBRARIES = ("numpy", "pandas", "matplotlib.pyplot")
+STATUS_INTERVAL_S = 1.0
+# Settings a reload cannot change under a running daemon.
+RESTART_ONLY = ("bind", "state_dir", "curve_server_key", "metrics_port", "metrics_address")
+
+
+def _event(name: str, message: str, *args: Any, level: int = logging.INFO) -> None:
+    log.log(level, message, *args, extra={"event": name})
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, config_path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
         self.runtime: Runtime | None = None
         self.scheduler: Scheduler | None = None
         self.frontend: Frontend | None = None
+        self.metrics: Metrics | None = None
+        self.notifier = Notifier()
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._process = psutil.Process()
 
@@ -53,69 +83,148 @@ class Daemon:
             "rss_bytes": self._process.memory_info().rss,
         }
 
+    def _status(self) -> str:
+        s = self.scheduler
+        if s is None:
+            return "starting"
+        return f"{s.running}/{s.concurrency} running, {s.queued} queued, {s.done} done"
+
     def _on_signal(self, signum: int) -> None:
         self._signals.put_nowait(signum)
 
     async def run(self) -> int:
         cfg = self.config
         loop = asyncio.get_running_loop()
+        _event("starting", "runnerd %s starting (pid %d)", __version__, os.getpid())
         self.runtime = await open_runtime(cfg, probe=True, import_check=CORE_LIBRARIES)
         ctx = zmq.asyncio.Context()
+        tasks: list[asyncio.Task[Any]] = []
         try:
-            self.scheduler = Scheduler(
+            sched = self.scheduler = Scheduler(
                 self.runtime.cage.run,
                 concurrency=cfg.concurrency,
                 queue_size=cfg.queue_size,
                 retention_s=cfg.retention_s,
                 retention_max_bytes=cfg.retention_max_bytes,
             )
-            self.frontend = Frontend(cfg, self.scheduler, ctx, info=self.info)
+            if cfg.metrics_port:
+                self.metrics = Metrics(running=lambda: sched.running, queued=lambda: sched.queued)
+                sched.on_finish = self.metrics.job_finished
+            self.frontend = Frontend(cfg, sched, ctx, info=self.info, metrics=self.metrics)
             self.frontend.open()
-            self.scheduler.start()
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            if self.metrics is not None:
+                self.metrics.serve(cfg.metrics_address, cfg.metrics_port)
+            sched.start()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.add_signal_handler(signum, self._on_signal, signum)
-            log.info(
-                "runnerd %s serving %s: concurrency %d, queue %d, policy %s, env %s",
+            tasks = [
+                asyncio.create_task(self.frontend.serve(), name="runnerd-frontend"),
+                asyncio.create_task(sched.evict_forever(), name="runnerd-evict"),
+                asyncio.create_task(self._report_status(), name="runnerd-status"),
+            ]
+            if self.notifier.watchdog_s:
+                tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_s), name="runnerd-watchdog"))
+            self.notifier.ready(self._status())
+            _event(
+                "ready", "runnerd %s serving %s: concurrency %d, queue %d, policy %s, env %s",
                 __version__, ", ".join(cfg.bind), cfg.concurrency, cfg.queue_size,
                 self.runtime.policy.path, cfg.sandbox_env,
             )  # fmt: skip
-            serving = asyncio.create_task(self.frontend.serve(), name="runnerd-frontend")
-            evicting = asyncio.create_task(self.scheduler.evict_forever(), name="runnerd-evict")
-            signum = await self._signals.get()
-            log.info("received %s: shutting down", signal.Signals(signum).name)
-            await self._shutdown()
-            for task in (serving, evicting):
-                task.cancel()
-            await asyncio.gather(serving, evicting, return_exceptions=True)
+            while True:
+                signum = await self._signals.get()
+                if signum == signal.SIGHUP:
+                    await self._reload()
+                    continue
+                _event("stopping", "received %s: shutting down", signal.Signals(signum).name)
+                self.notifier.stopping("shutting down")
+                await self._shutdown()
+                break
+            _event("stopped", "runnerd stopped")
             return 0
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self.scheduler is not None:
                 await self.scheduler.close()
             if self.frontend is not None:
                 self.frontend.close()
+            if self.metrics is not None:
+                self.metrics.close()
             ctx.term()
             self.runtime.close()
+            self.notifier.close()
+
+    async def _report_status(self) -> None:
+        while True:
+            self.notifier.status(self._status())
+            await asyncio.sleep(STATUS_INTERVAL_S)
+
+    async def _watchdog(self, interval: float) -> None:
+        # The loop being able to run this task is what the watchdog checks.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval / 2)
+
+    async def _reload(self) -> None:
+        self.notifier.reloading()
+        _event("reloading", "received SIGHUP: reloading %s", self.config_path or "the defaults")
+        old = self.config
+        try:
+            new = config_mod.load(self.config_path, self.overrides)
+            kept = [k for k in RESTART_ONLY if getattr(new, k) != getattr(old, k)]
+            if kept:
+                log.warning("reload: %s change(s) need a restart; keeping the running value(s)", ", ".join(kept))
+                new = dataclasses.replace(new, **{k: getattr(old, k) for k in kept})
+            runtime = await open_runtime(new, probe=True, import_check=CORE_LIBRARIES)
+        except RunnerdError as exc:
+            _event("reload_refused", "reload refused, still serving with the old config: %s", exc, level=logging.ERROR)
+            if self.metrics is not None:
+                self.metrics.reloads.labels("refused").inc()
+            self.notifier.ready(self._status())
+            return
+        assert self.scheduler is not None and self.frontend is not None and self.runtime is not None
+        previous, self.runtime, self.config = self.runtime, runtime, new
+        sched = self.scheduler
+        sched.runner = runtime.cage.run  # running jobs keep the cage they started with
+        sched.queue_size = new.queue_size
+        sched.retention_s = new.retention_s
+        sched.retention_max_bytes = new.retention_max_bytes
+        sched.resize(new.concurrency)
+        self.frontend.config = new
+        self.frontend.reload_clients()
+        previous.close()
+        if self.metrics is not None:
+            self.metrics.reloads.labels("ok").inc()
+        logging.getLogger().setLevel(new.log_level.upper())
+        _event("reloaded", "reloaded: concurrency %d, queue %d, policy %s", new.concurrency, new.queue_size, runtime.policy.path)
+        self.notifier.ready(self._status())
 
     async def _shutdown(self) -> None:
         sched = self.scheduler
         assert sched is not None
         sched.accepting = False
         sched.refusal = "runnerd is shutting down; retry after it restarts or on another instance"
-        ended = sched.end_queued(Reason.SHUTDOWN)
+        refused = sched.refuse_queued(
+            BUSY, "runnerd is shutting down: this job was queued and did not run; send it again after the restart"
+        )
         grace = self.config.shutdown_grace_s
-        log.info("waiting up to %.0f s for %d running job(s); ended %d queued job(s)", grace, sched.running, ended)
+        _event("draining", "waiting up to %.0f s for %d running job(s); %d queued job(s) refused", grace, sched.running, refused)
         deadline = time.monotonic() + grace
         while sched.running and time.monotonic() < deadline:
+            self.notifier.status(f"shutting down: {sched.running} job(s) still running")
             try:
                 signum = await asyncio.wait_for(self._signals.get(), timeout=0.05)
             except asyncio.TimeoutError:
                 continue
-            log.info("received %s again: stopping now", signal.Signals(signum).name)
+            if signum == signal.SIGHUP:
+                continue  # no reloads while stopping
+            _event("stop_now", "received %s again: stopping now", signal.Signals(signum).name)
             break
         if sched.running:
-            log.info("stopping %d job(s) still running", sched.stop_running(Reason.SHUTDOWN))
+            _event("killing", "stopping %d job(s) still running (reason shutdown)", sched.stop_running(Reason.SHUTDOWN))
             while sched.running:
                 await asyncio.sleep(0.02)
         await asyncio.sleep(FLUSH_S)

@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 import zmq.asyncio
@@ -32,6 +32,9 @@ from .config import Config
 from .errors import ConfigError, RunnerdError
 from .protocol import CancelRequest, PingRequest, ProtocolError, RunRequest, StatsRequest
 from .scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +92,12 @@ def _prepare_ipc(path: Path) -> int:
 
 
 class Frontend:
-    def __init__(self, config: Config, scheduler: Scheduler, ctx: zmq.asyncio.Context, *, info: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, config: Config, scheduler: Scheduler, ctx: zmq.asyncio.Context, *,
+        info: Callable[[], dict[str, Any]], metrics: "Metrics | None" = None,
+    ) -> None:  # fmt: skip
         self.config = config
+        self.metrics = metrics
         self.scheduler = scheduler
         self.ctx = ctx
         self.info = info
@@ -200,21 +207,24 @@ class Frontend:
         identity, payload = frames[0], frames[1:]
         send = self._sender(ep, identity)
         if len(payload) != 1:
-            self.errors_out += 1
-            send(protocol.error_reply(None, protocol.BAD_REQUEST,
-                                      f"a request is one frame holding one msgpack map, got {len(payload)} frames; use a DEALER socket"))  # fmt: skip
+            message = f"a request is one frame holding one msgpack map, got {len(payload)} frames; use a DEALER socket"
+            self._error(send, None, protocol.BAD_REQUEST, message)
             return
         try:
             req = protocol.decode_request(payload[0], self.config.limits, self.config.max_request_bytes)
         except ProtocolError as exc:
-            self.errors_out += 1
-            send(protocol.error_reply(exc.request_id, exc.code, exc.message))
+            self._error(send, exc.request_id, exc.code, exc.message)
             return
         try:
             self._dispatch(req, ep, identity, send)
         except ProtocolError as exc:
-            self.errors_out += 1
-            send(protocol.error_reply(req.id, exc.code, exc.message))
+            self._error(send, req.id, exc.code, exc.message)
+
+    def _error(self, send: Callable[[bytes], None], request_id: str | None, code: str, message: str) -> None:
+        self.errors_out += 1
+        if self.metrics is not None:
+            self.metrics.errors.labels(code).inc()
+        send(protocol.error_reply(request_id, code, message))
 
     def _dispatch(self, req: protocol.Request, ep: Endpoint, identity: bytes, send: Callable[[bytes], None]) -> None:
         if isinstance(req, RunRequest):

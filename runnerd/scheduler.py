@@ -118,20 +118,34 @@ class Scheduler:
         self.reasons: Counter[str] = Counter()
         self._latency: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._run_wall: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._workers: list[asyncio.Task[None]] = []
+        self._workers: dict[int, asyncio.Task[None]] = {}
+        self._idle: set[int] = set()
         self._started = time.monotonic()
         self.accepting = True
         self.refusal = "the queue is full"
+        # Called with (result, seconds from accepted to result) for every finished job.
+        self.on_finish: Callable[[Result, float], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._workers = [asyncio.create_task(self._worker(i), name=f"runnerd-slot-{i}") for i in range(self.concurrency)]
+        self.resize(self.concurrency)
+
+    def resize(self, concurrency: int) -> None:
+        """Run *concurrency* workers: start more now; extra ones stop when idle (at once if idle now)."""
+        self.concurrency = concurrency
+        for slot in range(concurrency):
+            task = self._workers.get(slot)
+            if task is None or task.done():
+                self._workers[slot] = asyncio.create_task(self._worker(slot), name=f"runnerd-slot-{slot}")
+        for slot, task in list(self._workers.items()):
+            if slot >= concurrency and slot in self._idle:
+                task.cancel()  # waiting on the queue: nothing is lost
 
     async def close(self) -> None:
-        for task in self._workers:
+        for task in self._workers.values():
             task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*self._workers.values(), return_exceptions=True)
 
     # ------------------------------------------------------------ requests
 
@@ -192,6 +206,20 @@ class Scheduler:
                 count += 1
         return count
 
+    def refuse_queued(self, code: str, message: str) -> int:
+        """Answer every queued job with an error and forget it (it never ran); returns how many."""
+        count = 0
+        for record in list(self.jobs.values()):
+            if record.state is State.QUEUED:
+                self.queued -= 1
+                record.state = State.DONE
+                del self.jobs[record.id]
+                frame = protocol.error_reply(record.id, code, message)
+                for sub in record.subscribers.values():
+                    _safe(sub.send, frame)
+                count += 1
+        return count
+
     def stop_running(self, reason: Reason) -> int:
         """Ask every running job to stop with *reason* (its cage is killed); returns how many."""
         count = 0
@@ -204,8 +232,12 @@ class Scheduler:
     # ------------------------------------------------------------ running
 
     async def _worker(self, slot: int) -> None:
-        while True:
-            record = await self._queue.get()
+        while slot < self.concurrency:
+            self._idle.add(slot)
+            try:
+                record = await self._queue.get()
+            finally:
+                self._idle.discard(slot)
             if record.state is not State.QUEUED:
                 continue  # cancelled while it waited
             self.queued -= 1
@@ -225,6 +257,7 @@ class Scheduler:
                 result = Result(outcome=Outcome.FAILED, reason=Reason.SANDBOX_ERROR, warnings=("internal error in runnerd",))
             self.running -= 1
             self._finish(record, result, wall_s=time.monotonic() - started)
+        self._workers.pop(slot, None)
 
     def _output(self, record: JobRecord, stream: str, data: bytes) -> None:
         offset = record.offsets[stream]
@@ -249,11 +282,22 @@ class Scheduler:
         if wall_s:
             self._run_wall.append(wall_s)
         u = result.usage
+        latency = record.finished_at - record.accepted_at
+        fields = {
+            "id": record.id, "outcome": result.outcome.value, "reason": result.reason.value if result.reason else None,
+            "wall_s": u.wall_s, "cpu_s": u.cpu_s, "peak_bytes": u.max_rss_bytes,
+            "queued_s": round(max(0.0, latency - wall_s), 4),
+        }  # fmt: skip
         log.info(
             "job %s %s reason=%s wall=%.3fs cpu=%.3fs peak=%.1fMiB queued=%.3fs",
-            record.id, result.outcome.value, result.reason.value if result.reason else "-",
-            u.wall_s, u.cpu_s, u.max_rss_bytes / 2**20, max(0.0, record.finished_at - record.accepted_at - wall_s),
+            record.id, fields["outcome"], fields["reason"] or "-", u.wall_s, u.cpu_s, u.max_rss_bytes / 2**20,
+            fields["queued_s"], extra={"job": fields},
         )  # fmt: skip
+        if self.on_finish is not None:
+            try:
+                self.on_finish(result, latency)
+            except Exception:
+                log.exception("the job-finished hook failed")
         frame = protocol.result_reply(record.id, result)
         for sub in list(record.subscribers.values()):
             _safe(sub.send, frame)

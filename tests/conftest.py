@@ -135,7 +135,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(state_dir: Path, name: str, env_path: Path, **settings: Any) -> DaemonProc:
+def start_daemon(
+    state_dir: Path, name: str, env_path: Path, *, extra_env: dict[str, str] | None = None,
+    extra_args: tuple[str, ...] = (), wait: bool = True, **settings: Any,
+) -> DaemonProc:  # fmt: skip
     """Start ``python -m runnerd serve`` with its own config; wait until it answers ping."""
     from runnerd.client import Client
     from runnerd.errors import ClientError
@@ -158,11 +161,13 @@ def start_daemon(state_dir: Path, name: str, env_path: Path, **settings: Any) ->
     config_path.write_text("\n".join(lines) + "\n")
     log_path = state_dir / f"{name}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runnerd", "--config", str(config_path), "serve"],
+        [sys.executable, "-m", "runnerd", "--config", str(config_path), "serve", *extra_args],
         stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env={**os.environ, CANARY_ENV: CANARY},
+        env={**os.environ, CANARY_ENV: CANARY, **(extra_env or {})},
     )
     daemon = DaemonProc(proc, ipc, tcp, config_path, log_path)
+    if not wait:
+        return daemon
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
