@@ -64,7 +64,7 @@ def default_config_text(policy: Path) -> str:
     lines = [
         "# runnerd's configuration. Every key is shown at its default, commented out;",
         "# the README's Configuration table says what each one does.",
-        "# Reload without dropping running jobs: systemctl reload runnerd (SIGHUP).",
+        "# Reload without dropping running jobs: systemctl kill --kill-who=main --signal=HUP runnerd",
         "",
         f'policy = "{policy}"',
     ]
