@@ -309,6 +309,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from .mcp_server import serve
+
+    serve(args.endpoint, _curve(args))
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from .install import install
 
@@ -352,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON")
         _add_curve_flags(p)
         p.set_defaults(func=func, default_level="WARNING")
+
+    p = sub.add_parser("mcp", help="serve the run_python tool over MCP (stdio), through a daemon")
+    p.add_argument("--endpoint", default=None, help="the daemon (default: $RUNNERD_ENDPOINT, else the default ipc socket)")
+    _add_curve_flags(p)
+    p.set_defaults(func=cmd_mcp, default_level="WARNING")
 
     p = sub.add_parser("install", help="install as a systemd service (unit, config, group, socket dir, env)")
     p.add_argument("--root", default="/", help="write the files under this directory instead of /")
