@@ -1,18 +1,20 @@
 """Run one job in one nsjail cage: from workspace to :class:`~runnerd.result.Result`.
 
-Per job:
+Per job (the cold path; warm.py is the warm one, and shares the rest):
 
 1. lease a slot (its uid), make the workspace (workspace.py) and the job's
    cgroup (cgroups.py);
-2. start nsjail with ``--config /dev/fd/N``: nsjail blocks reading the
-   config pipe, so the host moves it into the job's cgroup *before* it can
-   fork anything, then writes the checked policy text plus this job's mounts
-   and uid map into the pipe;
-3. read stdout, stderr, the harness's report and nsjail's log as they come
-   (capped; stdout/stderr streamed to ``on_output``), until the cage exits,
-   the deadline passes, the output passes its kill limit, or ``stop`` fires;
+2. start nsjail with ``--config /dev/fd/N`` (:func:`spawn_nsjail`): nsjail
+   blocks reading the config pipe, so the host moves it into the job's
+   cgroup *before* it can fork anything, then writes the checked policy text
+   plus this job's mounts and uid map into the pipe;
+3. :func:`supervise` reads stdout, stderr, the harness's report (and
+   nsjail's log) as they come, capped, streaming stdout/stderr to
+   ``on_output``, until the cage exits, the deadline passes, the output
+   passes its kill limit, or ``stop`` fires;
 4. kill whatever is left in the cgroup, read its counters, collect the
-   outputs (artifacts.py), unmount, and decide the outcome (result.py).
+   outputs (artifacts.py), unmount, and decide the outcome
+   (:func:`build_result`, result.py).
 
 The daemon is never the parent of user code through a fork of itself: the
 cage is a fresh nsjail process started with ``subprocess`` (vfork+exec).
@@ -31,7 +33,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 from .artifacts import Collected, collect
 from .cgroups import CgroupStats, JobCgroup
@@ -72,43 +74,48 @@ def pb_string(value: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def job_config(policy: Policy, ws: Workspace, *, uid: int, env: Path, harness_dir: Path) -> str:
-    """The policy's text plus this job's uid map and mounts (repeated fields, appended)."""
-    lines = [
-        "",
-        "# ---- added by runnerd for this job ----",
+def pb_bind(src: Path | str, dst: str, *, rw: bool = False, noexec: bool = True) -> str:
+    return (
+        f"mount {{ src: {pb_string(str(src))} dst: {pb_string(dst)} is_bind: true rw: {str(rw).lower()} "
+        f"nosuid: true nodev: true{' noexec: true' if noexec else ''} }}"
+    )
+
+
+def pb_idmaps(uid: int) -> list[str]:
+    return [
         f'uidmap {{ inside_id: "{JAIL_UID}" outside_id: "{uid}" count: 1 }}',
         f'gidmap {{ inside_id: "{JAIL_UID}" outside_id: "{uid}" count: 1 }}',
     ]
 
-    def bind(src: Path | str, dst: str, rw: bool = False, extra: str = "") -> None:
-        lines.append(
-            f"mount {{ src: {pb_string(str(src))} dst: {pb_string(dst)} is_bind: true rw: {str(rw).lower()} "
-            f"nosuid: true nodev: true{extra} }}"
-        )
 
-    bind(env, str(env))
-    bind(ws.work, "/work", rw=True, extra=" noexec: true")
+def job_config(policy: Policy, ws: Workspace, *, uid: int, env: Path, harness_dir: Path) -> str:
+    """The policy's text plus this job's uid map and mounts (repeated fields, appended)."""
+    lines = ["", "# ---- added by runnerd for this job ----", *pb_idmaps(uid)]
+    lines.append(pb_bind(env, str(env), noexec=False))
+    lines.append(pb_bind(ws.work, "/work", rw=True))
     for index, name in enumerate(ws.input_names):
-        bind(ws.inputs / str(index), f"/work/{name}", extra=" noexec: true")
-    bind(ws.home, "/home/user", rw=True, extra=" noexec: true")
-    bind(ws.figures, "/runnerd/figures", rw=True, extra=" noexec: true")
-    bind(ws.code_file, "/runnerd/main.py")
+        lines.append(pb_bind(ws.inputs / str(index), f"/work/{name}"))
+    lines.append(pb_bind(ws.home, "/home/user", rw=True))
+    lines.append(pb_bind(ws.figures, "/runnerd/figures", rw=True))
+    lines.append(pb_bind(ws.code_file, "/runnerd/main.py"))
     for name in ("harness.py", "runnerd_inline.py"):
-        bind(harness_dir / name, f"/runnerd/{name}")
+        lines.append(pb_bind(harness_dir / name, f"/runnerd/{name}"))
     return policy.cfg_text + "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- what the cage reports
+
+
 @dataclass
-class _Report:
+class Report:
     started: bool = False
     end: dict[str, Any] | None = None
     exit: dict[str, Any] | None = None
 
 
-def parse_report(raw: bytes) -> _Report:
+def parse_report(raw: bytes) -> Report:
     """The harness's JSON lines; anything malformed is ignored (the job may have written it)."""
-    report = _Report()
+    report = Report()
     for line in raw.splitlines():
         try:
             record = json.loads(line)
@@ -150,26 +157,30 @@ def error_from_report(end: dict[str, Any] | None) -> ErrorInfo | None:
     )
 
 
-def exit_status(nsjail_log: str, report: _Report, returncode: int | None) -> int | None:
+def nsjail_status(nsjail_log: str, returncode: int | None, started: bool) -> int | None:
+    """PID 1's exit as nsjail saw it: a code, minus a signal number, or None."""
+    if m := _EXIT_RE.search(nsjail_log):
+        return int(m.group(1))
+    if m := _SIGNAL_RE.search(nsjail_log):
+        return -int(m.group(1))
+    if returncode is not None and returncode >= 0 and started:
+        return returncode
+    return None
+
+
+def exit_status(trusted: int | None, report: Report) -> int | None:
     """The job's exit: a code (>= 0), minus a signal number, or None if the cage was killed.
 
-    nsjail's log is the trusted source (it saw PID 1 exit). PID 1 exits
-    with the job process's code, or 128+N when it died of signal N; the
-    harness's report may turn that 128+N into -N, but only when both agree.
+    *trusted* comes from outside the job (nsjail's log, or the zygote): PID
+    1 exits with the job process's code, or 128+N when it died of signal N.
+    The harness's report may turn that 128+N into -N, but only when both agree.
     """
-    status: int | None = None
-    if m := _EXIT_RE.search(nsjail_log):
-        status = int(m.group(1))
-    elif m := _SIGNAL_RE.search(nsjail_log):
-        return -int(m.group(1))
-    elif returncode is not None and returncode >= 0 and report.started:
-        status = returncode
-    if status is None:
-        return None
+    if trusted is None or trusted < 0:
+        return trusted
     signum = _small_int((report.exit or {}).get("signal"))
-    if status > 128 and signum is not None and status == 128 + signum:
+    if trusted > 128 and signum is not None and trusted == 128 + signum:
         return -signum
-    return status
+    return trusted
 
 
 def nsjail_problems(nsjail_log: str) -> str:
@@ -179,16 +190,216 @@ def nsjail_problems(nsjail_log: str) -> str:
 
 
 @dataclass
-class _Execution:
-    """What one nsjail run produced."""
+class Execution:
+    """What one run in a cage produced, before the outputs are collected."""
 
-    returncode: int | None = None
+    status: int | None = None  # trusted: see exit_status()
     wall_s: float = 0.0
     stop_reason: Reason | None = None
-    output_limit: bool = False
     report: bytes = b""
-    nsjail_log: str = ""
+    problem: str = ""  # why the cage did not start, when it did not
     stats: CgroupStats = field(default_factory=CgroupStats)
+
+
+# ---------------------------------------------------------------- shared by cold and warm
+
+
+def spawn_nsjail(
+    nsjail: Path,
+    cfg_text: str,
+    kafel_text: str,
+    cg: JobCgroup,
+    *,
+    args: Iterable[str],
+    command: list[str],
+    stdout: int,
+    stderr: int,
+    log_w: int,
+    pass_fds: tuple[int, ...] = (),
+) -> subprocess.Popen[bytes]:
+    """Start nsjail inside cgroup *cg*, with the config and seccomp policy given through pipes."""
+    cfg_r, cfg_w = os.pipe()
+    kafel_r, kafel_w = os.pipe()
+    argv = [
+        str(nsjail), "--config", f"/dev/fd/{cfg_r}", "--seccomp_policy", f"/dev/fd/{kafel_r}",
+        "--log_fd", str(log_w), *NSJAIL_CGROUPS_OFF, *args,
+        *(a for fd in pass_fds for a in ("--pass_fd", str(fd))), "--", *command,
+    ]  # fmt: skip
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+            pass_fds=(cfg_r, kafel_r, log_w, *pass_fds), env={"PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+    except OSError as exc:
+        for fd in (cfg_r, cfg_w, kafel_r, kafel_w):
+            os.close(fd)
+        raise SandboxError(f"cannot start nsjail ({nsjail}): {exc.strerror}") from None
+    os.close(cfg_r)
+    os.close(kafel_r)
+    try:
+        # nsjail is blocked reading its config: nothing of it runs outside the cgroup.
+        cg.attach(proc.pid)
+        os.write(cfg_w, cfg_text.encode())
+        os.write(kafel_w, kafel_text.encode())
+    except (SandboxError, OSError) as exc:
+        proc.kill()
+        proc.wait()
+        raise SandboxError(f"cannot hand the cage its policy: {exc}") from None
+    finally:
+        os.close(cfg_w)
+        os.close(kafel_w)
+    return proc
+
+
+async def supervise(
+    *,
+    exited: "asyncio.Future[None]",
+    kill: Callable[[], Awaitable[None]],
+    out_r: int,
+    err_r: int,
+    rep_r: int,
+    extra: Iterable[tuple[int, Callable[[bytes], None]]] = (),
+    out: StreamCapture,
+    err: StreamCapture,
+    timeout: float,
+    output_kill_bytes: int,
+    on_output: OnOutput | None,
+    stop: "asyncio.Future[Reason] | None",
+) -> Execution:
+    """Pump a running cage's pipes until it ends, enforcing the deadline, stop and output limit.
+
+    *exited* resolves when the cage is gone; *kill* ends it (and must make
+    *exited* resolve). Takes ownership of the read fds.
+    """
+    loop = asyncio.get_running_loop()
+    ex = Execution()
+    started = time.monotonic()
+    done: asyncio.Future[Reason | None] = loop.create_future()  # the first reason to stop, or None at exit
+
+    def finish(reason: Reason | None) -> None:
+        if not done.done():
+            done.set_result(reason)
+
+    report = bytearray()
+
+    def on_stream(capture: StreamCapture) -> Callable[[bytes], None]:
+        def sink(data: bytes) -> None:
+            live = capture.feed(data)
+            if live and on_output is not None:
+                try:
+                    on_output(capture.name, live)
+                except Exception:  # a consumer's bug must not break the job's bookkeeping
+                    log.exception("output callback failed")
+            if out.total + err.total > output_kill_bytes:
+                finish(Reason.OUTPUT_LIMIT)
+
+        return sink
+
+    eofs = [
+        read_pipe(loop, out_r, on_stream(out)),
+        read_pipe(loop, err_r, on_stream(err)),
+        read_pipe(loop, rep_r, capped(report, MAX_REPORT_BYTES)),
+        *(read_pipe(loop, fd, sink) for fd, sink in extra),
+    ]
+    exited.add_done_callback(lambda _: finish(None))
+    deadline = loop.call_later(timeout, finish, Reason.TIMEOUT)
+    if stop is not None:
+        stop.add_done_callback(lambda f: finish(f.result() if not f.cancelled() else Reason.CANCELLED))
+    try:
+        ex.stop_reason = await done
+        if ex.stop_reason is not None:
+            await kill()
+        await exited
+    finally:
+        deadline.cancel()
+        if not exited.done():  # cancelled from outside: never leave the cage running
+            await asyncio.shield(kill())
+            await asyncio.shield(exited)
+        ex.wall_s = time.monotonic() - started
+        pending = [f for f in eofs if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=PIPE_DRAIN_S)
+        for f in eofs:
+            if not f.done():
+                f.cancel()  # closes the fd (see read_pipe)
+    ex.report = bytes(report)
+    return ex
+
+
+def capped(buffer: bytearray, cap: int) -> Callable[[bytes], None]:
+    def sink(data: bytes) -> None:
+        if len(buffer) < cap:
+            buffer.extend(data[: cap - len(buffer)])
+
+    return sink
+
+
+def build_result(
+    ex: Execution, out: StreamCapture, err: StreamCapture, collected: Collected, *, policy: Policy, config: Config
+) -> Result:
+    """The outcome rules (result.py) applied to what the host saw, with every warning explained."""
+    report = parse_report(ex.report)
+    status = exit_status(ex.status, report) if ex.stop_reason is None else None
+    error = error_from_report(report.end)
+    obs = Observation(
+        started=report.started,
+        finished=report.end is not None,
+        exit_status=status,
+        timed_out=ex.stop_reason is Reason.TIMEOUT,
+        cancelled=ex.stop_reason is Reason.CANCELLED,
+        shutdown=ex.stop_reason is Reason.SHUTDOWN,
+        output_limit=ex.stop_reason is Reason.OUTPUT_LIMIT,
+        oom_kills=ex.stats.oom_kills,
+        has_error=error is not None and status != 0,
+    )
+    outcome, reason = decide(obs)
+    warnings = collected.warnings.final()
+    limits = policy.limits
+    for capture in (out, err):
+        if capture.truncated:
+            warnings.append(capture.describe())
+    if reason is Reason.MEMORY_LIMIT:
+        warnings.append(f"killed by the out-of-memory killer at the memory limit of {limits.memory_bytes >> 20} MiB")
+    elif ex.stats.oom_kills:
+        warnings.append(
+            f"the out-of-memory killer ended {ex.stats.oom_kills} process(es) of the job "
+            f"at the memory limit of {limits.memory_bytes >> 20} MiB"
+        )
+    if ex.stats.pids_limit_hits:
+        warnings.append(f"process/thread creation failed {ex.stats.pids_limit_hits} time(s) at the limit of {limits.pids}")
+    if reason is Reason.OUTPUT_LIMIT:
+        warnings.append(
+            f"killed after writing {out.total + err.total} bytes to stdout+stderr "
+            f"(limits.output_kill_bytes = {config.limits.output_kill_bytes})"
+        )
+    dropped_by_harness = _small_int((report.end or {}).get("figures_dropped")) or 0
+    if dropped_by_harness > 0:
+        warnings.append(f"{dropped_by_harness} open figure(s) not rendered: over {config.limits.max_figures}")
+    if reason is Reason.SANDBOX_ERROR:
+        problem = ex.problem or err.text().strip()[-2000:] or "the cage exited before the job started"
+        warnings.append(f"sandbox error: {problem}")
+        log.error("cage failed to start: %s", problem)
+    return Result(
+        outcome=outcome,
+        reason=reason,
+        stdout=out.text(),
+        stderr=err.text(),
+        truncated=out.truncated or err.truncated or collected.dropped or dropped_by_harness > 0,
+        exit_code=status,
+        error=error if status != 0 or ex.stop_reason is not None else None,
+        figures=tuple(collected.figures),
+        files=tuple(collected.files),
+        usage=Usage(wall_s=round(ex.wall_s, 4), cpu_s=round(ex.stats.cpu_s, 4), max_rss_bytes=ex.stats.peak_bytes),
+        warnings=tuple(warnings),
+    )
+
+
+def sandbox_failure(name: str, exc: Exception) -> Result:
+    log.error("job %s: sandbox error: %s", name, exc)
+    return Result(outcome=Outcome.FAILED, reason=Reason.SANDBOX_ERROR, warnings=(f"sandbox error: {exc}",))
+
+
+# ---------------------------------------------------------------- the cold cage
 
 
 class Cage:
@@ -202,20 +413,8 @@ class Cage:
         self.env = config.sandbox_env
         self.mplconfig = MplConfig.load(self.env / "runnerd" / "mplconfig")
 
-    def _argv(self, cfg_fd: int, kafel_fd: int, log_fd: int, report_fd: int, timeout: float) -> list[str]:
-        return [
-            str(self.nsjail),
-            "--config", f"/dev/fd/{cfg_fd}",
-            "--seccomp_policy", f"/dev/fd/{kafel_fd}",
-            "--log_fd", str(log_fd),
-            *NSJAIL_CGROUPS_OFF,
-            # A backstop: the host kills the cage at the deadline itself.
-            "--time_limit", str(math.ceil(timeout) + 5),
-            "--pass_fd", str(report_fd),
-            "--",
-            str(self.env / "bin" / "python3"), "-I", "-B", "-u",
-            HARNESS_IN_CAGE, str(report_fd), str(self.config.limits.max_figures),
-        ]  # fmt: skip
+    async def close(self, grace: float = 0.0) -> None:
+        """Nothing to stop: cold cages live only as long as their job."""
 
     async def run(
         self,
@@ -249,10 +448,9 @@ class Cage:
             collected = await asyncio.to_thread(
                 collect, ws.work, ws.figures, exclude=frozenset(ws.input_names), limits=limits
             )
-            result = self._result(ex, out, err, collected)
+            result = build_result(ex, out, err, collected, policy=self.policy, config=self.config)
         except SandboxError as exc:
-            log.error("job %s: sandbox error: %s", name, exc)
-            result = Result(outcome=Outcome.FAILED, reason=Reason.SANDBOX_ERROR, warnings=(f"sandbox error: {exc}",))
+            result = sandbox_failure(name, exc)
         finally:
             await asyncio.shield(asyncio.to_thread(self._teardown, cg, ws, lease))
         return result
@@ -278,177 +476,57 @@ class Cage:
         err: StreamCapture,
         on_output: OnOutput | None,
         stop: "asyncio.Future[Reason] | None",
-    ) -> _Execution:
+    ) -> Execution:
         loop = asyncio.get_running_loop()
-        limits = self.config.limits
-        ex = _Execution()
-        cfg_text = job_config(self.policy, ws, uid=uid, env=self.env, harness_dir=self.config.harness_dir)
-        cfg_r, cfg_w = os.pipe()
-        kafel_r, kafel_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         log_r, log_w = os.pipe()
         rep_r, rep_w = os.pipe()
-        child_ends = (cfg_r, kafel_r, out_w, err_w, log_w, rep_w)
-        ours = [cfg_w, kafel_w, out_r, err_r, log_r, rep_r]
         try:
-            proc = subprocess.Popen(
-                self._argv(cfg_r, kafel_r, log_w, rep_w, job.timeout),
-                stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                pass_fds=(cfg_r, kafel_r, log_w, rep_w), env={"PATH": "/usr/bin:/bin"},
+            proc = spawn_nsjail(
+                self.nsjail,
+                job_config(self.policy, ws, uid=uid, env=self.env, harness_dir=self.config.harness_dir),
+                self.policy.kafel_text,
+                cg,
+                # A backstop: the host kills the cage at the deadline itself.
+                args=("--time_limit", str(math.ceil(job.timeout) + 5)),
+                command=[str(self.env / "bin" / "python3"), "-I", "-B", "-u", HARNESS_IN_CAGE,
+                         str(rep_w), str(self.config.limits.max_figures)],  # fmt: skip
+                stdout=out_w, stderr=err_w, log_w=log_w, pass_fds=(rep_w,),
             )  # fmt: skip
-        except OSError as exc:
-            for fd in (*child_ends, *ours):
+        except SandboxError:
+            for fd in (out_r, err_r, log_r, rep_r):
                 os.close(fd)
-            raise SandboxError(f"cannot start nsjail ({self.nsjail}): {exc.strerror}") from None
-        started_at = time.monotonic()
-        for fd in child_ends:
-            os.close(fd)
-        try:
-            # nsjail is blocked reading its config: nothing of it runs outside the cgroup.
-            cg.attach(proc.pid)
-            os.write(cfg_w, cfg_text.encode())
-            os.write(kafel_w, self.policy.kafel_text.encode())
-        except (SandboxError, OSError) as exc:
-            proc.kill()
-            proc.wait()
-            for fd in ours:
-                os.close(fd)
-            raise SandboxError(f"cannot hand the job to nsjail: {exc}") from None
+            raise
         finally:
-            for fd in (cfg_w, kafel_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            for fd in (out_w, err_w, log_w, rep_w):
+                os.close(fd)
 
-        done = loop.create_future()  # the first reason to stop, or None at exit
+        exited = watch_exit(loop, proc.pid)
 
-        def finish(reason: Reason | None) -> None:
-            if not done.done():
-                done.set_result(reason)
+        async def kill() -> None:
+            proc.send_signal(signal.SIGKILL)
 
-        report = bytearray()
         nsjail_log = bytearray()
-
-        def on_stream(capture: StreamCapture) -> Callable[[bytes], None]:
-            def sink(data: bytes) -> None:
-                live = capture.feed(data)
-                if live and on_output is not None:
-                    try:
-                        on_output(capture.name, live)
-                    except Exception:  # a consumer's bug must not kill the job's bookkeeping
-                        log.exception("output callback failed")
-                if out.total + err.total > limits.output_kill_bytes:
-                    ex.output_limit = True
-                    finish(Reason.OUTPUT_LIMIT)
-
-            return sink
-
-        def capped(buffer: bytearray, cap: int) -> Callable[[bytes], None]:
-            def sink(data: bytes) -> None:
-                if len(buffer) < cap:
-                    buffer.extend(data[: cap - len(buffer)])
-
-            return sink
-
-        eofs = [
-            _read_pipe(loop, out_r, on_stream(out)),
-            _read_pipe(loop, err_r, on_stream(err)),
-            _read_pipe(loop, rep_r, capped(report, MAX_REPORT_BYTES)),
-            _read_pipe(loop, log_r, capped(nsjail_log, MAX_LOG_BYTES)),
-        ]
-        exited = _watch_exit(loop, proc.pid)
-        exited.add_done_callback(lambda _: finish(None))
-        deadline = loop.call_later(job.timeout, finish, Reason.TIMEOUT)
-        if stop is not None:
-            stop.add_done_callback(lambda f: finish(f.result() if not f.cancelled() else Reason.CANCELLED))
         try:
-            ex.stop_reason = await done
-            if ex.stop_reason is not None:
-                proc.send_signal(signal.SIGKILL)
-            await exited
+            ex = await supervise(
+                exited=exited, kill=kill, out_r=out_r, err_r=err_r, rep_r=rep_r,
+                extra=[(log_r, capped(nsjail_log, MAX_LOG_BYTES))], out=out, err=err, timeout=job.timeout,
+                output_kill_bytes=self.config.limits.output_kill_bytes, on_output=on_output, stop=stop,
+            )  # fmt: skip
         finally:
-            deadline.cancel()
-            if not exited.done():  # cancelled from outside: never leave nsjail running
-                proc.kill()
-                await asyncio.shield(exited)
-            ex.returncode = proc.wait()
-            ex.wall_s = time.monotonic() - started_at
+            returncode = proc.wait()
             # Anything still in the cgroup (nothing, normally: PID 1's death
             # ends the pid namespace) dies now, which also closes the pipes.
             await asyncio.shield(asyncio.to_thread(cg.kill))
-            pending = [f for f in eofs if not f.done()]
-            if pending:
-                await asyncio.wait(pending, timeout=PIPE_DRAIN_S)
-            for f in eofs:
-                if not f.done():
-                    f.cancel()  # closes the fd (see _read_pipe)
+        text = nsjail_log.decode("utf-8", "replace")
+        ex.status = nsjail_status(text, returncode, parse_report(ex.report).started)
+        ex.problem = nsjail_problems(text)
         ex.stats = cg.stats()
-        ex.report = bytes(report)
-        ex.nsjail_log = nsjail_log.decode("utf-8", "replace")
         return ex
 
-    def _result(self, ex: _Execution, out: StreamCapture, err: StreamCapture, collected: Collected) -> Result:
-        report = parse_report(ex.report)
-        status = exit_status(ex.nsjail_log, report, ex.returncode) if ex.stop_reason is None else None
-        error = error_from_report(report.end)
-        obs = Observation(
-            started=report.started,
-            finished=report.end is not None,
-            exit_status=status,
-            timed_out=ex.stop_reason is Reason.TIMEOUT,
-            cancelled=ex.stop_reason is Reason.CANCELLED,
-            shutdown=ex.stop_reason is Reason.SHUTDOWN,
-            output_limit=ex.stop_reason is Reason.OUTPUT_LIMIT,
-            oom_kills=ex.stats.oom_kills,
-            has_error=error is not None and status != 0,
-        )
-        outcome, reason = decide(obs)
-        warnings = collected.warnings.final()
-        limits = self.policy.limits
-        for capture in (out, err):
-            if capture.truncated:
-                warnings.append(capture.describe())
-        if reason is Reason.MEMORY_LIMIT:
-            warnings.append(f"killed by the out-of-memory killer at the memory limit of {limits.memory_bytes >> 20} MiB")
-        elif ex.stats.oom_kills:
-            warnings.append(
-                f"the out-of-memory killer ended {ex.stats.oom_kills} process(es) of the job "
-                f"at the memory limit of {limits.memory_bytes >> 20} MiB"
-            )
-        if ex.stats.pids_limit_hits:
-            warnings.append(
-                f"process/thread creation failed {ex.stats.pids_limit_hits} time(s) at the limit of {limits.pids}"
-            )
-        if reason is Reason.OUTPUT_LIMIT:
-            warnings.append(
-                f"killed after writing {out.total + err.total} bytes to stdout+stderr "
-                f"(limits.output_kill_bytes = {self.config.limits.output_kill_bytes})"
-            )
-        dropped_by_harness = _small_int((report.end or {}).get("figures_dropped")) or 0
-        if dropped_by_harness > 0:
-            warnings.append(f"{dropped_by_harness} open figure(s) not rendered: over {self.config.limits.max_figures}")
-        if reason is Reason.SANDBOX_ERROR:
-            problem = nsjail_problems(ex.nsjail_log) or err.text().strip()[-2000:] or "nsjail exited before the job started"
-            warnings.append(f"sandbox error: {problem}")
-            log.error("cage failed to start: %s", problem)
-        return Result(
-            outcome=outcome,
-            reason=reason,
-            stdout=out.text(),
-            stderr=err.text(),
-            truncated=out.truncated or err.truncated or collected.dropped or dropped_by_harness > 0,
-            exit_code=status,
-            error=error if status != 0 or ex.stop_reason is not None else None,
-            figures=tuple(collected.figures),
-            files=tuple(collected.files),
-            usage=Usage(wall_s=round(ex.wall_s, 4), cpu_s=round(ex.stats.cpu_s, 4), max_rss_bytes=ex.stats.peak_bytes),
-            warnings=tuple(warnings),
-        )
 
-
-def _read_pipe(loop: asyncio.AbstractEventLoop, fd: int, sink: Callable[[bytes], None]) -> "asyncio.Future[None]":
+def read_pipe(loop: asyncio.AbstractEventLoop, fd: int, sink: Callable[[bytes], None]) -> "asyncio.Future[None]":
     """Feed everything from *fd* to *sink*; the future resolves at EOF. Cancelling it closes the fd."""
     os.set_blocking(fd, False)
     eof: asyncio.Future[None] = loop.create_future()
@@ -476,7 +554,7 @@ def _read_pipe(loop: asyncio.AbstractEventLoop, fd: int, sink: Callable[[bytes],
     return eof
 
 
-def _watch_exit(loop: asyncio.AbstractEventLoop, pid: int) -> "asyncio.Future[None]":
+def watch_exit(loop: asyncio.AbstractEventLoop, pid: int) -> "asyncio.Future[None]":
     """A future that resolves when process *pid* exits (a pidfd; the caller reaps)."""
     fut: asyncio.Future[None] = loop.create_future()
     pidfd = os.pidfd_open(pid)

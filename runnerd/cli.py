@@ -102,9 +102,10 @@ async def _run_local(cfg: config_mod.Config, code: str, files: list[tuple[str, b
             target.buffer.write(data)
             target.flush()
 
-        return await runtime.cage.run(job, on_output=on_output)
+        assert runtime.runner is not None
+        return await runtime.runner.run(job, on_output=on_output)
     finally:
-        runtime.close()
+        await runtime.aclose()
 
 
 def _curve(args: argparse.Namespace) -> dict[str, bytes] | None:
@@ -159,6 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "bind": tuple(args.bind) if args.bind else None,
         "concurrency": args.concurrency,
         "queue_size": args.queue_size,
+        "mode": args.mode,
         "log_level": args.log_level,
     }
     if args.log_json:
@@ -217,11 +219,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     async def probe() -> list[preflight.Check]:
         rt = await runtime.open_runtime(cfg, probe=False)
         try:
-            found = await preflight.probe(rt.cage)
-            found.append(await preflight.import_probe(rt.cage, list(LIBRARIES.values())))
+            assert rt.runner is not None
+            found = await preflight.probe(rt.runner)
+            found.append(await preflight.import_probe(rt.runner, list(LIBRARIES.values())))
             return found
         finally:
-            rt.close()
+            await rt.aclose()
 
     try:
         probed = asyncio.run(probe())
@@ -349,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=None, help="cages at once (default: the CPUs)")
     p.add_argument("--queue-size", type=int, default=None, help="jobs waiting beyond those (default 64)")
     p.add_argument("--log-json", action="store_true", help="log JSON lines (log_format = \"json\")")
+    p.add_argument("--mode", choices=("cold", "warm"), default=None, help="cold: nsjail per job; warm: zygotes (default: config, cold)")
     p.set_defaults(func=cmd_serve, default_level="INFO")
 
     for name, func, what in (("ping", cmd_ping, "check that a daemon answers"), ("stats", cmd_stats, "a daemon's counters")):

@@ -115,6 +115,10 @@ class Config:
     # ("auto": the service's own cgroup under systemd, else /runnerd).
     # cgroup v1: the group made under each controller's root.
     cgroup_parent: str = "auto"
+    # "cold": a fresh nsjail per job. "warm": a zygote per slot, in its own
+    # nsjail cage with numpy/pandas/Matplotlib loaded, forking one fresh,
+    # fully isolated child per job (see runnerd/warm.py).
+    mode: str = "cold"
     # Daemon.
     bind: tuple[str, ...] = ("ipc:///run/runnerd/runnerd.sock",)
     concurrency: int = field(default_factory=_default_concurrency)
@@ -179,6 +183,8 @@ class Config:
                 raise ConfigError(f"bind: {endpoint!r} is not an ipc:// or tcp:// endpoint")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: one of DEBUG, INFO, WARNING, ERROR; got {self.log_level!r}")
+        if self.mode not in ("cold", "warm"):
+            raise ConfigError(f"mode: \"cold\" or \"warm\", got {self.mode!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: \"text\" or \"json\", got {self.log_format!r}")
         if not 0 <= self.metrics_port <= 65535:

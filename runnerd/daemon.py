@@ -73,6 +73,7 @@ class Daemon:
         self.notifier = Notifier()
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._process = psutil.Process()
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -100,8 +101,9 @@ class Daemon:
         ctx = zmq.asyncio.Context()
         tasks: list[asyncio.Task[Any]] = []
         try:
+            assert self.runtime.runner is not None
             sched = self.scheduler = Scheduler(
-                self.runtime.cage.run,
+                self.runtime.runner.run,
                 concurrency=cfg.concurrency,
                 queue_size=cfg.queue_size,
                 retention_s=cfg.retention_s,
@@ -126,8 +128,8 @@ class Daemon:
                 tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_s), name="runnerd-watchdog"))
             self.notifier.ready(self._status())
             _event(
-                "ready", "runnerd %s serving %s: concurrency %d, queue %d, policy %s, env %s",
-                __version__, ", ".join(cfg.bind), cfg.concurrency, cfg.queue_size,
+                "ready", "runnerd %s serving %s: %s mode, concurrency %d, queue %d, policy %s, env %s",
+                __version__, ", ".join(cfg.bind), cfg.mode, cfg.concurrency, cfg.queue_size,
                 self.runtime.policy.path, cfg.sandbox_env,
             )  # fmt: skip
             while True:
@@ -154,7 +156,9 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.close()
             ctx.term()
-            self.runtime.close()
+            await self.runtime.aclose()
+            for task in list(self._retiring):
+                await task
             self.notifier.close()
 
     async def _report_status(self) -> None:
@@ -188,14 +192,18 @@ class Daemon:
         assert self.scheduler is not None and self.frontend is not None and self.runtime is not None
         previous, self.runtime, self.config = self.runtime, runtime, new
         sched = self.scheduler
-        sched.runner = runtime.cage.run  # running jobs keep the cage they started with
+        assert runtime.runner is not None
+        sched.runner = runtime.runner.run  # running jobs keep the cage they started with
         sched.queue_size = new.queue_size
         sched.retention_s = new.retention_s
         sched.retention_max_bytes = new.retention_max_bytes
         sched.resize(new.concurrency)
         self.frontend.config = new
         self.frontend.reload_clients()
-        previous.close()
+        # The old runtime (a warm pool's zygotes) goes once its running jobs are done.
+        retire = asyncio.create_task(previous.aclose(grace=new.limits.max_timeout + 10))
+        self._retiring.add(retire)
+        retire.add_done_callback(self._retiring.discard)
         if self.metrics is not None:
             self.metrics.reloads.labels("ok").inc()
         logging.getLogger().setLevel(new.log_level.upper())

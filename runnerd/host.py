@@ -29,7 +29,7 @@ from .errors import SandboxError
 log = logging.getLogger(__name__)
 
 MAX_SLOTS = 1024
-HARNESS_FILES = ("harness.py", "runnerd_inline.py")
+HARNESS_FILES = ("harness.py", "runnerd_inline.py", "zygote.py")
 
 
 def check_traversable(path: Path) -> None:

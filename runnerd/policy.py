@@ -128,6 +128,9 @@ def _one_int(fields: Mapping[str, list[str]], name: str, path: Path) -> int:
     return value
 
 
+ZYGOTE_KAFEL = "zygote.kafel"
+
+
 @dataclass(frozen=True)
 class Policy:
     path: Path
@@ -136,6 +139,8 @@ class Policy:
     kafel_text: str
     limits: CgroupLimits
     fields: Mapping[str, tuple[str, ...]]
+    # The warm mode's zygote cage policy (zygote.kafel beside the config), if present.
+    zygote_kafel_text: str | None = None
 
     @property
     def cwd(self) -> str:
@@ -174,6 +179,7 @@ def load(path: Path) -> Policy:
         pids=_one_int(raw, "cgroup_pids_max", path),
         cpu_ms_per_sec=_one_int(raw, "cgroup_cpu_ms_per_sec", path),
     )
+    zygote = path.parent / ZYGOTE_KAFEL
     return Policy(
         path=path,
         cfg_text=cfg_text,
@@ -181,6 +187,7 @@ def load(path: Path) -> Policy:
         kafel_text=kafel_text,
         limits=limits,
         fields={k: tuple(v) for k, v in raw.items()},
+        zygote_kafel_text=zygote.read_text() if zygote.is_file() else None,
     )
 
 
@@ -196,19 +203,25 @@ def _nsjail_problems(log: str) -> str:
     return "; ".join(c for c in cleaned if c) or log.strip()[-500:]
 
 
-def check_with_nsjail(policy: Policy, nsjail: Path) -> None:
+def check_with_nsjail(policy: Policy, nsjail: Path, *, zygote: bool = False) -> None:
     """Have nsjail parse the config and compile the kafel policy; PolicyError with its words if not.
 
     Runs ``/usr/bin/true`` in a throw-away cage (about 20 ms): nsjail only
-    compiles the seccomp policy on the way to running something.
+    compiles the seccomp policy on the way to running something. With
+    *zygote*, the warm mode's zygote.kafel is compiled instead.
     """
+    kafel_text = policy.kafel_text
+    if zygote:
+        if policy.zygote_kafel_text is None:
+            raise PolicyError(f"warm mode needs {policy.path.parent / ZYGOTE_KAFEL} beside the policy")
+        kafel_text = policy.zygote_kafel_text
     with tempfile.TemporaryDirectory(prefix="runnerd-policy-") as scratch:
         os.chmod(scratch, 0o755)
         cfg_r, cfg_w = os.pipe()
         kafel_r, kafel_w = os.pipe()
         try:
             os.write(cfg_w, policy.cfg_text.encode())
-            os.write(kafel_w, policy.kafel_text.encode())
+            os.write(kafel_w, kafel_text.encode())
         finally:
             os.close(cfg_w)
             os.close(kafel_w)
@@ -230,4 +243,5 @@ def check_with_nsjail(policy: Policy, nsjail: Path) -> None:
             os.close(cfg_r)
             os.close(kafel_r)
     if proc.returncode != 0:
-        raise PolicyError(f"nsjail rejects the policy {policy.path}: {_nsjail_problems(proc.stderr)}")
+        which = policy.path.parent / ZYGOTE_KAFEL if zygote else policy.path
+        raise PolicyError(f"nsjail rejects the policy {which}: {_nsjail_problems(proc.stderr)}")

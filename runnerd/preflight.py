@@ -193,8 +193,12 @@ def static_checks(config: "Config", lock: Path) -> tuple[list[Check], HostParts]
         try:
             policy = policy_mod.load(config.policy or default_policy_path())
             policy_mod.check_with_nsjail(policy, parts.nsjail)
+            compiled = policy.kafel_path.name
+            if config.mode == "warm":
+                policy_mod.check_with_nsjail(policy, parts.nsjail, zygote=True)
+                compiled += f" and {policy_mod.ZYGOTE_KAFEL}"
             parts.policy = policy
-            checks.append(Check("policy", True, f"{policy.path}: nsjail parses it, kafel compiles {policy.kafel_path.name}"))
+            checks.append(Check("policy", True, f"{policy.path}: nsjail parses it, kafel compiles {compiled}"))
         except RunnerdError as exc:
             checks.append(Check("policy", False, str(exc)))
     else:

@@ -19,6 +19,7 @@ from .config import Config, default_lock_path
 from .errors import PolicyError, SandboxError
 from .host import HostState
 from .policy import Policy
+from .warm import WarmCage
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,21 @@ class Runtime:
     cage: Cage
     nsjail: Path
     checks: list[preflight.Check] = field(default_factory=list)
+    # What runs jobs: the cold cage, or the warm pool (mode = "warm").
+    runner: Cage | WarmCage | None = None
+
+    def __post_init__(self) -> None:
+        if self.runner is None:
+            self.runner = self.cage
 
     def close(self) -> None:
+        """Release the host state (the cold path has nothing else); see aclose for the warm pool."""
+        self.host.close()
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Stop the runner (waiting up to *grace* s for running jobs), then release the host state."""
+        assert self.runner is not None
+        await self.runner.close(grace)
         self.host.close()
 
 
@@ -69,13 +83,23 @@ async def open_runtime(
         config=config, policy=parts.policy, host=host,
         cage=Cage(config, parts.policy, host, parts.nsjail), nsjail=parts.nsjail, checks=checks,
     )  # fmt: skip
+    if config.mode == "warm":
+        assert parts.policy.zygote_kafel_text is not None  # checked by the static checks
+        pool = WarmCage(config, parts.policy, parts.policy.zygote_kafel_text, host, parts.nsjail, config.concurrency)
+        try:
+            await pool.start()
+        except BaseException:
+            host.close()
+            raise
+        runtime.runner = pool
     if probe:
-        runtime.checks += await preflight.probe(runtime.cage)
+        assert runtime.runner is not None
+        runtime.checks += await preflight.probe(runtime.runner)
         if import_check:
-            runtime.checks.append(await preflight.import_probe(runtime.cage, list(import_check)))
+            runtime.checks.append(await preflight.import_probe(runtime.runner, list(import_check)))
         bad = preflight.failures(runtime.checks)
         if bad:
-            host.close()
+            await runtime.aclose()
             raise PolicyError("the cage is not what the policy promises:\n" + "\n".join(c.line() for c in bad))
     for check in runtime.checks:
         log.info("check: %s", check.line())

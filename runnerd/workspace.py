@@ -45,7 +45,7 @@ _SLACK_INODES = 64
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _mount_tmpfs(target: Path, size: int, inodes: int) -> None:
+def mount_tmpfs(target: Path, size: int, inodes: int) -> None:
     options = f"size={size},nr_inodes={inodes},mode=0711,uid=0,gid=0".encode()
     flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
     if _libc.mount(TMPFS_SOURCE.encode(), str(target).encode(), b"tmpfs", ctypes.c_ulong(flags), options) != 0:
@@ -117,16 +117,23 @@ class Workspace:
         scratch_bytes: int,
         scratch_inodes: int,
         mplconfig: MplConfig,
+        mount: bool = True,
     ) -> "Workspace":
-        """Mount and fill the job's tmpfs; SandboxError (with nothing left behind) on failure."""
+        """Mount and fill the job's tmpfs; SandboxError (with nothing left behind) on failure.
+
+        ``mount=False`` fills a plain directory instead: the warm path's, on
+        a zygote's /spool tmpfs, which is the size cap there.
+        """
         ws = cls(jobs_dir / name)
         try:
-            ws.root.mkdir(mode=0o700)
+            # 0711: the jailed uid (not root's) must pass through to its parts.
+            ws.root.mkdir(mode=0o711)
         except OSError as exc:
             raise SandboxError(f"cannot create job dir {ws.root}: {exc.strerror}") from None
         try:
-            size = scratch_bytes + job.files_bytes + len(job.code.encode()) + mplconfig.size + _SLACK_BYTES
-            _mount_tmpfs(ws.root, size, scratch_inodes + len(job.files) + _SLACK_INODES)
+            if mount:
+                size = scratch_bytes + job.files_bytes + len(job.code.encode()) + mplconfig.size + _SLACK_BYTES
+                mount_tmpfs(ws.root, size, scratch_inodes + len(job.files) + _SLACK_INODES)
             ws._fill(job, uid, gid, mplconfig)
         except BaseException:
             ws.destroy()
@@ -162,9 +169,10 @@ class Workspace:
             raise SandboxError(f"cannot fill job dir {self.root}: {exc.strerror} ({exc.filename})") from None
         self.input_names = tuple(f.name for f in job.files)
 
-    def destroy(self) -> None:
+    def destroy(self, mounted: bool = True) -> None:
         """Unmount and remove; safe to call twice and on a half-made workspace."""
-        _unmount(self.root)
+        if mounted:
+            _unmount(self.root)
         if self.root.exists():
             # Not mounted (a failed create): whatever is there lives on the host fs.
             shutil.rmtree(self.root, ignore_errors=True)

@@ -138,13 +138,13 @@ def test_decide(kw, expected):
 def test_exit_status_from_nsjail_log():
     log = "[I][...] pid=7 ([STANDALONE MODE]) exited with status: 139, (PIDs left: 0)"
     rep = cage.parse_report(b'{"event":"start"}\n{"event":"exit","signal":11}\n')
-    assert cage.exit_status(log, rep, 139) == -11
+    assert cage.exit_status(cage.nsjail_status(log, 139, True), rep) == -11
     # the report cannot turn a status into a signal it does not match
     rep2 = cage.parse_report(b'{"event":"start"}\n{"event":"exit","signal":9}\n')
-    assert cage.exit_status(log, rep2, 139) == 139
-    assert cage.exit_status("pid=7 (x) exited with status: 0, (PIDs left: 0)", rep2, 0) == 0
-    assert cage.exit_status("pid=7 (x) terminated with signal: SIGKILL (9), (PIDs", rep, 137) == -9
-    assert cage.exit_status("", cage.parse_report(b""), -9) is None
+    assert cage.exit_status(cage.nsjail_status(log, 139, True), rep2) == 139
+    assert cage.exit_status(cage.nsjail_status("pid=7 (x) exited with status: 0, (PIDs left: 0)", 0, True), rep2) == 0
+    assert cage.nsjail_status("pid=7 (x) terminated with signal: SIGKILL (9), (PIDs", 137, True) == -9
+    assert cage.nsjail_status("", -9, False) is None and cage.exit_status(None, rep) is None
 
 
 def test_report_parsing_ignores_garbage():

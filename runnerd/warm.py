@@ -1,0 +1,495 @@
+"""The warm path, host side: a pool of zygotes, one per slot, each in its own nsjail cage.
+
+A zygote (runnerd/zygote.py, inside the cage) has numpy, pandas and
+Matplotlib imported and forks one child per job. The host keeps each
+zygote's next child *armed*: prepared in fresh namespaces and already moved
+into the cgroup of the job it will run, so a job's latency does not pay for
+namespace creation or the cgroup v1 migration (milliseconds of RCU waits).
+
+Per job, the host:
+
+1. writes the job's directory (code, inputs, work/, figures/, home/) into the
+   zygote's spool: a tmpfs the host mounts per zygote (under the jobs dir,
+   so a crash sweep finds it) and nsjail binds in as /spool. It is the
+   workspace layout of the cold path, without a tmpfs of its own: the
+   spool's size is the cap, and a zygote runs one job at a time;
+2. sends the zygote the job with three fresh pipes (stdout, stderr, report)
+   as SCM_RIGHTS;
+3. supervises it exactly like a cold cage (cage.supervise): deadline,
+   cancel, output limit, streaming; killing means killing the job's cgroup;
+4. takes the exit status from the zygote, the counters from the cgroup, and
+   collects the outputs itself from the spool, after every process of the
+   job is dead: nothing the job ran can touch them;
+5. removes the job's directory and cgroup, and arms the zygote's next child.
+
+A zygote that dies or stops answering is replaced; a job it was running
+ends with reason sandbox_error, and its slot recovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from .artifacts import collect
+from .cage import (
+    MAX_LOG_BYTES,
+    OnOutput,
+    build_result,
+    capped,
+    nsjail_problems,
+    pb_bind,
+    pb_idmaps,
+    read_pipe,
+    sandbox_failure,
+    spawn_nsjail,
+    supervise,
+    watch_exit,
+)
+from .cgroups import CgroupLimits, JobCgroup
+from .config import Config
+from .errors import SandboxError
+from .host import HostState, SlotLease
+from .job import JobSpec
+from .output import StreamCapture
+from .policy import Policy
+from .result import Reason, Result
+from .workspace import MplConfig, Workspace, mount_tmpfs
+
+log = logging.getLogger(__name__)
+
+ZYGOTE_IN_CAGE = "/runnerd/zygote.py"
+PLACEHOLDER = ".main.py"
+WARM_TIMEOUT_S = 180.0       # imports on a cold disk cache can take a while
+EVENT_TIMEOUT_S = 30.0       # a prepared child, an exit after a kill
+KILL_GRACE_S = 5.0
+READY_TIMEOUT_S = 60.0       # a job waits this long for a slot whose zygote is being replaced
+RESTART_BACKOFF_S = (0.5, 2.0, 10.0)
+# The zygote itself: its interpreter, nsjail, and a child before it moves out.
+ZYGOTE_PIDS = 32
+
+
+def _frame(message: dict[str, Any]) -> bytes:
+    body = json.dumps(message).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+class ZygoteGone(SandboxError):
+    """The zygote died or stopped answering."""
+
+
+class Zygote:
+    """One warm slot."""
+
+    def __init__(self, index: int, config: Config, policy: Policy, kafel: str, host: HostState, nsjail: Path) -> None:
+        self.index = index
+        self.config = config
+        self.policy = policy
+        self.kafel = kafel
+        self.host = host
+        self.nsjail = nsjail
+        self.env = config.sandbox_env
+        self.mplconfig = MplConfig.load(self.env / "runnerd" / "mplconfig")
+        self.lease: SlotLease | None = None
+        self.cgroup: JobCgroup | None = None
+        self.proc: Any = None
+        self.pid = 0  # the zygote's interpreter, as the host sees it
+        self.ctl: socket.socket | None = None
+        self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.armed: tuple[str, JobCgroup] | None = None
+        self.spool: Path | None = None
+        self._leftover: tuple[JobCgroup, Workspace | None] | None = None
+        self.dead = False
+        self.warm_ms = 0.0
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stderr = bytearray()
+        self._nsjail_log = bytearray()
+
+    # ------------------------------------------------------------ life
+
+    def _cage_config(self, uid: int, spool: Path) -> str:
+        lines = ["", "# ---- added by runnerd for a warm zygote ----", *pb_idmaps(uid)]
+        lines.append(pb_bind(self.env, str(self.env), noexec=False))
+        for name in ("harness.py", "runnerd_inline.py", "zygote.py"):
+            lines.append(pb_bind(self.config.harness_dir / name, f"/runnerd/{name}"))
+        lines.append(pb_bind(spool, "/spool", rw=True))
+        tmpfs = 'mount {{ dst: "{dst}" fstype: "tmpfs" rw: true options: "{opts}" nosuid: true nodev: true noexec: true }}'
+        lines.append(tmpfs.format(dst="/work", opts="size=1048576,nr_inodes=64,mode=0755"))
+        lines.append(tmpfs.format(dst="/home/user", opts="size=8388608,nr_inodes=256,mode=0755"))
+        lines.append(tmpfs.format(dst="/runnerd/figures", opts="size=4096,nr_inodes=4,mode=0755"))
+        # The mount point of each job's code (zygote._mount_job). A real file:
+        # nsjail's src_content files are deleted, and nothing mounts on those.
+        lines.append(pb_bind(spool / PLACEHOLDER, "/runnerd/main.py"))
+        return self.policy.cfg_text + "\n".join(lines) + "\n"
+
+    async def start(self) -> None:
+        """Start the cage, wait for the imports, arm the first child."""
+        loop = asyncio.get_running_loop()
+        self.lease = self.host.lease_slot()
+        name = f"{self.host.job_prefix}zygote{self.index}-{secrets.token_hex(3)}"
+        limits = self.policy.limits
+        self.cgroup = await asyncio.to_thread(
+            self.host.cgroups.create, name, CgroupLimits(limits.memory_bytes, ZYGOTE_PIDS, limits.cpu_ms_per_sec)
+        )
+        lim = self.config.limits
+        self.spool = self.config.jobs_dir / name
+        await asyncio.to_thread(
+            mount_spool, self.spool,
+            lim.scratch_bytes + lim.max_files_bytes + lim.max_code_bytes + (8 << 20),
+            lim.scratch_inodes + lim.max_files + 64,
+        )  # fmt: skip
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        err_r, err_w = os.pipe()
+        log_r, log_w = os.pipe()
+        try:
+            self.proc = await asyncio.to_thread(
+                spawn_nsjail, self.nsjail, self._cage_config(self.lease.uid, self.spool), self.kafel, self.cgroup,
+                args=("--time_limit", "0", "--proc_rw"),
+                command=[str(self.env / "bin" / "python3"), "-I", "-B", "-u", ZYGOTE_IN_CAGE,
+                         str(theirs.fileno()), str(self.env / "runnerd" / "mplconfig")],  # fmt: skip
+                stdout=err_w, stderr=err_w, log_w=log_w, pass_fds=(theirs.fileno(),),
+            )  # fmt: skip
+        finally:
+            theirs.close()
+            os.close(err_w)
+            os.close(log_w)
+        self.ctl = ours
+        read_pipe(loop, err_r, capped(self._stderr, MAX_LOG_BYTES))
+        read_pipe(loop, log_r, capped(self._nsjail_log, MAX_LOG_BYTES))
+        self._tasks.append(asyncio.create_task(self._read_events(), name=f"runnerd-zygote-{self.index}"))
+        exited = watch_exit(loop, self.proc.pid)
+        exited.add_done_callback(lambda _: self._gone("its cage exited"))
+        event = await self._next("warm", WARM_TIMEOUT_S)
+        self.warm_ms = float(event.get("ms", 0))
+        self.pid = self._only_child(self.proc.pid)
+        await self.arm()
+        log.info("zygote %d ready (pid %d, imports and a first figure in %.0f ms)", self.index, self.pid, self.warm_ms)
+
+    def diagnostics(self) -> str:
+        """What the zygote and its nsjail said, for the log and for sandbox errors."""
+        said = self._stderr.decode("utf-8", "replace").strip()[-1500:]
+        problems = nsjail_problems(self._nsjail_log.decode("utf-8", "replace"))
+        return "; ".join(p for p in (problems, said) if p) or "no message"
+
+    def _gone(self, why: str) -> None:
+        if not self.dead:
+            self.dead = True
+            log.warning("zygote %d is gone (%s): %s", self.index, why, self.diagnostics())
+            self.events.put_nowait(None)
+
+    async def _read_events(self) -> None:
+        assert self.ctl is not None
+        reader, _ = await asyncio.open_unix_connection(sock=self.ctl.dup())
+        try:
+            while True:
+                head = await reader.readexactly(4)
+                (size,) = struct.unpack(">I", head)
+                if size > 1 << 20:
+                    raise ValueError(f"zygote message of {size} bytes")
+                self.events.put_nowait(json.loads(await reader.readexactly(size)))
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            self._gone(f"its control socket closed: {exc.__class__.__name__}")
+
+    async def _next(self, kind: str, timeout: float) -> dict[str, Any]:
+        try:
+            event = await asyncio.wait_for(self.events.get(), timeout)
+        except asyncio.TimeoutError:
+            self._gone(f"no {kind!r} event within {timeout:.0f} s")
+            raise ZygoteGone(f"zygote {self.index} did not answer ({kind})") from None
+        if event is None:
+            self.events.put_nowait(None)  # stays gone for later waiters
+            raise ZygoteGone(f"zygote {self.index} died: {self.diagnostics()}")
+        if event.get("event") != kind:
+            self._gone(f"expected {kind!r}, got {event!r:.200}")
+            raise ZygoteGone(f"zygote {self.index} misbehaved")
+        return event
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        try:
+            return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except (OSError, ValueError):
+            return []
+
+    def _only_child(self, pid: int) -> int:
+        children = self._children(pid)
+        if len(children) != 1:
+            raise ZygoteGone(f"zygote {self.index}: nsjail has {len(children)} children, expected 1")
+        return children[0]
+
+    def _host_pid(self, ns_pid: int) -> int:
+        """The host pid of the zygote's child whose pid in the cage is *ns_pid*."""
+        for pid in self._children(self.pid):
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("NSpid:") and line.split()[-1] == str(ns_pid):
+                        return pid
+            except OSError:
+                continue
+        raise ZygoteGone(f"zygote {self.index}: its child {ns_pid} is not there")
+
+    async def arm(self) -> None:
+        """Move the zygote's next child into a fresh job cgroup, then let it make its job's cage."""
+        event = await self._next("prepared", EVENT_TIMEOUT_S)
+        child = self._host_pid(int(event["pid"]))
+        name = self.host.new_job_name()
+        cg = await asyncio.to_thread(self.host.cgroups.create, name, self.policy.limits)
+        try:
+            await asyncio.to_thread(cg.attach, child)
+            assert self.ctl is not None
+            self.ctl.sendall(_frame({"op": "arm"}))
+            await self._next("armed", EVENT_TIMEOUT_S)
+        except (SandboxError, OSError) as exc:
+            await asyncio.to_thread(_drop_cgroup, cg)
+            if isinstance(exc, OSError):
+                self._gone(f"arming failed: {exc}")
+                raise ZygoteGone(f"zygote {self.index} is gone") from None
+            raise
+        self.armed = (name, cg)
+
+    async def close(self) -> None:
+        await self.cleanup()
+        if self.ctl is not None and not self.dead:
+            try:
+                self.ctl.sendall(_frame({"op": "quit"}))
+            except OSError:
+                pass
+        if self.proc is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.proc.wait), 5)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await asyncio.to_thread(self.proc.wait)
+        for task in self._tasks:
+            task.cancel()
+        if self.ctl is not None:
+            self.ctl.close()
+        for cg in ([self.armed[1]] if self.armed else []) + ([self.cgroup] if self.cgroup else []):
+            await asyncio.to_thread(_drop_cgroup, cg)
+        self.armed = None
+        if self.spool is not None:
+            await asyncio.to_thread(unmount_spool, self.spool)
+            self.spool = None
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        self.dead = True
+
+    # ------------------------------------------------------------ a job
+
+    async def run(self, job: JobSpec, *, on_output: OnOutput | None, stop: "asyncio.Future[Reason] | None") -> Result:
+        assert self.armed is not None and self.lease is not None and self.ctl is not None
+        assert self.spool is not None
+        name, cg = self.armed
+        self.armed = None
+        limits = self.config.limits
+        ws: Workspace | None = None
+        try:
+            ws = await asyncio.to_thread(
+                Workspace.create, self.spool, name, job, uid=self.lease.uid, gid=self.lease.uid,
+                scratch_bytes=limits.scratch_bytes, scratch_inodes=limits.scratch_inodes,
+                # the zygote has Matplotlib loaded already: no font cache to copy
+                mplconfig=MplConfig(), mount=False,
+            )  # fmt: skip
+            out = StreamCapture("stdout", limits.max_output_bytes)
+            err = StreamCapture("stderr", limits.max_output_bytes)
+            ex = await self._execute(job, name, ws, cg, out, err, on_output, stop)
+            ex.stats = await asyncio.to_thread(cg.stats)
+            collected = await asyncio.to_thread(
+                collect, ws.work, ws.figures, exclude=frozenset(ws.input_names), limits=limits
+            )
+            return build_result(ex, out, err, collected, policy=self.policy, config=self.config)
+        except SandboxError as exc:
+            return sandbox_failure(name, exc)
+        finally:
+            # Torn down by the slot's recycle step, after the result is on its way.
+            self._leftover = (cg, ws)
+
+    async def cleanup(self) -> None:
+        """Remove the last job's cgroup (killing its last process, G) and its directory."""
+        if self._leftover is not None:
+            cg, ws = self._leftover
+            self._leftover = None
+            await asyncio.shield(asyncio.to_thread(_teardown, cg, ws))
+
+    async def _execute(
+        self, job: JobSpec, name: str, ws: Workspace, cg: JobCgroup, out: StreamCapture, err: StreamCapture,
+        on_output: OnOutput | None, stop: "asyncio.Future[Reason] | None",
+    ) -> Any:  # fmt: skip
+        loop = asyncio.get_running_loop()
+        assert self.ctl is not None
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        message = {"op": "run", "dir": name, "inputs": list(ws.input_names), "max_figures": self.config.limits.max_figures}
+        try:
+            socket.send_fds(self.ctl, [_frame(message)], [out_w, err_w, rep_w])
+        except OSError as exc:
+            for fd in (out_r, err_r, rep_r):
+                os.close(fd)
+            self._gone(f"sending it a job failed: {exc}")
+            raise ZygoteGone(f"zygote {self.index} is gone") from None
+        finally:
+            for fd in (out_w, err_w, rep_w):
+                os.close(fd)
+
+        exit_event: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+        async def wait_exit() -> None:
+            try:
+                exit_event.set_result(await self._next("exit", job.timeout + 3600))
+            except ZygoteGone as exc:
+                exit_event.set_exception(exc)
+
+        waiter = asyncio.create_task(wait_exit())
+        exited: asyncio.Future[None] = loop.create_future()
+        exit_event.add_done_callback(lambda f: exited.done() or exited.set_result(None))
+
+        async def kill() -> None:
+            await asyncio.to_thread(cg.kill)
+            try:
+                await asyncio.wait_for(asyncio.shield(exit_event), KILL_GRACE_S)
+            except (asyncio.TimeoutError, ZygoteGone):
+                self._gone("no exit report after the job was killed")
+
+        try:
+            ex = await supervise(
+                exited=exited, kill=kill, out_r=out_r, err_r=err_r, rep_r=rep_r, out=out, err=err,
+                timeout=job.timeout, output_kill_bytes=self.config.limits.output_kill_bytes,
+                on_output=on_output, stop=stop,
+            )  # fmt: skip
+        finally:
+            waiter.cancel()
+            # Stragglers (none, normally: G's death ends the job's pid namespace).
+            await asyncio.shield(asyncio.to_thread(cg.kill))
+        if exit_event.done() and not exit_event.cancelled() and exit_event.exception() is None:
+            event = exit_event.result()
+            ex.status = -int(event["signal"]) if "signal" in event else int(event.get("code", -1))
+        else:
+            ex.problem = f"zygote {self.index} died during the job"
+            ex.status = None
+            if ex.stop_reason is None:
+                raise ZygoteGone(ex.problem)
+        if ex.status == 125 or ex.status == 126:
+            ex.problem = err.text().strip()[-1000:]
+        return ex
+
+
+def mount_spool(path: Path, size: int, inodes: int) -> None:
+    try:
+        path.mkdir(mode=0o711)
+    except OSError as exc:
+        raise SandboxError(f"cannot create the zygote spool {path}: {exc.strerror}") from None
+    try:
+        mount_tmpfs(path, size, inodes)
+        (path / PLACEHOLDER).touch(mode=0o444)
+    except (SandboxError, OSError) as exc:
+        Workspace(path).destroy()
+        raise SandboxError(f"cannot prepare the zygote spool {path}: {exc}") from None
+
+
+def unmount_spool(path: Path) -> None:
+    Workspace(path).destroy()
+
+
+def _drop_cgroup(cg: JobCgroup) -> None:
+    cg.kill()
+    cg.remove()
+
+
+def _teardown(cg: JobCgroup, ws: Workspace | None) -> None:
+    _drop_cgroup(cg)
+    if ws is not None:
+        ws.destroy(mounted=False)
+
+
+class WarmCage:
+    """The pool of zygotes; the same ``run`` as the cold Cage."""
+
+    def __init__(self, config: Config, policy: Policy, kafel: str, host: HostState, nsjail: Path, size: int) -> None:
+        self.config = config
+        self.policy = policy
+        self.kafel = kafel
+        self.host = host
+        self.nsjail = nsjail
+        self.size = size
+        self.zygotes = [Zygote(i, config, policy, kafel, host, nsjail) for i in range(size)]
+        self._ready: asyncio.Queue[Zygote] = asyncio.Queue()
+        self._recycling: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.busy = 0
+
+    async def start(self) -> None:
+        started = time.monotonic()
+        results = await asyncio.gather(*(z.start() for z in self.zygotes), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.close()
+            raise SandboxError(f"warm mode: a zygote did not start: {errors[0]}")
+        for z in self.zygotes:
+            self._ready.put_nowait(z)
+        log.info("warm pool: %d zygote(s) ready in %.1f s", self.size, time.monotonic() - started)
+
+    async def run(
+        self, job: JobSpec, *, on_output: OnOutput | None = None, stop: "asyncio.Future[Reason] | None" = None,
+        name: str | None = None,
+    ) -> Result:  # fmt: skip
+        try:
+            zygote = await asyncio.wait_for(self._ready.get(), READY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            why = "; ".join(z.diagnostics() for z in self.zygotes if z.dead) or "all busy recovering"
+            return sandbox_failure(name or "?", SandboxError(f"no warm zygote became ready in {READY_TIMEOUT_S:.0f} s ({why})"))
+        self.busy += 1
+        try:
+            return await zygote.run(job, on_output=on_output, stop=stop)
+        finally:
+            self.busy -= 1
+            task = asyncio.create_task(self._recycle(zygote))
+            self._recycling.add(task)
+            task.add_done_callback(self._recycling.discard)
+
+    async def _recycle(self, zygote: Zygote) -> None:
+        """Arm the zygote's next child, or replace the zygote; then give the slot back."""
+        attempt = 0
+        await zygote.cleanup()
+        while not self._closing:
+            try:
+                if zygote.dead:
+                    raise ZygoteGone("dead")
+                await zygote.arm()
+                break
+            except SandboxError as exc:
+                log.warning("zygote %d: %s; replacing it", zygote.index, exc)
+                await zygote.close()
+                fresh = Zygote(zygote.index, self.config, self.policy, self.kafel, self.host, self.nsjail)
+                self.zygotes[zygote.index] = fresh
+                zygote = fresh
+                try:
+                    await zygote.start()
+                    break
+                except SandboxError as exc2:
+                    delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                    log.error("zygote %d did not start (%s); retrying in %.1f s", zygote.index, exc2, delay)
+                    attempt += 1
+                    await asyncio.sleep(delay)
+        if not self._closing:
+            self._ready.put_nowait(zygote)
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop every zygote, after up to *grace* s for the jobs they run (a reload's old pool)."""
+        deadline = time.monotonic() + grace
+        while self.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._closing = True
+        for task in list(self._recycling):
+            task.cancel()
+        await asyncio.gather(*self._recycling, return_exceptions=True)
+        await asyncio.gather(*(z.close() for z in self.zygotes), return_exceptions=True)
