@@ -62,12 +62,15 @@ from .job import JobSpec
 from .output import StreamCapture
 from .policy import Policy
 from .result import Reason, Result
-from .workspace import MplConfig, Workspace, mount_tmpfs
+from .workspace import MplConfig, Workspace, job_size, mount_tmpfs, resize_tmpfs
 
 log = logging.getLogger(__name__)
 
 ZYGOTE_IN_CAGE = "/runnerd/zygote.py"
 PLACEHOLDER = ".main.py"
+# What the spool holds besides the job: its root and the placeholder.
+SPOOL_BASE_BYTES = 64 << 10
+SPOOL_BASE_INODES = 4
 WARM_TIMEOUT_S = 180.0       # imports on a cold disk cache can take a while
 EVENT_TIMEOUT_S = 30.0       # a prepared child, an exit after a kill
 KILL_GRACE_S = 5.0
@@ -293,6 +296,10 @@ class Zygote:
         limits = self.config.limits
         ws: Workspace | None = None
         try:
+            # The spool holds one job at a time: give it exactly this job's size,
+            # as a cold cage's own tmpfs would have.
+            size, inodes = job_size(job, limits.scratch_bytes, limits.scratch_inodes, MplConfig())
+            await asyncio.to_thread(resize_tmpfs, self.spool, size + SPOOL_BASE_BYTES, inodes + SPOOL_BASE_INODES)
             ws = await asyncio.to_thread(
                 Workspace.create, self.spool, name, job, uid=self.lease.uid, gid=self.lease.uid,
                 scratch_bytes=limits.scratch_bytes, scratch_inodes=limits.scratch_inodes,

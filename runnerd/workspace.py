@@ -53,6 +53,24 @@ def mount_tmpfs(target: Path, size: int, inodes: int) -> None:
         raise SandboxError(f"cannot mount the job tmpfs at {target}: {os.strerror(err)} (runnerd must run as root)")
 
 
+_MS_REMOUNT = 32
+
+
+def resize_tmpfs(target: Path, size: int, inodes: int) -> None:
+    """Set a mounted tmpfs's size and inode limits (every bind of it, in any namespace, follows)."""
+    options = f"size={size},nr_inodes={inodes}".encode()
+    flags = _MS_REMOUNT | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+    if _libc.mount(None, str(target).encode(), None, ctypes.c_ulong(flags), options) != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(f"cannot resize the tmpfs at {target}: {os.strerror(err)}")
+
+
+def job_size(job: JobSpec, scratch_bytes: int, scratch_inodes: int, mplconfig: "MplConfig") -> tuple[int, int]:
+    """The tmpfs size and inode count one job gets: its scratch, plus its inputs and code."""
+    size = scratch_bytes + job.files_bytes + len(job.code.encode()) + mplconfig.size + _SLACK_BYTES
+    return size, scratch_inodes + len(job.files) + _SLACK_INODES
+
+
 def _unmount(target: Path) -> bool:
     if _libc.umount2(str(target).encode(), _MNT_DETACH) != 0:
         err = ctypes.get_errno()
@@ -132,8 +150,7 @@ class Workspace:
             raise SandboxError(f"cannot create job dir {ws.root}: {exc.strerror}") from None
         try:
             if mount:
-                size = scratch_bytes + job.files_bytes + len(job.code.encode()) + mplconfig.size + _SLACK_BYTES
-                mount_tmpfs(ws.root, size, scratch_inodes + len(job.files) + _SLACK_INODES)
+                mount_tmpfs(ws.root, *job_size(job, scratch_bytes, scratch_inodes, mplconfig))
             ws._fill(job, uid, gid, mplconfig)
         except BaseException:
             ws.destroy()

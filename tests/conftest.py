@@ -195,6 +195,20 @@ def endpoint(request, daemon: DaemonProc) -> str:
 
 
 @pytest.fixture(scope="session")
+def warm_daemon(cage_confirmed: Runtime, state_dir: Path) -> Iterator[DaemonProc]:
+    """A daemon in warm mode (its start-up probe runs through the zygotes)."""
+    d = start_daemon(state_dir, "warm", cage_confirmed.config.sandbox_env, concurrency=2, queue_size=64, mode="warm")
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+@pytest.fixture(params=["cold", "warm"])
+def any_daemon(request) -> DaemonProc:
+    """Each test using it runs against a cold and against a warm daemon."""
+    return request.getfixturevalue("daemon" if request.param == "cold" else "warm_daemon")
+
+
+@pytest.fixture(scope="session")
 def canary_files(state_dir: Path) -> Iterator[list[Path]]:
     """Host files holding CANARY, readable by anyone on the host: no job may read them."""
     paths = [
@@ -227,16 +241,61 @@ def jailed_processes(config: Config) -> list[int]:
     return found
 
 
+def _procs(cg) -> list[int]:
+    try:
+        return cg.procs()
+    except Exception:
+        return []
+
+
+def _ppid(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def leftovers(config: Config) -> dict[str, list[str]]:
-    """What jobs may leave behind on the host: processes, cgroups, mounts, job dirs."""
+    """What jobs left behind on the host: processes, cgroups, mounts, job dirs.
+
+    A warm pool's standing state is not a leftover: each zygote (its cgroup,
+    its processes, its spool mount) and its armed next child (a job cgroup
+    holding only G and U, G a child of the zygote).
+    """
     from runnerd.cgroups import detect
     from runnerd.workspace import mounted_job_dirs
 
+    standing_pids: set[int] = set()
+    left_cgroups: list[str] = []
+    groups = detect(config.cgroup_parent).existing()
+    zygote_pids: set[int] = set()
+    for cg in groups:
+        if "-zygote" in cg.name:
+            pids = _procs(cg)
+            standing_pids.update(pids)
+            zygote_pids.update(pids)
+    for cg in groups:
+        if "-zygote" in cg.name:
+            continue
+        pids = _procs(cg)
+        armed = 1 <= len(pids) <= 2 and all(_ppid(p) in zygote_pids or _ppid(p) in pids for p in pids)
+        if armed:
+            standing_pids.update(pids)
+        else:
+            left_cgroups.append(cg.name)
+    jobs_dir = config.jobs_dir
+    spools = [d for d in (jobs_dir.iterdir() if jobs_dir.exists() else []) if "-zygote" in d.name]
+    left_dirs = [p.name for p in (jobs_dir.iterdir() if jobs_dir.exists() else []) if "-zygote" not in p.name]
+    for spool in spools:
+        left_dirs += [f"{spool.name}/{e.name}" for e in spool.iterdir() if e.name != ".main.py"]
     return {
-        "processes": [str(p) for p in jailed_processes(config)],
-        "cgroups": [cg.name for cg in detect(config.cgroup_parent).existing()],
-        "mounts": [str(p) for p in mounted_job_dirs(config.jobs_dir)],
-        "job dirs": sorted(p.name for p in config.jobs_dir.iterdir()) if config.jobs_dir.exists() else [],
+        "processes": [str(p) for p in jailed_processes(config) if p not in standing_pids],
+        "cgroups": sorted(left_cgroups),
+        "mounts": [str(p) for p in mounted_job_dirs(jobs_dir) if "-zygote" not in p.name],
+        "job dirs": sorted(left_dirs),
     }
 
 
