@@ -88,9 +88,15 @@ def _int(text: str) -> int:
         return 0
 
 
-def _rmdir(path: Path, attempts: int = 50) -> bool:
-    """rmdir a cgroup, waiting briefly while the kernel finishes releasing it."""
-    for _ in range(attempts):
+def _rmdir(path: Path, patience: float = 5.0) -> bool:
+    """rmdir a cgroup, waiting while the kernel finishes releasing it.
+
+    A task the OOM killer ended can keep its cgroup busy for a while after
+    SIGKILL (it is still freeing its memory): up to *patience* seconds.
+    """
+    deadline = time.monotonic() + patience
+    delay = 0.002
+    while True:
         try:
             os.rmdir(path)
             return True
@@ -100,9 +106,11 @@ def _rmdir(path: Path, attempts: int = 50) -> bool:
             if exc.errno != errno.EBUSY:
                 log.warning("cannot remove cgroup %s: %s", path, exc.strerror)
                 return False
-            time.sleep(0.01)
-    log.warning("cgroup %s still busy; left for the next sweep", path)
-    return False
+        if time.monotonic() > deadline:
+            log.warning("cgroup %s still busy after %.0f s; left for the next sweep", path, patience)
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def _kill_until_empty(procs_files: list[Path], timeout: float = 5.0) -> bool:
@@ -154,7 +162,10 @@ class Cgroups(ABC):
         """Make the parent cgroup(s) ready; SandboxError naming what is missing."""
 
     @abstractmethod
-    def create(self, name: str, limits: CgroupLimits) -> JobCgroup: ...
+    def create(self, name: str, limits: CgroupLimits, *, quota: bool = True) -> JobCgroup:
+        """A job cgroup with *limits*; ``quota=False`` leaves the CPU quota out
+        (cgroup v1: one hierarchy fewer to make, join and remove; the process
+        keeps its parent's CPU cgroup and quota). CPU time is counted either way."""
 
     @abstractmethod
     def existing(self, prefix: str = JOB_PREFIX) -> list[JobCgroup]:
@@ -226,11 +237,13 @@ class CgroupsV1(Cgroups):
                 # Without hierarchy the job's limit would not cover the processes nsjail forks.
                 _write(parent / "memory.use_hierarchy", "1")
 
-    def create(self, name: str, limits: CgroupLimits) -> JobCgroup:
+    def create(self, name: str, limits: CgroupLimits, *, quota: bool = True) -> JobCgroup:
         dirs: dict[str, Path] = {}
         made: list[Path] = []
         try:
             for controller, parent in self._parents().items():
+                if not quota and controller == "cpu" and parent != self._parents()["cpuacct"]:
+                    continue
                 d = parent / name
                 if d not in made:
                     d.mkdir()
@@ -242,12 +255,12 @@ class CgroupsV1(Cgroups):
                 # memory+swap equal to memory: no swap at all.
                 _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
             _write(dirs["pids"] / "pids.max", str(limits.pids))
-            if limits.cpu_ms_per_sec > 0:
+            if quota and limits.cpu_ms_per_sec > 0:
                 _write(dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
                 _write(dirs["cpu"] / "cpu.cfs_quota_us", str(limits.cpu_ms_per_sec * CPU_PERIOD_US // 1000))
         except (OSError, SandboxError) as exc:
             for d in made:
-                _rmdir(d, attempts=1)
+                _rmdir(d, patience=0)
             if isinstance(exc, SandboxError):
                 raise
             raise SandboxError(f"cgroup v1: cannot create job cgroup {name}: {exc.strerror}") from None
@@ -352,7 +365,8 @@ class CgroupsV2(Cgroups):
             raise SandboxError(f"cgroup v2: cannot create {self.parent}: {exc.strerror} (is runnerd root?)") from None
         self._enable(self.parent)
 
-    def create(self, name: str, limits: CgroupLimits) -> JobCgroup:
+    def create(self, name: str, limits: CgroupLimits, *, quota: bool = True) -> JobCgroup:
+        # One hierarchy: the CPU quota costs nothing more to set here.
         path = self.jobs / name
         try:
             path.mkdir()
@@ -366,7 +380,7 @@ class CgroupsV2(Cgroups):
             quota = str(limits.cpu_ms_per_sec * CPU_PERIOD_US // 1000) if limits.cpu_ms_per_sec > 0 else "max"
             _write(path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
         except SandboxError:
-            _rmdir(path, attempts=1)
+            _rmdir(path, patience=0)
             raise
         return JobCgroupV2(name, path)
 

@@ -256,44 +256,64 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    import time
+
     from . import bench
-    from .client import Client, resolve_endpoint
-    from .runtime import open_runtime
 
     cfg = _load_config(args)
-    modes = set(args.modes.split(","))
-    unknown = modes - {"bare", "cage", "daemon"}
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - {"bare", "cold", "warm", "daemon"}
     if unknown:
-        raise RunnerdError(f"unknown mode(s) {', '.join(sorted(unknown))}; modes are bare, cage, daemon")
-    names = args.workloads.split(",")
+        raise RunnerdError(f"unknown mode(s) {', '.join(sorted(unknown))}; modes are bare, cold, warm, daemon")
+    if "daemon" in modes and not args.endpoint:
+        raise RunnerdError("mode daemon benches a running daemon: give --endpoint")
+    names = [w for w in args.workloads.split(",") if w]
     for name in names:
         if name not in bench.WORKLOADS:
             raise RunnerdError(f"unknown workload {name!r}; workloads are {', '.join(bench.WORKLOADS)}")
+    workloads = [bench.WORKLOADS[n]() for n in names]
+    progress = bench.Progress()
     rows: list[bench.Row] = []
-    runtime = asyncio.run(open_runtime(cfg, probe=False)) if "cage" in modes else None
-    extra: dict[str, Any] = {}
-    endpoint = resolve_endpoint(args.endpoint)
-    try:
-        for name in names:
-            w = bench.WORKLOADS[name]()
-            if "bare" in modes:
-                rows.append(bench.bench_bare(cfg.sandbox_env / "bin" / "python3", w, args.jobs))
-            if runtime is not None:
-                rows.append(bench.bench_cage(runtime, w, args.jobs))
-            if "daemon" in modes:
-                rows.extend(bench.bench_daemon(endpoint, w, args.jobs, args.clients))
-    finally:
-        if runtime is not None:
-            runtime.close()
+    extra: dict[str, Any] = {
+        "workloads": [{"name": w.name, "title": w.title} for w in workloads],
+        "jobs": args.jobs, "clients": args.clients, "idle_pss_bytes": {},
+    }  # fmt: skip
+    png: bytes | None = None
+
+    def on(endpoint: str, mode: str, last: bool) -> None:
+        nonlocal png
+        for w in workloads:
+            rows.extend(bench.bench_endpoint(endpoint, mode, w, args.jobs, args.clients, progress))
+        if last and args.png:
+            png = bench.plot(endpoint, bench.report_json(rows, extra))
+
+    if "bare" in modes:
+        for w in workloads:
+            rows.append(bench.bench_bare(cfg.sandbox_env / "bin" / "python3", w, args.jobs, progress))
+    daemons = [m for m in ("cold", "warm") if m in modes]
+    for i, mode in enumerate(daemons):
+        with bench.started(cfg, args.config, mode, args.concurrency) as d:
+            time.sleep(3)  # let it settle before reading its idle memory
+            extra["idle_pss_bytes"][mode] = bench.tree_pss(d.proc.pid)
+            on(d.endpoint, mode, last=i == len(daemons) - 1 and "daemon" not in modes)
     if "daemon" in modes:
-        with Client(endpoint) as c:
-            extra["daemon_rss_bytes"] = c.stats()["rss_bytes"]
+        on(args.endpoint, "daemon", last=True)
+
     print(bench.table(rows))
-    if "daemon_rss_bytes" in extra:
-        print(f"daemon RSS after the run: {extra['daemon_rss_bytes'] / 2**20:.1f} MiB")
+    by = {(r.workload, r.mode): r for r in rows}
+    for w in workloads:
+        cold, warm = by.get((w.name, "cold")), by.get((w.name, "warm"))
+        if cold and warm:
+            print(f"{w.name} warm/cold p50 ratio: {warm.p50_ms / cold.p50_ms:.3f}")
+    for mode, pss in extra["idle_pss_bytes"].items():
+        print(f"idle {mode} daemon, PSS of it and everything under it: {pss / 2**20:.1f} MiB")
     if args.json:
-        bench.write_json(Path(args.json), rows, extra)
+        Path(args.json).write_text(json.dumps(bench.report_json(rows, extra), indent=1) + "\n")
         print(f"wrote {args.json}")
+    if args.png and png:
+        Path(args.png).write_bytes(png)
+        print(f"wrote {args.png}")
     return 0
 
 
@@ -379,13 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the pair's name, e.g. server or a client's name")
     p.set_defaults(func=cmd_keygen, default_level="WARNING")
 
-    p = sub.add_parser("bench", help="latency and throughput: bare python, the cage, a daemon")
-    p.add_argument("--endpoint", default=None, help="the daemon to drive (default: $RUNNERD_ENDPOINT or the default ipc socket)")
-    p.add_argument("--modes", default="bare,cage,daemon", help="comma-separated: bare, cage, daemon")
-    p.add_argument("--workloads", default="print,pandas_plot", help="comma-separated: print, pandas_plot, numpy, raises")
-    p.add_argument("--jobs", type=int, default=50, help="jobs per workload and mode")
+    p = sub.add_parser("bench", help="latency and throughput: bare python, a cold daemon, a warm daemon")
+    p.add_argument("--modes", default="bare,cold,warm", help="comma-separated: bare, cold, warm (started here), daemon (--endpoint)")
+    p.add_argument("--endpoint", default=None, help="for mode daemon: a running daemon to drive")
+    p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated: W1 print, W2 pandas+plot, W3 numpy, W4 raises")
+    p.add_argument("--jobs", type=int, default=100, help="sequential jobs per workload and mode")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients for the throughput run")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--concurrency", type=int, default=None, help="the started daemons' concurrency (default: config)")
+    p.add_argument("--json", default="bench.json", metavar="FILE", help="write the rows here (default bench.json; '' for none)")
+    p.add_argument("--png", default="bench.png", metavar="FILE", help="plot the latencies here (default bench.png; '' for none)")
     p.set_defaults(func=cmd_bench, default_level="WARNING")
 
     p = sub.add_parser("check", help="check the host, the policy and the cage, one line each")

@@ -119,6 +119,10 @@ class Config:
     # nsjail cage with numpy/pandas/Matplotlib loaded, forking one fresh,
     # fully isolated child per job (see runnerd/warm.py).
     mode: str = "cold"
+    # Warm mode: how many zygotes have numpy/pandas/Matplotlib loaded (about
+    # 100 MiB each); 0 means the number of CPUs. Jobs that import only the
+    # standard library use light zygotes, twice the concurrency of them.
+    warm_full_zygotes: int = 0
     # Daemon.
     bind: tuple[str, ...] = ("ipc:///run/runnerd/runnerd.sock",)
     concurrency: int = field(default_factory=_default_concurrency)
@@ -183,6 +187,8 @@ class Config:
                 raise ConfigError(f"bind: {endpoint!r} is not an ipc:// or tcp:// endpoint")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: one of DEBUG, INFO, WARNING, ERROR; got {self.log_level!r}")
+        if not 0 <= self.warm_full_zygotes <= 256:
+            raise ConfigError(f"warm_full_zygotes: 0 (the CPUs) to 256, got {self.warm_full_zygotes}")
         if self.mode not in ("cold", "warm"):
             raise ConfigError(f"mode: \"cold\" or \"warm\", got {self.mode!r}")
         if self.log_format not in ("text", "json"):

@@ -165,7 +165,7 @@ def _run_user_code(send, max_figures):
     if "matplotlib.pyplot" in sys.modules:
         try:
             backend = importlib.import_module(BACKEND_NAME)
-            rendered, dropped = backend.render_open_figures()
+            rendered, dropped = backend.render_open_figures(skip_saved=True)
         except BaseException as exc:
             _write_stderr(f"runnerd: the open figures could not be rendered: {type(exc).__name__}: {exc}\n")
     send(event="end", exit_code=exit_code, error=error, figures=rendered, figures_dropped=dropped)

@@ -5,6 +5,10 @@ harness makes it importable). Like a notebook's inline backend, ``show()``
 renders every open figure to a PNG in /runnerd/figures and closes it; the
 harness renders whatever is still open when the code ends. Without this,
 Agg's ``show()`` would only warn that it cannot show anything.
+
+A figure still open at the end that the code already saved with
+``savefig`` (and did not change since) is not rendered again: its saved
+file is among the results already, and the model should see it once.
 """
 
 import os
@@ -13,6 +17,7 @@ import sys
 from matplotlib import _pylab_helpers
 from matplotlib.backend_bases import FigureManagerBase
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 FIGURE_DIR = "/runnerd/figures"
 
@@ -20,6 +25,21 @@ FigureCanvas = FigureCanvasAgg
 FigureManager = FigureManagerBase
 
 _state = {"rendered": 0, "dropped": 0}
+_SAVED = "_runnerd_saved"
+
+
+def _mark_saved(savefig):
+    def wrapper(self, *args, **kwargs):
+        result = savefig(self, *args, **kwargs)
+        setattr(self, _SAVED, True)  # drawn: .stale is False until the figure changes
+        return result
+
+    wrapper.__wrapped__ = savefig
+    return wrapper
+
+
+if not hasattr(Figure.savefig, "__wrapped__"):
+    Figure.savefig = _mark_saved(Figure.savefig)
 
 
 def _limit():
@@ -37,7 +57,7 @@ def _save(figure, path):
         figure.savefig(path, format="png")
 
 
-def render_open_figures():
+def render_open_figures(skip_saved=False):
     """Render and close every open figure; returns (rendered, dropped) so far."""
     limit = _limit()
     for manager in _pylab_helpers.Gcf.get_all_fig_managers():
@@ -45,6 +65,8 @@ def render_open_figures():
             figure = manager.canvas.figure
             if not figure.axes and not figure.lines:
                 continue  # nothing drawn: IPython shows no image for it either
+            if skip_saved and getattr(figure, _SAVED, False) and not figure.stale:
+                continue  # saved by the code, unchanged since: already a result
             if _state["rendered"] >= limit:
                 _state["dropped"] += 1
                 continue

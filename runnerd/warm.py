@@ -28,16 +28,19 @@ ends with reason sandbox_error, and its slot recovers.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import functools
 import json
 import logging
 import os
 import secrets
 import socket
 import struct
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .artifacts import collect
 from .cage import (
@@ -74,7 +77,8 @@ SPOOL_BASE_INODES = 4
 WARM_TIMEOUT_S = 180.0       # imports on a cold disk cache can take a while
 EVENT_TIMEOUT_S = 30.0       # a prepared child, an exit after a kill
 KILL_GRACE_S = 5.0
-READY_TIMEOUT_S = 60.0       # a job waits this long for a slot whose zygote is being replaced
+READY_TIMEOUT_S = 60.0
+INLINE_BYTES = 1 << 20       # inputs below this are written on the event loop itself       # a job waits this long for a slot whose zygote is being replaced
 RESTART_BACKOFF_S = (0.5, 2.0, 10.0)
 # The zygote itself: its interpreter, nsjail, and a child before it moves out.
 ZYGOTE_PIDS = 32
@@ -89,11 +93,18 @@ class ZygoteGone(SandboxError):
     """The zygote died or stopped answering."""
 
 
+class NotHandedOver(ZygoteGone):
+    """The zygote was gone before it took the job: nothing of the job ran, it can go elsewhere."""
+
+
 class Zygote:
     """One warm slot."""
 
-    def __init__(self, index: int, config: Config, policy: Policy, kafel: str, host: HostState, nsjail: Path) -> None:
+    def __init__(
+        self, index: int, config: Config, policy: Policy, kafel: str, host: HostState, nsjail: Path, kind: str = "full"
+    ) -> None:  # fmt: skip
         self.index = index
+        self.kind = kind
         self.config = config
         self.policy = policy
         self.kafel = kafel
@@ -106,7 +117,12 @@ class Zygote:
         self.proc: Any = None
         self.pid = 0  # the zygote's interpreter, as the host sees it
         self.ctl: socket.socket | None = None
-        self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        # One queue per event kind: a job's "exit" and the next child's
+        # "prepared"/"armed" arrive interleaved.
+        self.events: dict[str, asyncio.Queue[dict[str, Any] | None]] = {
+            k: asyncio.Queue() for k in ("warm", "prepared", "armed", "exit")
+        }
+        self.arming: asyncio.Task[None] | None = None
         self.armed: tuple[str, JobCgroup] | None = None
         self.spool: Path | None = None
         self._leftover: tuple[JobCgroup, Workspace | None] | None = None
@@ -157,7 +173,7 @@ class Zygote:
                 spawn_nsjail, self.nsjail, self._cage_config(self.lease.uid, self.spool), self.kafel, self.cgroup,
                 args=("--time_limit", "0", "--proc_rw"),
                 command=[str(self.env / "bin" / "python3"), "-I", "-B", "-u", ZYGOTE_IN_CAGE,
-                         str(theirs.fileno()), str(self.env / "runnerd" / "mplconfig")],  # fmt: skip
+                         str(theirs.fileno()), str(self.env / "runnerd" / "mplconfig"), self.kind],  # fmt: skip
                 stdout=err_w, stderr=err_w, log_w=log_w, pass_fds=(theirs.fileno(),),
             )  # fmt: skip
         finally:
@@ -174,7 +190,7 @@ class Zygote:
         self.warm_ms = float(event.get("ms", 0))
         self.pid = self._only_child(self.proc.pid)
         await self.arm()
-        log.info("zygote %d ready (pid %d, imports and a first figure in %.0f ms)", self.index, self.pid, self.warm_ms)
+        log.info("%s zygote %d ready (pid %d, warmed in %.0f ms)", self.kind, self.index, self.pid, self.warm_ms)
 
     def diagnostics(self) -> str:
         """What the zygote and its nsjail said, for the log and for sandbox errors."""
@@ -185,8 +201,9 @@ class Zygote:
     def _gone(self, why: str) -> None:
         if not self.dead:
             self.dead = True
-            log.warning("zygote %d is gone (%s): %s", self.index, why, self.diagnostics())
-            self.events.put_nowait(None)
+            log.warning("%s zygote %d is gone (%s): %s", self.kind, self.index, why, self.diagnostics())
+            for queue in self.events.values():
+                queue.put_nowait(None)
 
     async def _read_events(self) -> None:
         assert self.ctl is not None
@@ -197,22 +214,24 @@ class Zygote:
                 (size,) = struct.unpack(">I", head)
                 if size > 1 << 20:
                     raise ValueError(f"zygote message of {size} bytes")
-                self.events.put_nowait(json.loads(await reader.readexactly(size)))
+                event = json.loads(await reader.readexactly(size))
+                queue = self.events.get(event.get("event")) if isinstance(event, dict) else None
+                if queue is None:
+                    raise ValueError(f"unknown zygote event {event!r:.200}")
+                queue.put_nowait(event)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             self._gone(f"its control socket closed: {exc.__class__.__name__}")
 
     async def _next(self, kind: str, timeout: float) -> dict[str, Any]:
+        queue = self.events[kind]
         try:
-            event = await asyncio.wait_for(self.events.get(), timeout)
+            event = await asyncio.wait_for(queue.get(), timeout)
         except asyncio.TimeoutError:
             self._gone(f"no {kind!r} event within {timeout:.0f} s")
             raise ZygoteGone(f"zygote {self.index} did not answer ({kind})") from None
         if event is None:
-            self.events.put_nowait(None)  # stays gone for later waiters
+            queue.put_nowait(None)  # stays gone for later waiters
             raise ZygoteGone(f"zygote {self.index} died: {self.diagnostics()}")
-        if event.get("event") != kind:
-            self._gone(f"expected {kind!r}, got {event!r:.200}")
-            raise ZygoteGone(f"zygote {self.index} misbehaved")
         return event
 
     @staticmethod
@@ -244,7 +263,9 @@ class Zygote:
         event = await self._next("prepared", EVENT_TIMEOUT_S)
         child = self._host_pid(int(event["pid"]))
         name = self.host.new_job_name()
-        cg = await asyncio.to_thread(self.host.cgroups.create, name, self.policy.limits)
+        # The job's own memory, pids (and CPU-time) cgroup; its CPU quota is
+        # its zygote's (one job at a time), which saves a v1 hierarchy per job.
+        cg = await asyncio.to_thread(functools.partial(self.host.cgroups.create, name, self.policy.limits, quota=False))
         try:
             await asyncio.to_thread(cg.attach, child)
             assert self.ctl is not None
@@ -258,7 +279,20 @@ class Zygote:
             raise
         self.armed = (name, cg)
 
+    async def next_ready(self) -> None:
+        """After a job: tear it down, and wait for (or start) the arming of the next child."""
+        await self.cleanup()
+        task, self.arming = self.arming, None
+        if task is not None:
+            await task
+        elif self.armed is None:
+            await self.arm()
+
     async def close(self) -> None:
+        if self.arming is not None:
+            self.arming.cancel()
+            await asyncio.gather(self.arming, return_exceptions=True)
+            self.arming = None
         await self.cleanup()
         if self.ctl is not None and not self.dead:
             try:
@@ -299,21 +333,25 @@ class Zygote:
             # The spool holds one job at a time: give it exactly this job's size,
             # as a cold cage's own tmpfs would have.
             size, inodes = job_size(job, limits.scratch_bytes, limits.scratch_inodes, MplConfig())
-            await asyncio.to_thread(resize_tmpfs, self.spool, size + SPOOL_BASE_BYTES, inodes + SPOOL_BASE_INODES)
-            ws = await asyncio.to_thread(
+            # Microseconds of work for a small job: a thread hop would cost more.
+            resize_tmpfs(self.spool, size + SPOOL_BASE_BYTES, inodes + SPOOL_BASE_INODES)
+            make_ws = functools.partial(
                 Workspace.create, self.spool, name, job, uid=self.lease.uid, gid=self.lease.uid,
                 scratch_bytes=limits.scratch_bytes, scratch_inodes=limits.scratch_inodes,
                 # the zygote has Matplotlib loaded already: no font cache to copy
                 mplconfig=MplConfig(), mount=False,
             )  # fmt: skip
+            ws = make_ws() if job.files_bytes < INLINE_BYTES else await asyncio.to_thread(make_ws)
             out = StreamCapture("stdout", limits.max_output_bytes)
             err = StreamCapture("stderr", limits.max_output_bytes)
             ex = await self._execute(job, name, ws, cg, out, err, on_output, stop)
-            ex.stats = await asyncio.to_thread(cg.stats)
+            ex.stats = cg.stats()  # a few small reads
             collected = await asyncio.to_thread(
                 collect, ws.work, ws.figures, exclude=frozenset(ws.input_names), limits=limits
             )
             return build_result(ex, out, err, collected, policy=self.policy, config=self.config)
+        except NotHandedOver:
+            raise
         except SandboxError as exc:
             return sandbox_failure(name, exc)
         finally:
@@ -343,10 +381,12 @@ class Zygote:
             for fd in (out_r, err_r, rep_r):
                 os.close(fd)
             self._gone(f"sending it a job failed: {exc}")
-            raise ZygoteGone(f"zygote {self.index} is gone") from None
+            raise NotHandedOver(f"zygote {self.index} is gone") from None
         finally:
             for fd in (out_w, err_w, rep_w):
                 os.close(fd)
+        # The zygote prepares the next child while this job runs.
+        self.arming = asyncio.create_task(self.arm(), name=f"runnerd-arm-{self.kind}-{self.index}")
 
         exit_event: asyncio.Future[dict[str, Any]] = loop.create_future()
 
@@ -374,9 +414,9 @@ class Zygote:
                 on_output=on_output, stop=stop,
             )  # fmt: skip
         finally:
+            # Nothing of the job runs any more but G (which killed the rest before it
+            # reported); the cleanup step removes the cgroup, and G, off the result's path.
             waiter.cancel()
-            # Stragglers (none, normally: G's death ends the job's pid namespace).
-            await asyncio.shield(asyncio.to_thread(cg.kill))
         if exit_event.done() and not exit_event.cancelled() and exit_event.exception() is None:
             event = exit_event.result()
             ex.status = -int(event["signal"]) if "signal" in event else int(event.get("code", -1))
@@ -418,21 +458,72 @@ def _teardown(cg: JobCgroup, ws: Workspace | None) -> None:
         ws.destroy(mounted=False)
 
 
+def needs_full(code: str) -> bool:
+    """True unless *code* imports only the standard library (statically; a syntax error is light).
+
+    A job that imports something else only at run time (importlib) still
+    works on a light zygote: its import is just not warm.
+    """
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        if any(n.split(".")[0] not in sys.stdlib_module_names for n in names):
+            return True
+    return False
+
+
+class _Pool:
+    """Zygotes of one kind, and the queue of those ready for a job."""
+
+    def __init__(self, kind: str, size: int, make: Callable[[int, str], Zygote]) -> None:
+        self.kind = kind
+        self.make = make
+        self.zygotes = [make(i, kind) for i in range(size)]
+        self.ready: asyncio.Queue[Zygote] = asyncio.Queue()
+
+
 class WarmCage:
-    """The pool of zygotes; the same ``run`` as the cold Cage."""
+    """Pools of zygotes, full and light; the same ``run`` as the cold Cage.
+
+    Up to ``warm_full_zygotes`` full zygotes (the CPUs by default; never more
+    than *size*, the daemon's concurrency) and 2 x *size* light ones: a job
+    takes a ready one of the kind its code needs (waiting if all are busy),
+    and the zygote is back in its queue once it has armed its next child
+    (prepared while the job ran). The scheduler runs at most *size* jobs at
+    once. Full zygotes cost memory (about 100 MiB each); light ones a few
+    MiB, so slots beyond the CPU count mostly serve standard-library jobs.
+    """
 
     def __init__(self, config: Config, policy: Policy, kafel: str, host: HostState, nsjail: Path, size: int) -> None:
+        full = config.warm_full_zygotes or len(os.sched_getaffinity(0))
         self.config = config
         self.policy = policy
         self.kafel = kafel
         self.host = host
         self.nsjail = nsjail
         self.size = size
-        self.zygotes = [Zygote(i, config, policy, kafel, host, nsjail) for i in range(size)]
-        self._ready: asyncio.Queue[Zygote] = asyncio.Queue()
+
+        def make(index: int, kind: str) -> Zygote:
+            return Zygote(index, config, policy, kafel, host, nsjail, kind)
+
+        # Light zygotes cost a few MiB: twice as many keep one armed for every
+        # slot while the last one's next child is still being prepared.
+        self.pools = {"full": _Pool("full", min(full, size), make), "light": _Pool("light", 2 * size, make)}
         self._recycling: set[asyncio.Task[None]] = set()
         self._closing = False
         self.busy = 0
+
+    @property
+    def zygotes(self) -> list[Zygote]:
+        return [z for pool in self.pools.values() for z in pool.zygotes]
 
     async def start(self) -> None:
         started = time.monotonic()
@@ -441,54 +532,69 @@ class WarmCage:
         if errors:
             await self.close()
             raise SandboxError(f"warm mode: a zygote did not start: {errors[0]}")
-        for z in self.zygotes:
-            self._ready.put_nowait(z)
-        log.info("warm pool: %d zygote(s) ready in %.1f s", self.size, time.monotonic() - started)
+        for pool in self.pools.values():
+            for z in pool.zygotes:
+                pool.ready.put_nowait(z)
+        log.info(
+            "warm pools: %d full and %d light zygote(s) ready in %.1f s",
+            len(self.pools["full"].zygotes), len(self.pools["light"].zygotes), time.monotonic() - started,
+        )
 
     async def run(
         self, job: JobSpec, *, on_output: OnOutput | None = None, stop: "asyncio.Future[Reason] | None" = None,
         name: str | None = None,
     ) -> Result:  # fmt: skip
-        try:
-            zygote = await asyncio.wait_for(self._ready.get(), READY_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            why = "; ".join(z.diagnostics() for z in self.zygotes if z.dead) or "all busy recovering"
-            return sandbox_failure(name or "?", SandboxError(f"no warm zygote became ready in {READY_TIMEOUT_S:.0f} s ({why})"))
-        self.busy += 1
-        try:
-            return await zygote.run(job, on_output=on_output, stop=stop)
-        finally:
-            self.busy -= 1
-            task = asyncio.create_task(self._recycle(zygote))
-            self._recycling.add(task)
-            task.add_done_callback(self._recycling.discard)
+        pool = self.pools["full" if needs_full(job.code) else "light"]
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            try:
+                zygote = await asyncio.wait_for(pool.ready.get(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                why = "; ".join(z.diagnostics() for z in pool.zygotes if z.dead) or "all busy recovering"
+                return sandbox_failure(name or "?", SandboxError(f"no warm zygote became ready in {READY_TIMEOUT_S:.0f} s ({why})"))
+            if zygote.dead:  # died while it waited: replace it, take another
+                self._start_recycle(pool, zygote)
+                continue
+            self.busy += 1
+            try:
+                return await zygote.run(job, on_output=on_output, stop=stop)
+            except NotHandedOver:
+                continue  # nothing ran: the job goes to another zygote
+            finally:
+                self.busy -= 1
+                self._start_recycle(pool, zygote)
 
-    async def _recycle(self, zygote: Zygote) -> None:
-        """Arm the zygote's next child, or replace the zygote; then give the slot back."""
+    def _start_recycle(self, pool: _Pool, zygote: Zygote) -> None:
+        task = asyncio.create_task(self._recycle(pool, zygote))
+        self._recycling.add(task)
+        task.add_done_callback(self._recycling.discard)
+
+    async def _recycle(self, pool: _Pool, zygote: Zygote) -> None:
+        """Get the zygote's next child armed, or replace the zygote; then give the slot back."""
         attempt = 0
-        await zygote.cleanup()
+        first = True
         while not self._closing:
             try:
                 if zygote.dead:
                     raise ZygoteGone("dead")
-                await zygote.arm()
+                if first:
+                    await zygote.next_ready()
+                else:
+                    await zygote.start()
                 break
             except SandboxError as exc:
-                log.warning("zygote %d: %s; replacing it", zygote.index, exc)
+                first = False
+                log.warning("%s zygote %d: %s; replacing it", pool.kind, zygote.index, exc)
                 await zygote.close()
-                fresh = Zygote(zygote.index, self.config, self.policy, self.kafel, self.host, self.nsjail)
-                self.zygotes[zygote.index] = fresh
-                zygote = fresh
-                try:
-                    await zygote.start()
-                    break
-                except SandboxError as exc2:
-                    delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
-                    log.error("zygote %d did not start (%s); retrying in %.1f s", zygote.index, exc2, delay)
-                    attempt += 1
+                if attempt:
+                    delay = RESTART_BACKOFF_S[min(attempt - 1, len(RESTART_BACKOFF_S) - 1)]
                     await asyncio.sleep(delay)
+                attempt += 1
+                fresh = pool.make(zygote.index, pool.kind)
+                pool.zygotes[zygote.index] = fresh
+                zygote = fresh
         if not self._closing:
-            self._ready.put_nowait(zygote)
+            pool.ready.put_nowait(zygote)
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop every zygote, after up to *grace* s for the jobs they run (a reload's old pool)."""

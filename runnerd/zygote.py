@@ -1,8 +1,8 @@
 """runnerd's zygote: the warm path, running *inside* an nsjail cage (standard library only).
 
-One zygote per slot imports numpy, pandas and Matplotlib once (and renders a
-first figure), then forks one child per job; a child is never reused. Each
-child, before any user code runs:
+A zygote imports numpy, pandas and Matplotlib once (and renders a first
+figure), then forks one child per job; a child is never reused. Each child,
+before any user code runs:
 
 * enters fresh user, mount, pid and ipc namespaces (uid 1000 maps to the
   zygote's 1000; the pid namespace takes one more fork: G, its PID 1);
@@ -21,7 +21,7 @@ latency is only: its mounts, one hand-off, the user's code. Protocol with
 the host, on the control socket (fd argv[1]): 4-byte big-endian length +
 JSON, file descriptors as SCM_RIGHTS.
 
-    zygote -> host  {"event": "warm", "ms": ...}                 once, after the imports
+    zygote -> host  {"event": "warm", "ms": ..., "kind": ...}    once, after the imports
     zygote -> host  {"event": "prepared", "pid": N}              C forked (N: its pid in the cage)
     host -> zygote  {"op": "arm"}                                C is in the job's cgroup now
     zygote -> host  {"event": "armed"}                           G and U wait for the job
@@ -29,6 +29,13 @@ JSON, file descriptors as SCM_RIGHTS.
                      "max_figures": 32}
     zygote -> host  {"event": "exit", "code": N} | {"event": "exit", "signal": S}
     host -> zygote  {"op": "quit"} (or closes the socket)
+
+The next child is prepared while a job runs, so "prepared", "arm" and
+"armed" interleave with a job's "run" and "exit".
+
+Two kinds of zygote (argv[3]): "full" imports numpy, pandas and Matplotlib;
+"light" imports nothing more than the harness, for code that needs only the
+standard library (its children fork and exit in a tenth of the time).
 
 The processes of one job: C (forked by the zygote, moved into the job's
 cgroup by the host, makes the namespaces, forks G and leaves), G (PID 1 of
@@ -43,6 +50,8 @@ import importlib.util
 import io
 import json
 import os
+import random
+import resource
 import shutil
 import signal
 import socket
@@ -187,17 +196,26 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+_COMPILED = []  # (buffer, fprog), built once in the zygote and inherited by every child
+
+
+def _compiled_filter():
+    if not _COMPILED:
+        program = seccomp_program()
+        raw = b"".join(struct.pack("<HBBI", *ins) for ins in program)
+        buf = ctypes.create_string_buffer(raw, len(raw))
+        _COMPILED.append((buf, _SockFprog(len(program), ctypes.cast(buf, ctypes.c_void_p))))
+    return _COMPILED[0][1]
+
+
 def install_seccomp():
-    program = seccomp_program()
-    raw = b"".join(struct.pack("<HBBI", *ins) for ins in program)
-    buf = ctypes.create_string_buffer(raw, len(raw))
-    prog = _SockFprog(len(program), ctypes.cast(buf, ctypes.c_void_p))
-    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(_compiled_filter()), 0, 0), "seccomp")
 
 
 def drop_privileges():
     for cap in range(64):
-        _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # past the last cap it fails: fine
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break  # past CAP_LAST_CAP
     _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
     data = (ctypes.c_uint32 * 6)()
@@ -271,8 +289,6 @@ def _mount_job(job):
 
 def _lock_down():
     """Job limits, no capabilities, no new privileges, the stacked seccomp filter."""
-    import resource
-
     for limit, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 1024),
                          (resource.RLIMIT_FSIZE, 256 << 20), (resource.RLIMIT_STACK, 8 << 20)):  # fmt: skip
         resource.setrlimit(limit, (value, value))
@@ -281,8 +297,6 @@ def _lock_down():
 
 
 def _reseed():
-    import random
-
     random.seed()
     numpy = sys.modules.get("numpy")
     if numpy is not None:
@@ -398,24 +412,28 @@ def _child(sock, harness):
 # ---------------------------------------------------------------- the zygote
 
 
-def _warm(mplconfig_src):
-    """Import the heavy libraries and draw one figure, so children start warm."""
+def _warm(kind, mplconfig_src):
+    """Import the libraries children should find loaded; the full kind also draws a figure."""
     started = time.monotonic()
-    target = os.environ.get("MPLCONFIGDIR")
-    if target and os.path.isdir(mplconfig_src):
-        os.makedirs(target, exist_ok=True)
-        for name in os.listdir(mplconfig_src):
-            shutil.copyfile(os.path.join(mplconfig_src, name), os.path.join(target, name))
     harness = _load_harness()
     harness.install_backend_finder()
-    import numpy  # noqa: F401
-    import pandas  # noqa: F401
-    import matplotlib.pyplot as plt
+    _compiled_filter()
+    # What every job's processes need anyway: loaded here, not per job.
+    import atexit, faulthandler, linecache, tokenize, traceback  # noqa: E401,F401
+    if kind == "full":
+        target = os.environ.get("MPLCONFIGDIR")
+        if target and os.path.isdir(mplconfig_src):
+            os.makedirs(target, exist_ok=True)
+            for name in os.listdir(mplconfig_src):
+                shutil.copyfile(os.path.join(mplconfig_src, name), os.path.join(target, name))
+        import numpy  # noqa: F401
+        import pandas  # noqa: F401
+        import matplotlib.pyplot as plt
 
-    fig = plt.figure()
-    plt.plot([0, 1], [1, 0])
-    fig.savefig(io.BytesIO(), format="png")
-    plt.close(fig)
+        fig = plt.figure()
+        plt.plot([0, 1], [1, 0])
+        fig.savefig(io.BytesIO(), format="png")
+        plt.close(fig)
     # Children share the zygote's heap copy-on-write: keep the collector from
     # walking (and so copying) it in every child.
     import gc
@@ -439,50 +457,111 @@ def _status_of(waitstatus):
     return {"event": "exit", "code": os.waitstatus_to_exitcode(waitstatus)}
 
 
-def main(argv):
-    ctl = socket.socket(fileno=int(argv[1]))
-    harness, ms = _warm(argv[2])
-    send_msg(ctl, {"event": "warm", "ms": round(ms, 1)})
-    while True:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        child = os.fork()
-        if child == 0:
-            parent_end.close()
-            ctl.close()
+class _Next:
+    """The child being prepared for the next job: C, then (once armed) G."""
+
+    def __init__(self, harness):
+        self.sock, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.c = os.fork()
+        if self.c == 0:
+            # Nothing of the zygote's reaches the job: not its control socket,
+            # not its selector, not another job's socket. Only this child's own.
+            keep = child_end.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, 1 << 20)
             _child(child_end, harness)
         child_end.close()
-        # The host moves C into the next job's cgroup, then says "arm".
-        send_msg(ctl, {"event": "prepared", "pid": child})
-        order, _ = recv_msg(ctl)
-        if order is None or order.get("op") != "arm":
-            parent_end.close()
-            os.waitpid(child, 0)
-            return 0
-        send_msg(parent_end, {"go": True})
-        made, _ = recv_msg(parent_end)
-        os.waitpid(child, 0)  # C leaves; G is now the zygote's (the cage's init) child
+        self.g = None
+
+    def arm(self):
+        """C was moved into its job's cgroup: let it make the namespaces and G (and U)."""
+        send_msg(self.sock, {"go": True})
+
+    def armed(self, zombies):
+        """C's answer: G's pid. C leaves; G becomes the zygote's (the cage's init) child."""
+        made, _ = recv_msg(self.sock)
+        zombies.append(self.c)
         if not made or not isinstance(made.get("g"), int):
-            return 3  # the child's reason is on stderr; the host replaces this zygote
-        g = made["g"]
-        send_msg(ctl, {"event": "armed"})
-        job, fds = recv_msg(ctl, max_fds=3)
-        if job is None or job.get("op") != "run" or len(fds) != 3:
-            os.kill(g, signal.SIGKILL)
-            os.waitpid(g, 0)
-            return 0
-        send_msg(parent_end, job, fds)
-        for fd in fds:
-            os.close(fd)
-        # G reports as soon as the job's processes are gone, before its own
-        # (slow, for a large process) teardown; a G that died says nothing.
-        done, _ = recv_msg(parent_end)
-        parent_end.close()
-        if isinstance(done, dict) and isinstance(done.get("status"), int) and 0 <= done["status"] <= 255:
-            send_msg(ctl, {"event": "exit", "code": done["status"]})
-            os.waitpid(g, 0)
-        else:
-            _, status = os.waitpid(g, 0)
-            send_msg(ctl, _status_of(status))
+            raise RuntimeError("the child could not prepare its job (its reason is above)")
+        self.g = made["g"]
+
+    def discard(self):
+        self.sock.close()  # C or G sees EOF and exits
+        if self.g is not None:
+            try:
+                os.kill(self.g, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(self.g if self.g is not None else self.c, 0)
+        except ChildProcessError:
+            pass
+
+
+def main(argv):
+    import selectors
+
+    ctl = socket.socket(fileno=int(argv[1]))
+    kind = argv[3] if len(argv) > 3 else "full"
+    harness, ms = _warm(kind, argv[2])
+    send_msg(ctl, {"event": "warm", "ms": round(ms, 1), "kind": kind})
+    nxt = None      # the child for the next job
+    running = None  # (g, socket) of the job running now
+    zombies = []
+    sel = selectors.DefaultSelector()
+    sel.register(ctl, selectors.EVENT_READ, "ctl")
+    try:
+        while True:
+            if nxt is None:
+                # Prepared while the current job runs: the next job finds it armed.
+                nxt = _Next(harness)
+                send_msg(ctl, {"event": "prepared", "pid": nxt.c})
+            # Wake up soon while a C or G still needs reaping, even with no event.
+            for key, _ in sel.select(timeout=0.02 if zombies else None):
+                if key.data == "ctl":
+                    order, fds = recv_msg(ctl, max_fds=3)
+                    op = order.get("op") if order else None
+                    if op == "arm" and nxt is not None and nxt.g is None:
+                        nxt.arm()
+                        sel.register(nxt.sock, selectors.EVENT_READ, "next")
+                    elif op == "run" and nxt is not None and nxt.g is not None and len(fds) == 3 and running is None:
+                        send_msg(nxt.sock, order, fds)
+                        for fd in fds:
+                            os.close(fd)
+                        running = (nxt.g, nxt.sock)
+                        sel.register(nxt.sock, selectors.EVENT_READ, "job")
+                        nxt = None
+                    else:
+                        for fd in fds:
+                            os.close(fd)
+                        return 0  # "quit", EOF, or an order out of turn
+                elif key.data == "next":
+                    sel.unregister(nxt.sock)
+                    nxt.armed(zombies)
+                    send_msg(ctl, {"event": "armed"})
+                else:
+                    g, sock = running
+                    # G reports as soon as the job's processes are gone, before its own
+                    # (slow, for a large process) teardown; a G that died says nothing.
+                    done, _ = recv_msg(sock)
+                    sel.unregister(sock)
+                    sock.close()
+                    running = None
+                    if isinstance(done, dict) and isinstance(done.get("status"), int) and 0 <= done["status"] <= 255:
+                        send_msg(ctl, {"event": "exit", "code": done["status"]})
+                        zombies.append(g)
+                    else:
+                        _, status = os.waitpid(g, 0)
+                        send_msg(ctl, _status_of(status))
+            for pid in list(zombies):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        zombies.remove(pid)
+                except ChildProcessError:
+                    zombies.remove(pid)
+    finally:
+        if nxt is not None:
+            nxt.discard()
 
 
 if __name__ == "__main__":

@@ -266,11 +266,14 @@ def leftovers(config: Config) -> dict[str, list[str]]:
     holding only G and U, G a child of the zygote).
     """
     from runnerd.cgroups import detect
+    from runnerd.host import HostState
     from runnerd.workspace import mounted_job_dirs
 
     standing_pids: set[int] = set()
     left_cgroups: list[str] = []
-    groups = detect(config.cgroup_parent).existing()
+    cgroups = detect(config.cgroup_parent)
+    # Only this state dir's: another session's (or a real daemon's) are not ours to judge.
+    groups = cgroups.existing(HostState(config, cgroups).job_prefix)
     zygote_pids: set[int] = set()
     for cg in groups:
         if "-zygote" in cg.name:
@@ -297,6 +300,19 @@ def leftovers(config: Config) -> dict[str, list[str]]:
         "mounts": [str(p) for p in mounted_job_dirs(jobs_dir) if "-zygote" not in p.name],
         "job dirs": sorted(left_dirs),
     }
+
+
+def describe_pids(pids: list[str]) -> str:
+    """State, parent and cgroups of host pids, for a failure message."""
+    out = []
+    for pid in pids:
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+            groups = [ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if "memory" in ln or "pids" in ln]
+            out.append(f"{pid}: {status['State'].strip()} ppid {status['PPid'].strip()} {groups}")
+        except OSError:
+            out.append(f"{pid}: gone")
+    return "; ".join(out)
 
 
 def wait_clean(config: Config, timeout: float = 5.0) -> dict[str, list[str]]:

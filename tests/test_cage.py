@@ -148,8 +148,9 @@ def test_input_readable_by_bare_name_and_not_writable(run):
 def test_saved_png_and_open_figure(run):
     code = (
         "import matplotlib.pyplot as plt\n"
-        "plt.plot([1, 2, 3], [3, 1, 2]); plt.savefig('saved.png')\n"
-        "plt.figure(figsize=(4, 3)); plt.scatter([1, 2], [2, 1])\n"
+        "plt.plot([1, 2, 3], [3, 1, 2]); plt.savefig('saved.png')  # saved: returned once, as saved.png\n"
+        "plt.figure(figsize=(4, 3)); plt.scatter([1, 2], [2, 1])  # never saved: rendered\n"
+        "plt.figure(); plt.plot([1, 2]); plt.savefig('then.png'); plt.title('changed after saving')  # rendered\n"
         "import os; os.makedirs('plots', exist_ok=True)\n"
         "plt.figure(); plt.bar(['a'], [1]); plt.savefig('plots/bar.jpg'); plt.close()\n"
         "plt.figure()  # empty: no axes, shows nothing in a notebook either\n"
@@ -157,10 +158,11 @@ def test_saved_png_and_open_figure(run):
     result = run(code)
     assert result.ok, result
     names = [f.name for f in result.figures]
-    assert names == ["plots/bar.jpg", "saved.png", "figure_001.png", "figure_002.png"]
+    assert names == ["plots/bar.jpg", "saved.png", "then.png", "figure_001.png", "figure_002.png"]
     by_name = {f.name: f for f in result.figures}
     assert by_name["plots/bar.jpg"].mime == "image/jpeg"
     assert png_size(by_name["saved.png"].data) == (640, 480)
+    assert png_size(by_name["figure_001.png"].data)[0] < png_size(by_name["figure_002.png"].data)[0]  # 4x3 in
     for name in ("figure_001.png", "figure_002.png"):
         w, h = png_size(by_name[name].data)
         assert w > 100 and h > 100

@@ -20,7 +20,7 @@ import pytest
 from runnerd.client import Client
 from runnerd.result import Outcome, Reason, Result
 
-from .conftest import CANARY, DaemonProc, wait_clean
+from .conftest import CANARY, DaemonProc, describe_pids, wait_clean
 
 pytestmark = pytest.mark.usefixtures("canary_files")
 
@@ -39,7 +39,7 @@ def hostile(daemon: DaemonProc, cage_confirmed, code: str, *, timeout: float | N
         result = c.run(code, timeout=timeout, wait=120, **kw)
     assert CANARY not in everything(result), "a canary reached the result"
     left = wait_clean(cage_confirmed.config)
-    assert not any(left.values()), f"the job left {left}"
+    assert not any(left.values()), f"the job left {left}: {describe_pids(left['processes'])}"
     with Client(daemon.tcp) as c:
         after = c.run("print(6 * 7)")
     assert after.ok and after.stdout == "42\n", after
