@@ -312,7 +312,7 @@ colors = {"bare": "tab:gray", "cold": "tab:blue", "warm": "tab:orange", "daemon"
 fig, axes = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 4.5), squeeze=False)
 for ax, w in zip(axes[0], workloads):
     series = [next((r["samples_ms"] for r in rows if r["workload"] == w and r["mode"] == m), []) for m in modes]
-    parts = ax.boxplot(series, labels=modes, showfliers=True, patch_artist=True)
+    parts = ax.boxplot(series, tick_labels=modes, showfliers=True, patch_artist=True)
     for patch, m in zip(parts["boxes"], modes):
         patch.set_facecolor(colors[m])
     ax.set_yscale("log")
