@@ -120,6 +120,15 @@ def _check_attempts(max_attempts: int) -> None:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
 
 
+def _record(
+    attempts: list[Attempt], code: str, result: Result, files: Mapping[str, bytes] | None, timeout: float | None
+) -> bool:
+    """Add the attempt (with its feedback if it failed); True when the loop is done."""
+    ok = result.outcome is Outcome.OK
+    attempts.append(Attempt(len(attempts) + 1, code, result, None if ok else feedback(result, files, timeout=timeout)))
+    return ok
+
+
 def run_loop(
     task: str,
     generate: Generator,
@@ -132,12 +141,9 @@ def run_loop(
     """Generate and run code until it succeeds or *max_attempts* are used; every attempt is returned."""
     _check_attempts(max_attempts)
     attempts: list[Attempt] = []
-    for number in range(1, max_attempts + 1):
+    while len(attempts) < max_attempts:
         code = generate(task, tuple(attempts))
-        result = client.run(code, files=dict(files or {}), timeout=timeout)
-        ok = result.outcome is Outcome.OK
-        attempts.append(Attempt(number, code, result, None if ok else feedback(result, files, timeout=timeout)))
-        if ok:
+        if _record(attempts, code, client.run(code, files=dict(files or {}), timeout=timeout), files, timeout):
             break
     return LoopResult(task, tuple(attempts))
 
@@ -154,12 +160,9 @@ async def arun_loop(
     """The asyncio flavour of :func:`run_loop`; *generate* may return a str or an awaitable of one."""
     _check_attempts(max_attempts)
     attempts: list[Attempt] = []
-    for number in range(1, max_attempts + 1):
+    while len(attempts) < max_attempts:
         produced: Any = generate(task, tuple(attempts))
         code = await produced if inspect.isawaitable(produced) else produced
-        result = await client.run(code, files=dict(files or {}), timeout=timeout)
-        ok = result.outcome is Outcome.OK
-        attempts.append(Attempt(number, code, result, None if ok else feedback(result, files, timeout=timeout)))
-        if ok:
+        if _record(attempts, code, await client.run(code, files=dict(files or {}), timeout=timeout), files, timeout):
             break
     return LoopResult(task, tuple(attempts))

@@ -307,4 +307,11 @@ def test_start_up_sweeps_what_a_crash_left(cage_confirmed):
     finally:
         import shutil
 
+        from runnerd.cgroups import detect
+        from runnerd.host import HostState
+        from runnerd.workspace import sweep
+
+        # Even when an assertion failed above: no mounts or cgroups left behind.
+        HostState(config, detect(config.cgroup_parent)).sweep()
+        sweep(state / "jobs")
         shutil.rmtree(state, ignore_errors=True)
