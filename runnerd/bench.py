@@ -38,8 +38,9 @@ from typing import Callable, Iterator
 
 import psutil
 
-from .config import Config
 from .result import Outcome
+from .scheduler import percentiles_ms
+from .sandbox_env import MPLCONFIG
 
 W2_CODE = """\
 import pandas as pd
@@ -101,16 +102,11 @@ class Row:
     samples_ms: list[float] = field(default_factory=list, repr=False)
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-
 def _row(workload: str, mode: str, times: list[float], failures: int) -> Row:
+    pct = percentiles_ms(times)
     return Row(
         workload=workload, mode=mode, jobs=len(times),
-        p50_ms=round(_pct(times, 0.50), 2), p95_ms=round(_pct(times, 0.95), 2),
-        p99_ms=round(_pct(times, 0.99), 2), mean_ms=round(statistics.fmean(times) * 1000, 2),
+        p50_ms=pct["p50"], p95_ms=pct["p95"], p99_ms=pct["p99"], mean_ms=round(statistics.fmean(times) * 1000, 2),
         failures=failures, samples_ms=[round(t * 1000, 3) for t in times],
     )  # fmt: skip
 
@@ -137,7 +133,7 @@ def bench_bare(env_python: Path, w: Workload, n: int, progress: Progress) -> Row
     with tempfile.TemporaryDirectory(prefix="runnerd-bench-") as tmp:
         for name, data in w.files:
             Path(tmp, name).write_bytes(data)
-        mpl = str(env_python.parent.parent / "runnerd" / "mplconfig")
+        mpl = str(env_python.parent.parent / MPLCONFIG)
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "MPLBACKEND": "Agg", "MPLCONFIGDIR": mpl, "OMP_NUM_THREADS": "1"}
         for i in range(n):
             t = time.perf_counter()
@@ -214,9 +210,9 @@ def tree_pss(pid: int) -> int:
 
 
 class BenchDaemon:
-    """A daemon started for the bench: the current config, its own ipc socket, a given mode."""
+    """A daemon started for the bench: the given config file, its own ipc socket, a given mode."""
 
-    def __init__(self, config: Config, config_path: Path | None, mode: str, concurrency: int | None) -> None:
+    def __init__(self, config_path: Path | None, mode: str, concurrency: int | None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="runnerd-bench-")
         self.endpoint = f"ipc://{self.tmp.name}/bench.sock"
         argv = [sys.executable, "-m", "runnerd"]
@@ -256,8 +252,8 @@ class BenchDaemon:
 
 
 @contextlib.contextmanager
-def started(config: Config, config_path: Path | None, mode: str, concurrency: int | None) -> Iterator[BenchDaemon]:
-    d = BenchDaemon(config, config_path, mode, concurrency)
+def started(config_path: Path | None, mode: str, concurrency: int | None) -> Iterator[BenchDaemon]:
+    d = BenchDaemon(config_path, mode, concurrency)
     try:
         d.wait_ready()
         yield d

@@ -44,6 +44,7 @@ from .job import JobSpec
 from .output import StreamCapture
 from .policy import NSJAIL_CGROUPS_OFF, Policy
 from .result import ErrorInfo, Observation, Outcome, Reason, Result, Usage, decide
+from .sandbox_env import MPLCONFIG
 from .workspace import MplConfig, Workspace
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ class Execution:
     status: int | None = None  # trusted: see exit_status()
     wall_s: float = 0.0
     stop_reason: Reason | None = None
-    report: bytes = b""
+    report: Report = field(default_factory=Report)  # what the harness said; untrusted
     problem: str = ""  # why the cage did not start, when it did not
     stats: CgroupStats = field(default_factory=CgroupStats)
 
@@ -322,7 +323,7 @@ async def supervise(
         for f in eofs:
             if not f.done():
                 f.cancel()  # closes the fd (see read_pipe)
-    ex.report = bytes(report)
+    ex.report = parse_report(bytes(report))
     return ex
 
 
@@ -338,7 +339,7 @@ def build_result(
     ex: Execution, out: StreamCapture, err: StreamCapture, collected: Collected, *, policy: Policy, config: Config
 ) -> Result:
     """The outcome rules (result.py) applied to what the host saw, with every warning explained."""
-    report = parse_report(ex.report)
+    report = ex.report
     status = exit_status(ex.status, report) if ex.stop_reason is None else None
     error = error_from_report(report.end)
     obs = Observation(
@@ -411,7 +412,7 @@ class Cage:
         self.host = host
         self.nsjail = nsjail
         self.env = config.sandbox_env
-        self.mplconfig = MplConfig.load(self.env / "runnerd" / "mplconfig")
+        self.mplconfig = MplConfig.load(self.env / MPLCONFIG)
 
     async def close(self, grace: float = 0.0) -> None:
         """Nothing to stop: cold cages live only as long as their job."""
@@ -517,10 +518,10 @@ class Cage:
         finally:
             returncode = proc.wait()
             # Anything still in the cgroup (nothing, normally: PID 1's death
-            # ends the pid namespace) dies now, which also closes the pipes.
+            # ends the pid namespace) dies now.
             await asyncio.shield(asyncio.to_thread(cg.kill))
         text = nsjail_log.decode("utf-8", "replace")
-        ex.status = nsjail_status(text, returncode, parse_report(ex.report).started)
+        ex.status = nsjail_status(text, returncode, ex.report.started)
         ex.problem = nsjail_problems(text)
         ex.stats = cg.stats()
         return ex

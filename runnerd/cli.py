@@ -102,7 +102,6 @@ async def _run_local(cfg: config_mod.Config, code: str, files: list[tuple[str, b
             target.buffer.write(data)
             target.flush()
 
-        assert runtime.runner is not None
         return await runtime.runner.run(job, on_output=on_output)
     finally:
         await runtime.aclose()
@@ -210,19 +209,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .sandbox_env import LIBRARIES
 
     cfg = _load_config(args)
-    checks, _ = preflight.static_checks(cfg, default_lock_path())
-    for c in checks:
+    static = preflight.static_checks(cfg, default_lock_path())
+    for c in static[0]:
         print(c.line(), flush=True)
-    if preflight.failures(checks):
+    if preflight.failures(static[0]):
         return 1
 
     async def probe() -> list[preflight.Check]:
-        rt = await runtime.open_runtime(cfg, probe=False)
+        rt = await runtime.open_runtime(cfg, probe=False, static=static)
         try:
-            assert rt.runner is not None
-            found = await preflight.probe(rt.runner)
-            found.append(await preflight.import_probe(rt.runner, list(LIBRARIES.values())))
-            return found
+            return await rt.probe(tuple(LIBRARIES.values()))
         finally:
             await rt.aclose()
 
@@ -293,7 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             rows.append(bench.bench_bare(cfg.sandbox_env / "bin" / "python3", w, args.jobs, progress))
     daemons = [m for m in ("cold", "warm") if m in modes]
     for i, mode in enumerate(daemons):
-        with bench.started(cfg, args.config, mode, args.concurrency) as d:
+        with bench.started(args.config, mode, args.concurrency) as d:
             time.sleep(3)  # let it settle before reading its idle memory
             extra["idle_pss_bytes"][mode] = bench.tree_pss(d.proc.pid)
             on(d.endpoint, mode, last=i == len(daemons) - 1 and "daemon" not in modes)

@@ -101,7 +101,6 @@ class Daemon:
         ctx = zmq.asyncio.Context()
         tasks: list[asyncio.Task[Any]] = []
         try:
-            assert self.runtime.runner is not None
             sched = self.scheduler = Scheduler(
                 self.runtime.runner.run,
                 concurrency=cfg.concurrency,
@@ -192,7 +191,6 @@ class Daemon:
         assert self.scheduler is not None and self.frontend is not None and self.runtime is not None
         previous, self.runtime, self.config = self.runtime, runtime, new
         sched = self.scheduler
-        assert runtime.runner is not None
         sched.runner = runtime.runner.run  # running jobs keep the cage they started with
         sched.queue_size = new.queue_size
         sched.retention_s = new.retention_s

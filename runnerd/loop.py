@@ -107,7 +107,7 @@ def feedback(result: Result, files: Mapping[str, bytes] | None = None, *, timeou
         }.get(reason)
         if described:
             parts.append(described)
-    if result.stderr and (err is None or result.stderr.strip() != err.traceback.strip()):
+    if result.stderr_besides_error:
         parts.append("stderr (last lines):\n" + result.stderr[-STDERR_TAIL_CHARS:].rstrip())
     for warning in result.warnings[:5]:
         parts.append(f"Note: {warning}")

@@ -33,7 +33,7 @@ def result_text(result: Result) -> str:
     sections: list[str] = []
     if result.stdout:
         sections.append(result.stdout.rstrip("\n"))
-    if result.stderr and (result.error is None or result.stderr.strip() != result.error.traceback.strip()):
+    if result.stderr_besides_error:
         sections.append("stderr:\n" + result.stderr.rstrip("\n"))
     if result.error is not None:
         where = f" (line {result.error.lineno})" if result.error.lineno else ""

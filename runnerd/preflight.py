@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .cgroups import Cgroups
     from .config import Config
     from .policy import Policy
+    from .warm import WarmCage
 
 from .job import JobSpec
 from .result import Outcome
@@ -89,7 +90,7 @@ def _expect(checks: list[Check], name: str, ok: bool, good: str, bad: str) -> No
     checks.append(Check(name, ok, good if ok else bad))
 
 
-async def probe(cage: "Cage") -> list[Check]:
+async def probe(cage: "Cage | WarmCage") -> list[Check]:
     """Run PROBE_CODE in a real cage and check what it saw."""
     result = await cage.run(JobSpec(code=PROBE_CODE, timeout=20.0))
     if result.outcome is not Outcome.OK:
@@ -217,7 +218,7 @@ def _imports_code(names: list[str]) -> str:
     )
 
 
-async def import_probe(cage: "Cage", names: list[str]) -> Check:
+async def import_probe(cage: "Cage | WarmCage", names: list[str]) -> Check:
     result = await cage.run(JobSpec(code=_imports_code(names), timeout=30.0))
     ok = result.outcome is Outcome.OK and result.stdout.strip() == "ok"
     detail = (

@@ -111,6 +111,13 @@ class Result:
     def ok(self) -> bool:
         return self.outcome is Outcome.OK
 
+    @property
+    def stderr_besides_error(self) -> str:
+        """stderr, or "" when it holds nothing but the error's traceback (no need to show it twice)."""
+        if self.error is not None and self.stderr.strip() == self.error.traceback.strip():
+            return ""
+        return self.stderr
+
     def to_wire(self) -> dict[str, Any]:
         return {
             "outcome": self.outcome.value,

@@ -45,13 +45,16 @@ class Runtime:
     host: HostState
     cage: Cage
     nsjail: Path
-    checks: list[preflight.Check] = field(default_factory=list)
     # What runs jobs: the cold cage, or the warm pool (mode = "warm").
-    runner: Cage | WarmCage | None = None
+    runner: Cage | WarmCage
+    checks: list[preflight.Check] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        if self.runner is None:
-            self.runner = self.cage
+    async def probe(self, import_check: tuple[str, ...] = ()) -> list[preflight.Check]:
+        """Jobs in the cage that check it is what the policy promises (and that *import_check* imports)."""
+        found = await preflight.probe(self.runner)
+        if import_check:
+            found.append(await preflight.import_probe(self.runner, list(import_check)))
+        return found
 
     def close(self) -> None:
         """Release the host state (the cold path has nothing else); see aclose for the warm pool."""
@@ -59,44 +62,46 @@ class Runtime:
 
     async def aclose(self, grace: float = 0.0) -> None:
         """Stop the runner (waiting up to *grace* s for running jobs), then release the host state."""
-        assert self.runner is not None
         await self.runner.close(grace)
         self.host.close()
 
 
 async def open_runtime(
-    config: Config, *, lock: Path | None = None, probe: bool = True, import_check: tuple[str, ...] = ()
+    config: Config,
+    *,
+    lock: Path | None = None,
+    probe: bool = True,
+    import_check: tuple[str, ...] = (),
+    static: tuple[list[preflight.Check], preflight.HostParts] | None = None,
 ) -> Runtime:
     """Run every check and return a Runtime; RunnerdError listing what to fix otherwise.
 
     *import_check* names libraries a probe job imports in the cage (the
-    daemon checks the core ones at start-up; ``runnerd check`` all 37).
+    daemon checks the core ones at start-up). *static* is what
+    :func:`preflight.static_checks` already returned, when the caller ran it.
     """
-    checks, parts = preflight.static_checks(config, lock or default_lock_path())
+    checks, parts = static or preflight.static_checks(config, lock or default_lock_path())
     bad = preflight.failures(checks)
     if bad:
         raise SandboxError("runnerd cannot start here:\n" + "\n".join(c.line() for c in bad))
     assert parts.nsjail and parts.policy and parts.cgroups
     host = HostState(config, parts.cgroups)
     host.prepare()
-    runtime = Runtime(
-        config=config, policy=parts.policy, host=host,
-        cage=Cage(config, parts.policy, host, parts.nsjail), nsjail=parts.nsjail, checks=checks,
-    )  # fmt: skip
+    cage = Cage(config, parts.policy, host, parts.nsjail)
+    runner: Cage | WarmCage = cage
     if config.mode == "warm":
         assert parts.policy.zygote_kafel_text is not None  # checked by the static checks
-        pool = WarmCage(config, parts.policy, parts.policy.zygote_kafel_text, host, parts.nsjail, config.concurrency)
+        runner = WarmCage(config, parts.policy, parts.policy.zygote_kafel_text, host, parts.nsjail, config.concurrency)
         try:
-            await pool.start()
+            await runner.start()
         except BaseException:
             host.close()
             raise
-        runtime.runner = pool
+    runtime = Runtime(
+        config=config, policy=parts.policy, host=host, cage=cage, nsjail=parts.nsjail, runner=runner, checks=list(checks)
+    )
     if probe:
-        assert runtime.runner is not None
-        runtime.checks += await preflight.probe(runtime.runner)
-        if import_check:
-            runtime.checks.append(await preflight.import_probe(runtime.runner, list(import_check)))
+        runtime.checks += await runtime.probe(import_check)
         bad = preflight.failures(runtime.checks)
         if bad:
             await runtime.aclose()

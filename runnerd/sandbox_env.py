@@ -126,12 +126,6 @@ def status(env: Path, lock: Path) -> EnvStatus:
     return EnvStatus(env, True, f"{env}: built {data.get('built_at', '?')} from {lock.name} ({data.get('packages', '?')} packages)")
 
 
-def require(env: Path, lock: Path) -> None:
-    st = status(env, lock)
-    if not st.ready:
-        raise EnvironmentMissing(st.detail)
-
-
 def _run(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
     log.debug("running %s", " ".join(argv))
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)

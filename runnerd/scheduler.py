@@ -81,7 +81,8 @@ def _result_size(result: Result) -> int:
     )
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles_ms(values: list[float]) -> dict[str, float]:
+    """p50/p95/p99 of *values* (seconds), in ms."""
     if not values:
         return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
     ordered = sorted(values)
@@ -196,16 +197,6 @@ class Scheduler:
         elif record.stop is not None and not record.stop.done():
             record.stop.set_result(Reason.CANCELLED)
 
-    def end_queued(self, reason: Reason) -> int:
-        """End every queued job now with *reason*; returns how many."""
-        count = 0
-        for record in list(self.jobs.values()):
-            if record.state is State.QUEUED:
-                self.queued -= 1
-                self._finish(record, Result(outcome=Outcome.FAILED, reason=reason), wall_s=0.0)
-                count += 1
-        return count
-
     def refuse_queued(self, code: str, message: str) -> int:
         """Answer every queued job with an error and forget it (it never ran); returns how many."""
         count = 0
@@ -278,11 +269,11 @@ class Scheduler:
         self.done += 1
         self.outcomes[result.outcome.value] += 1
         self.reasons[result.reason.value if result.reason else "none"] += 1
-        self._latency.append(record.finished_at - record.accepted_at)
+        latency = record.finished_at - record.accepted_at
+        self._latency.append(latency)
         if wall_s:
             self._run_wall.append(wall_s)
         u = result.usage
-        latency = record.finished_at - record.accepted_at
         fields = {
             "id": record.id, "outcome": result.outcome.value, "reason": result.reason.value if result.reason else None,
             "wall_s": u.wall_s, "cpu_s": u.cpu_s, "peak_bytes": u.max_rss_bytes,
@@ -341,8 +332,8 @@ class Scheduler:
             "queue_size": self.queue_size,
             "outcomes": dict(self.outcomes),
             "reasons": dict(self.reasons),
-            "latency_ms": _percentiles(list(self._latency)),
-            "run_ms": _percentiles(list(self._run_wall)),
+            "latency_ms": percentiles_ms(list(self._latency)),
+            "run_ms": percentiles_ms(list(self._run_wall)),
             "uptime_s": round(time.monotonic() - self._started, 1),
         }
 

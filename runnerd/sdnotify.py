@@ -37,10 +37,6 @@ class Notifier:
             return None
         return usec / 1e6
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def notify(self, *assignments: str) -> None:
         """Send ``KEY=value`` lines; errors are logged, never raised (systemd is advisory here)."""
         if self.address is None:

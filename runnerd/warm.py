@@ -60,11 +60,12 @@ from .cage import (
 from .cgroups import CgroupLimits, JobCgroup
 from .config import Config
 from .errors import SandboxError
-from .host import HostState, SlotLease
+from .host import HARNESS_FILES, HostState, SlotLease
 from .job import JobSpec
 from .output import StreamCapture
 from .policy import Policy
 from .result import Reason, Result
+from .sandbox_env import MPLCONFIG
 from .workspace import MplConfig, Workspace, job_size, mount_tmpfs, resize_tmpfs
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,6 @@ class Zygote:
         self.host = host
         self.nsjail = nsjail
         self.env = config.sandbox_env
-        self.mplconfig = MplConfig.load(self.env / "runnerd" / "mplconfig")
         self.lease: SlotLease | None = None
         self.cgroup: JobCgroup | None = None
         self.proc: Any = None
@@ -137,7 +137,7 @@ class Zygote:
     def _cage_config(self, uid: int, spool: Path) -> str:
         lines = ["", "# ---- added by runnerd for a warm zygote ----", *pb_idmaps(uid)]
         lines.append(pb_bind(self.env, str(self.env), noexec=False))
-        for name in ("harness.py", "runnerd_inline.py", "zygote.py"):
+        for name in HARNESS_FILES:
             lines.append(pb_bind(self.config.harness_dir / name, f"/runnerd/{name}"))
         lines.append(pb_bind(spool, "/spool", rw=True))
         tmpfs = 'mount {{ dst: "{dst}" fstype: "tmpfs" rw: true options: "{opts}" nosuid: true nodev: true noexec: true }}'
@@ -173,7 +173,7 @@ class Zygote:
                 spawn_nsjail, self.nsjail, self._cage_config(self.lease.uid, self.spool), self.kafel, self.cgroup,
                 args=("--time_limit", "0", "--proc_rw"),
                 command=[str(self.env / "bin" / "python3"), "-I", "-B", "-u", ZYGOTE_IN_CAGE,
-                         str(theirs.fileno()), str(self.env / "runnerd" / "mplconfig"), self.kind],  # fmt: skip
+                         str(theirs.fileno()), str(self.env / MPLCONFIG), self.kind],  # fmt: skip
                 stdout=err_w, stderr=err_w, log_w=log_w, pass_fds=(theirs.fileno(),),
             )  # fmt: skip
         finally:
@@ -313,7 +313,7 @@ class Zygote:
             await asyncio.to_thread(_drop_cgroup, cg)
         self.armed = None
         if self.spool is not None:
-            await asyncio.to_thread(unmount_spool, self.spool)
+            await asyncio.to_thread(Workspace(self.spool).destroy)
             self.spool = None
         if self.lease is not None:
             self.lease.release()
@@ -443,10 +443,6 @@ def mount_spool(path: Path, size: int, inodes: int) -> None:
         raise SandboxError(f"cannot prepare the zygote spool {path}: {exc}") from None
 
 
-def unmount_spool(path: Path) -> None:
-    Workspace(path).destroy()
-
-
 def _drop_cgroup(cg: JobCgroup) -> None:
     cg.kill()
     cg.remove()
@@ -504,12 +500,6 @@ class WarmCage:
 
     def __init__(self, config: Config, policy: Policy, kafel: str, host: HostState, nsjail: Path, size: int) -> None:
         full = config.warm_full_zygotes or len(os.sched_getaffinity(0))
-        self.config = config
-        self.policy = policy
-        self.kafel = kafel
-        self.host = host
-        self.nsjail = nsjail
-        self.size = size
 
         def make(index: int, kind: str) -> Zygote:
             return Zygote(index, config, policy, kafel, host, nsjail, kind)
@@ -572,18 +562,16 @@ class WarmCage:
     async def _recycle(self, pool: _Pool, zygote: Zygote) -> None:
         """Get the zygote's next child armed, or replace the zygote; then give the slot back."""
         attempt = 0
-        first = True
         while not self._closing:
             try:
                 if zygote.dead:
                     raise ZygoteGone("dead")
-                if first:
+                if attempt == 0:
                     await zygote.next_ready()
                 else:
                     await zygote.start()
                 break
             except SandboxError as exc:
-                first = False
                 log.warning("%s zygote %d: %s; replacing it", pool.kind, zygote.index, exc)
                 await zygote.close()
                 if attempt:

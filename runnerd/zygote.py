@@ -352,7 +352,7 @@ def _job_init(zygote_sock, harness):
     except BaseException as exc:
         os.write(2, f"runnerd: the job's sandbox could not be set up: {exc}\n".encode())
         os._exit(125)
-    code = _reap(user, report)
+    code = _reap(user, harness, report)
     try:
         send_msg(zygote_sock, {"status": code})
     except OSError:
@@ -360,36 +360,28 @@ def _job_init(zygote_sock, harness):
     os._exit(code)
 
 
-def _reap(user, report):
-    """Wait for U; then end every other process of the job; its status for the zygote."""
-    code = 1
+def _reap(user, harness, report):
+    """Wait for U (as the cold cage's init does); then end every other process of the job; its status."""
+    code = harness._init(user, report)
+    # Whatever U left behind (a daemon, a stray child) dies before the host
+    # collects the job's files.
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:
+        pass
     while True:
         try:
-            pid, status = os.wait()
+            os.wait()
         except ChildProcessError:
             break
         except InterruptedError:
             continue
-        if pid == user:
-            if os.WIFSIGNALED(status):
-                report(event="exit", signal=os.WTERMSIG(status))
-                code = 128 + os.WTERMSIG(status)
-            else:
-                code = os.waitstatus_to_exitcode(status)
-                report(event="exit", exit_code=code)
-            # Whatever U left behind (a daemon, a stray child) dies before the
-            # host collects the job's files.
-            try:
-                os.kill(-1, signal.SIGKILL)
-            except OSError:
-                pass
-    harness = sys.modules.get("runnerd_harness")
-    for fd in getattr(harness, "_REPORT_FDS", []):
+    for fd in harness._REPORT_FDS:
         try:
             os.close(fd)  # the host sees the report's EOF now
         except OSError:
             pass
-    return code & 0xFF
+    return code
 
 
 def _child(sock, harness):

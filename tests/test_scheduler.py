@@ -105,11 +105,12 @@ def test_running_job_cancel_and_shutdown():
         s.cancel("0", peers[0].send)
         await settle()
         assert peers[0].frames[-1]["reason"] == "cancelled"
-        assert s.end_queued(Reason.SHUTDOWN) == 1
+        assert s.refuse_queued("BUSY", "runnerd is shutting down") == 1
         assert s.stop_running(Reason.SHUTDOWN) == 2
         await settle()
-        reasons = sorted(p.frames[-1]["reason"] for p in peers)
-        assert reasons == ["cancelled", "shutdown", "shutdown", "shutdown"]
+        assert peers[3].frames[-1]["type"] == "error" and peers[3].frames[-1]["code"] == "BUSY"
+        reasons = sorted(p.frames[-1]["reason"] for p in peers[:3])
+        assert reasons == ["cancelled", "shutdown", "shutdown"]
         assert (s.running, s.queued) == (0, 0)
         await s.close()
 

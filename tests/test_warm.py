@@ -8,7 +8,6 @@ import signal
 import struct
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
