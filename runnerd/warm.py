@@ -424,9 +424,16 @@ class Zygote:
             ex.problem = f"zygote {self.index} died during the job"
             ex.status = None
             if ex.stop_reason is None:
+                if not ex.report.started:
+                    # A zygote being killed still takes a message until its
+                    # (slow) exit closes its socket; its G never said "start",
+                    # so nothing of the job ran: it can go elsewhere.
+                    raise NotHandedOver(f"zygote {self.index} died before the job started")
                 raise ZygoteGone(ex.problem)
-        if ex.status == 125 or ex.status == 126:
-            ex.problem = err.text().strip()[-1000:]
+        if ex.status == 125:
+            # G could not set the job up (zygote.py); it said why on its own
+            # stderr, which is the zygote's, not the job's.
+            ex.problem = self.diagnostics()
         return ex
 
 
