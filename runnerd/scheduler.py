@@ -56,8 +56,8 @@ class Subscriber:
 @dataclass
 class JobRecord:
     id: str
-    digest: str
-    spec: JobSpec
+    digest: str  # what a resend is compared with, once the spec is gone
+    spec: JobSpec | None  # dropped when the job ends: its inputs may be 64 MiB
     state: State = State.QUEUED
     subscribers: dict[Hashable, Subscriber] = field(default_factory=dict)
     chunks: list[tuple[str, int, bytes]] = field(default_factory=list)
@@ -236,6 +236,7 @@ class Scheduler:
             record.state = State.RUNNING
             record.stop = asyncio.get_running_loop().create_future()
             started = time.monotonic()
+            assert record.spec is not None  # dropped only when the job ends
             try:
                 result = await self.runner(
                     record.spec, on_output=lambda s, d, r=record: self._output(r, s, d), stop=record.stop
@@ -264,6 +265,7 @@ class Scheduler:
     def _finish(self, record: JobRecord, result: Result, *, wall_s: float) -> None:
         record.state = State.DONE
         record.result = result
+        record.spec = None
         record.finished_at = time.monotonic()
         record.size += _result_size(result)
         self.done += 1

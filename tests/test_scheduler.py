@@ -112,6 +112,8 @@ def test_running_job_cancel_and_shutdown():
         reasons = sorted(p.frames[-1]["reason"] for p in peers[:3])
         assert reasons == ["cancelled", "shutdown", "shutdown"]
         assert (s.running, s.queued) == (0, 0)
+        # An ended job keeps its digest and result, not its inputs.
+        assert all(r.spec is None for r in s.jobs.values()) and len(s.jobs) == 3
         await s.close()
 
     asyncio.run(main())
