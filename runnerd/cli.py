@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -94,7 +95,8 @@ async def _run_local(cfg: config_mod.Config, code: str, files: list[tuple[str, b
     from .runtime import open_runtime
 
     job = make_job(code, files, timeout, limits=cfg.limits)
-    runtime = await open_runtime(cfg, probe=False)
+    # One job: a warm pool (the service's config may ask for one) would only cost its start-up.
+    runtime = await open_runtime(dataclasses.replace(cfg, mode="cold"), probe=False)
     try:
 
         def on_output(stream: str, data: bytes) -> None:
