@@ -22,11 +22,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import SandboxError
 
@@ -37,6 +40,8 @@ CGROUP2_SUPER_MAGIC = 0x63677270
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 V2_CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000
+# The leaf a delegated daemon moves itself into (v2: no processes in inner nodes).
+SUPERVISOR = "supervisor"
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,27 @@ def _kill_until_empty(procs_files: list[Path], timeout: float = 5.0) -> bool:
         time.sleep(0.005)
 
 
+def _rmdir_if_empty(path: Path) -> bool:
+    """rmdir a parent cgroup unless something (a job cgroup, another runnerd) still uses it."""
+    try:
+        os.rmdir(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def _mkdir_job(path: Path, prepare: Callable[[], None]) -> None:
+    """mkdir a job cgroup; if its parent is gone (a ``runnerd check`` beside this
+    process released it between two jobs), make the parents again once."""
+    try:
+        path.mkdir()
+    except FileNotFoundError:
+        prepare()
+        path.mkdir()
+
+
 class JobCgroup(ABC):
     name: str
 
@@ -173,6 +199,10 @@ class Cgroups(ABC):
 
     @abstractmethod
     def describe(self) -> str: ...
+
+    @abstractmethod
+    def release(self) -> None:
+        """Remove the parent cgroup(s) this process made, when no job cgroup is left in them."""
 
 
 # ---------------------------------------------------------------- v1
@@ -220,6 +250,7 @@ class CgroupsV1(Cgroups):
             )
         self.mounts = mounts
         self.parent = parent.strip("/") or "runnerd"
+        self._made: set[Path] = set()
 
     def _parents(self) -> dict[str, Path]:
         return {c: self.mounts[c] / self.parent for c in V1_CONTROLLERS}
@@ -230,7 +261,10 @@ class CgroupsV1(Cgroups):
     def prepare(self) -> None:
         for controller, parent in self._parents().items():
             try:
-                parent.mkdir(exist_ok=True)
+                parent.mkdir()
+                self._made.add(parent)
+            except FileExistsError:
+                pass
             except OSError as exc:
                 raise SandboxError(f"cgroup v1: cannot create {parent}: {exc.strerror} (is runnerd root?)") from None
             if controller == "memory" and _read(parent / "memory.use_hierarchy").strip() == "0":
@@ -246,7 +280,7 @@ class CgroupsV1(Cgroups):
                     continue
                 d = parent / name
                 if d not in made:
-                    d.mkdir()
+                    _mkdir_job(d, self.prepare)
                     made.append(d)
                 dirs[controller] = d
             mem = dirs["memory"]
@@ -265,6 +299,9 @@ class CgroupsV1(Cgroups):
                 raise
             raise SandboxError(f"cgroup v1: cannot create job cgroup {name}: {exc.strerror}") from None
         return JobCgroupV1(name, dirs)
+
+    def release(self) -> None:
+        self._made = {p for p in self._made if not _rmdir_if_empty(p)}
 
     def existing(self, prefix: str = JOB_PREFIX) -> list[JobCgroup]:
         names: set[str] = set()
@@ -314,13 +351,14 @@ class JobCgroupV2(JobCgroup):
 class CgroupsV2(Cgroups):
     version = 2
 
-    def __init__(self, mount: Path, parent: str = "auto", self_cgroup: str | None = None, under_systemd: bool = False) -> None:
+    def __init__(self, mount: Path, parent: str = "auto", delegated_unit: str | None = None) -> None:
         self.mount = mount
         self.delegated = False
+        self._made_parent = False
         if parent == "auto":
-            if under_systemd and self_cgroup and self_cgroup.rstrip("/").endswith(".service"):
+            if delegated_unit:
                 # Delegate=yes: the service's own cgroup is ours to divide.
-                self.parent = mount / self_cgroup.strip("/")
+                self.parent = mount / delegated_unit.strip("/")
                 self.delegated = True
             else:
                 self.parent = mount / "runnerd"
@@ -349,7 +387,7 @@ class CgroupsV2(Cgroups):
         if self.delegated:
             # No internal processes: move this daemon into a leaf, then enable
             # the controllers for the parent's children.
-            leaf = self.parent / "supervisor"
+            leaf = self.parent / SUPERVISOR
             leaf.mkdir(exist_ok=True)
             _write(leaf / "cgroup.procs", str(os.getpid()))
             self._enable(self.parent)
@@ -360,16 +398,23 @@ class CgroupsV2(Cgroups):
         for rel in ancestors:
             self._enable(self.mount / rel)
         try:
-            self.parent.mkdir(exist_ok=True)
+            self.parent.mkdir()
+            self._made_parent = True
+        except FileExistsError:
+            pass
         except OSError as exc:
             raise SandboxError(f"cgroup v2: cannot create {self.parent}: {exc.strerror} (is runnerd root?)") from None
         self._enable(self.parent)
+
+    def release(self) -> None:
+        if self._made_parent and _rmdir_if_empty(self.parent):
+            self._made_parent = False
 
     def create(self, name: str, limits: CgroupLimits, *, quota: bool = True) -> JobCgroup:
         # One hierarchy: the CPU quota costs nothing more to set here.
         path = self.jobs / name
         try:
-            path.mkdir()
+            _mkdir_job(path, self.prepare)
         except OSError as exc:
             raise SandboxError(f"cgroup v2: cannot create {path}: {exc.strerror}") from None
         try:
@@ -395,6 +440,47 @@ class CgroupsV2(Cgroups):
 # ---------------------------------------------------------------- detection
 
 
+def delegated_unit(own: str, is_delegated: Callable[[str], bool]) -> str | None:
+    """The systemd unit cgroup (relative to the v2 mount) delegated to this process, if any.
+
+    *own* is this process's cgroup: the unit's own at first start, its
+    ``supervisor`` leaf once runnerd has moved there (a reload, or a second
+    check in the same process), so both lead to the unit.
+    """
+    rel = own.strip("/")
+    candidates = [rel]
+    head, _, leaf = rel.rpartition("/")
+    if leaf == SUPERVISOR and head:
+        candidates.append(head)
+    for candidate in candidates:
+        if candidate.endswith((".service", ".scope")) and is_delegated(candidate):
+            return candidate
+    return None
+
+
+def systemd_delegated(path: Path) -> bool:
+    """Did systemd delegate the cgroup at *path* (``Delegate=yes``)?
+
+    systemd >= 251 marks such a cgroup with the ``trusted.delegate`` xattr
+    (``user.delegate`` from 254); an older one is asked over systemctl.
+    """
+    for attr in ("trusted.delegate", "user.delegate"):
+        try:
+            return os.getxattr(path, attr) == b"1"
+        except OSError:
+            continue
+    systemctl = shutil.which("systemctl")
+    if systemctl is None or not Path("/run/systemd/system").is_dir():
+        return False
+    try:
+        proc = subprocess.run(
+            [systemctl, "show", "--property=Delegate", "--value", path.name], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.stdout.strip() == "yes"
+
+
 def _mountinfo(text: str) -> list[tuple[Path, str, list[str]]]:
     """(mount point, fs type, super options) of each line of /proc/self/mountinfo."""
     mounts = []
@@ -409,8 +495,17 @@ def _mountinfo(text: str) -> list[tuple[Path, str, list[str]]]:
     return mounts
 
 
-def detect(parent: str = "auto", mountinfo: str | None = None, self_cgroup_text: str | None = None) -> Cgroups:
-    """The cgroup layout of this host; SandboxError if neither v1 nor v2 is usable."""
+def detect(
+    parent: str = "auto",
+    mountinfo: str | None = None,
+    self_cgroup_text: str | None = None,
+    is_delegated: Callable[[str], bool] | None = None,
+) -> Cgroups:
+    """The cgroup layout of this host; SandboxError if neither v1 nor v2 is usable.
+
+    *is_delegated* (for tests) answers whether the cgroup at a path relative
+    to the v2 mount was delegated; by default :func:`systemd_delegated`.
+    """
     if mountinfo is None:
         mountinfo = _read(Path("/proc/self/mountinfo"))
     if self_cgroup_text is None:
@@ -426,8 +521,10 @@ def detect(parent: str = "auto", mountinfo: str | None = None, self_cgroup_text:
                 if controller in options:
                     v1.setdefault(controller, point)
     if v2_mount is not None:
-        own = next((line[3:] for line in self_cgroup_text.splitlines() if line.startswith("0::")), None)
-        return CgroupsV2(v2_mount, parent, self_cgroup=own, under_systemd="INVOCATION_ID" in os.environ)
+        own = next((line[3:] for line in self_cgroup_text.splitlines() if line.startswith("0::")), "")
+        mount = v2_mount
+        unit = delegated_unit(own, is_delegated or (lambda rel: systemd_delegated(mount / rel)))
+        return CgroupsV2(v2_mount, parent, delegated_unit=unit)
     if v1:
         return CgroupsV1(v1, "runnerd" if parent == "auto" else parent)
     raise SandboxError("no cgroup hierarchy found: mount cgroup v2 at /sys/fs/cgroup, or the v1 memory/pids/cpu/cpuacct controllers")

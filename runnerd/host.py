@@ -141,6 +141,7 @@ class HostState:
         raise SandboxError(f"all {MAX_SLOTS} cage slots are in use")
 
     def close(self) -> None:
+        self.cgroups.release()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1

@@ -50,6 +50,11 @@ def checkout() -> Path:
     return root
 
 
+def policy_files(root: Path) -> list[Path]:
+    """Every file of the shipped policy (the nsjail config and each kafel policy it or warm mode reads)."""
+    return sorted(p for p in (root / "policies").iterdir() if p.suffix in (".cfg", ".kafel"))
+
+
 def _tree_digest(root: Path) -> str:
     h = hashlib.sha256()
     for pattern in ("setup.cfg", "pyproject.toml", "runnerd/*.py", "policies/*", "env/*"):
@@ -149,9 +154,9 @@ def install(*, root: Path = Path("/"), build_env: bool = True, say: Callable[[st
     # 4. config and policies (never overwritten)
     conf_dir = inside(CONFIG_DIR)
     (conf_dir / "policies").mkdir(parents=True, exist_ok=True)
-    for name in ("default.cfg", "default.kafel"):
+    for shipped in policy_files(src):
+        name = shipped.name
         dest = conf_dir / "policies" / name
-        shipped = src / "policies" / name
         if not dest.exists():
             shutil.copyfile(shipped, dest)
             say(f"{CONFIG_DIR}/policies/{name}: written")

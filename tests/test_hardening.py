@@ -314,3 +314,74 @@ def test_start_up_sweeps_what_a_crash_left(cage_confirmed):
         HostState(config, detect(config.cgroup_parent)).sweep()
         sweep(state / "jobs")
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_cgroup_parents_go_with_the_process_that_made_them(cage_confirmed):
+    """`runnerd check` and a stopped daemon leave no parent cgroup behind; one in use stays."""
+    from runnerd.cgroups import CgroupLimits, CgroupsV1, detect
+
+    parent = f"runnerd-release-{uuid.uuid4().hex[:6]}"
+    first, second = detect(parent), detect(parent)
+
+    def dirs() -> list[Path]:
+        return list(first._parents().values()) if isinstance(first, CgroupsV1) else [first.parent]  # type: ignore[attr-defined]
+
+    first.prepare()
+    assert all(d.is_dir() for d in dirs())
+    second.prepare()  # found, not made: this one never removes them
+    job = first.create("job-release", CgroupLimits(64 << 20, 8, 100))
+    first.release()  # a job cgroup is inside: kept
+    assert all(d.is_dir() for d in dirs())
+    assert job.remove()
+    second.release()
+    assert all(d.is_dir() for d in dirs())
+    first.release()
+    assert not any(d.exists() for d in dirs())
+    # A job cgroup made after a release (a `runnerd check` beside a daemon) makes its parents again.
+    job = second.create("job-release-2", CgroupLimits(64 << 20, 8, 100))
+    assert job.remove()
+    second.release()
+    assert not any(d.exists() for d in dirs())
+
+
+def test_check_leaves_no_cgroup_behind(cage_confirmed, tmp_path):
+    parent = f"runnerd-check-{uuid.uuid4().hex[:6]}"
+    conf = tmp_path / "r.toml"
+    conf.write_text(f'cgroup_parent = "{parent}"\nenv_path = "{cage_confirmed.config.sandbox_env}"\n'
+                    f'state_dir = "{cage_confirmed.config.state_dir}"\n')
+    proc = subprocess.run([sys.executable, "-m", "runnerd", "--config", str(conf), "check"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok   library set" in proc.stdout
+    assert not list(Path("/sys/fs/cgroup").glob(f"**/{parent}")), "check left its cgroup parent behind"
+
+
+# What systemd's PrivateDevices=yes leaves a service: a tmpfs /dev holding a few
+# device nodes and the /dev/fd link, mounted read-only (nosuid, noexec).
+PRIVATE_DEVICES = """set -e
+mount -t tmpfs -o nosuid,noexec,mode=755 tmpfs /dev
+for d in null:1:3 zero:1:5 full:1:7 random:1:8 urandom:1:9; do
+    name=${d%%:*}; nums=${d#*:}; mknod -m 666 /dev/$name c ${nums%%:*} ${nums#*:}
+done
+ln -s /proc/self/fd /dev/fd
+mount -o remount,bind,ro,nosuid,noexec /dev
+exec "$@"
+"""
+
+
+def test_jobs_run_under_a_read_only_dev(cage_confirmed, tmp_path):
+    """The shipped policy's device binds work when the host's /dev is read-only (PrivateDevices=yes)."""
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import os\nwith open('/dev/null', 'w') as f: f.write('x')\n"
+        "print('devices ok', len(os.urandom(8)), open('/dev/zero', 'rb').read(2))\n"
+    )
+    conf = tmp_path / "r.toml"
+    conf.write_text(f'env_path = "{cage_confirmed.config.sandbox_env}"\nstate_dir = "{cage_confirmed.config.state_dir}"\n')
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_DEVICES, "sh",
+         sys.executable, "-m", "runnerd", "--config", str(conf), "run", str(job), "--timeout", "20"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "devices ok 8 b'\\x00\\x00'" in proc.stdout

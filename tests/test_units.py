@@ -313,14 +313,43 @@ def test_detect_v1_with_comounted_cpu():
     assert cg.mounts["cpu"] == cg.mounts["cpuacct"] == Path("/sys/fs/cgroup/cpu,cpuacct")
 
 
-def test_detect_v2_delegated_under_systemd(monkeypatch):
-    monkeypatch.setenv("INVOCATION_ID", "x")
-    cg = cgroups.detect("auto", MOUNTINFO_V2, "0::/system.slice/runnerd.service\n")
+def test_detect_v2_delegated_by_systemd():
+    delegated = {"system.slice/runnerd.service"}
+    cg = cgroups.detect("auto", MOUNTINFO_V2, "0::/system.slice/runnerd.service\n", delegated.__contains__)
     assert isinstance(cg, cgroups.CgroupsV2) and cg.delegated
     assert cg.jobs == Path("/sys/fs/cgroup/system.slice/runnerd.service/jobs")
-    monkeypatch.delenv("INVOCATION_ID")
-    cg = cgroups.detect("auto", MOUNTINFO_V2, "0::/user.slice/session-1.scope\n")
-    assert not cg.delegated and cg.jobs == Path("/sys/fs/cgroup/runnerd")
+    # After prepare() the daemon lives in the unit's supervisor leaf; a reload
+    # detects again from there and must find the same unit, not /runnerd.
+    again = cgroups.detect("auto", MOUNTINFO_V2, "0::/system.slice/runnerd.service/supervisor\n", delegated.__contains__)
+    assert isinstance(again, cgroups.CgroupsV2) and again.delegated and again.jobs == cg.jobs
+    assert "delegated by systemd" in again.describe()
+
+
+@pytest.mark.parametrize(
+    "own",
+    [
+        "/system.slice/runnerd.service",  # a unit without Delegate=yes
+        "/user.slice/user-0.slice/session-1.scope",  # a login shell
+        "/system.slice/other.service/supervisor/deeper",
+        "/",
+    ],
+)
+def test_detect_v2_not_delegated(own: str):
+    cg = cgroups.detect("auto", MOUNTINFO_V2, f"0::{own}\n", lambda rel: False)
+    assert isinstance(cg, cgroups.CgroupsV2) and not cg.delegated
+    assert cg.jobs == Path("/sys/fs/cgroup/runnerd") and "made by runnerd" in cg.describe()
+
+
+def test_systemd_delegated_reads_the_xattr(tmp_path: Path):
+    marked = tmp_path / "a.service"
+    marked.mkdir()
+    try:
+        os.setxattr(marked, "user.delegate", b"1")
+    except OSError as exc:
+        pytest.skip(f"this filesystem takes no user xattrs: {exc}")
+    assert cgroups.systemd_delegated(marked)
+    os.setxattr(marked, "user.delegate", b"0")
+    assert not cgroups.systemd_delegated(marked)
 
 
 def _fake_v2_cgroup(path: Path, controllers: str = "cpu memory pids") -> None:
