@@ -159,14 +159,33 @@ def error_from_report(end: dict[str, Any] | None) -> ErrorInfo | None:
 
 
 def nsjail_status(nsjail_log: str, returncode: int | None, started: bool) -> int | None:
-    """PID 1's exit as nsjail saw it: a code, minus a signal number, or None."""
+    """PID 1's exit as nsjail saw it: a code, minus a signal number, or None if nsjail never said.
+
+    A job process that dies of a signal makes PID 1 exit 128+N, which nsjail
+    logs; None means nsjail itself did not see the job end (it died first).
+    """
     if m := _EXIT_RE.search(nsjail_log):
         return int(m.group(1))
     if m := _SIGNAL_RE.search(nsjail_log):
         return -int(m.group(1))
+    # No exit line, but nsjail exited by itself: its own exit status is its
+    # child's (a policy may set log_level above INFO, which hides the line).
     if returncode is not None and returncode >= 0 and started:
         return returncode
     return None
+
+
+def nsjail_fault(returncode: int | None, problems: str) -> str:
+    """Why the cage failed under a job whose exit nsjail never reported."""
+    if returncode is not None and returncode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"died of signal {-returncode}"
+    else:
+        how = f"exited with status {returncode}"
+    why = f"nsjail {how} while the job ran, without reporting the job's exit"
+    return f"{why} ({problems})" if problems else why
 
 
 def exit_status(trusted: int | None, report: Report) -> int | None:
@@ -199,6 +218,7 @@ class Execution:
     stop_reason: Reason | None = None
     report: Report = field(default_factory=Report)  # what the harness said; untrusted
     problem: str = ""  # why the cage did not start, when it did not
+    cage_fault: str = ""  # why the cage itself broke while the job ran, when it did
     stats: CgroupStats = field(default_factory=CgroupStats)
 
 
@@ -336,9 +356,13 @@ def capped(buffer: bytearray, cap: int) -> Callable[[bytes], None]:
 
 
 def build_result(
-    ex: Execution, out: StreamCapture, err: StreamCapture, collected: Collected, *, policy: Policy, config: Config
-) -> Result:
-    """The outcome rules (result.py) applied to what the host saw, with every warning explained."""
+    ex: Execution, out: StreamCapture, err: StreamCapture, collected: Collected, *,
+    policy: Policy, config: Config, job_id: str,
+) -> Result:  # fmt: skip
+    """The outcome rules (result.py) applied to what the host saw, with every warning explained.
+
+    *job_id* names the job in the log: the client's id when there is one.
+    """
     report = ex.report
     status = exit_status(ex.status, report) if ex.stop_reason is None else None
     error = error_from_report(report.end)
@@ -352,6 +376,7 @@ def build_result(
         output_limit=ex.stop_reason is Reason.OUTPUT_LIMIT,
         oom_kills=ex.stats.oom_kills,
         has_error=error is not None and status != 0,
+        cage_failed=bool(ex.cage_fault),
     )
     outcome, reason = decide(obs)
     warnings = collected.warnings.final()
@@ -376,10 +401,14 @@ def build_result(
     dropped_by_harness = _small_int((report.end or {}).get("figures_dropped")) or 0
     if dropped_by_harness > 0:
         warnings.append(f"{dropped_by_harness} open figure(s) not rendered: over {config.limits.max_figures}")
-    if reason is Reason.SANDBOX_ERROR:
+    if reason is Reason.SANDBOX_ERROR and ex.cage_fault:
+        warnings.append(f"sandbox error: {ex.cage_fault}")
+        # The host's fault, not the job's, and the daemon serves on: a warning.
+        log.warning("job %s: sandbox error: %s", job_id, ex.cage_fault)
+    elif reason is Reason.SANDBOX_ERROR:
         problem = ex.problem or err.text().strip()[-2000:] or "the cage exited before the job started"
         warnings.append(f"sandbox error: {problem}")
-        log.error("cage failed to start: %s", problem)
+        log.error("job %s: the cage failed to start: %s", job_id, problem)
     return Result(
         outcome=outcome,
         reason=reason,
@@ -395,8 +424,8 @@ def build_result(
     )
 
 
-def sandbox_failure(name: str, exc: Exception) -> Result:
-    log.error("job %s: sandbox error: %s", name, exc)
+def sandbox_failure(job_id: str, exc: Exception) -> Result:
+    log.error("job %s: sandbox error: %s", job_id, exc)
     return Result(outcome=Outcome.FAILED, reason=Reason.SANDBOX_ERROR, warnings=(f"sandbox error: {exc}",))
 
 
@@ -424,13 +453,17 @@ class Cage:
         on_output: OnOutput | None = None,
         stop: "asyncio.Future[Reason] | None" = None,
         name: str | None = None,
+        job_id: str | None = None,
     ) -> Result:
         """Run *job*; always returns a Result (a host-side failure is reason sandbox_error).
 
         *stop*, when it gets a result (``Reason.CANCELLED`` or
         ``Reason.SHUTDOWN``), kills the cage and ends the job with that reason.
+        *name* names the job's host resources (cgroup, directory); *job_id*,
+        the client's id, names it in the log (the name when there is none).
         """
         name = name or self.host.new_job_name()
+        label = job_id or name
         lease: SlotLease | None = None
         ws: Workspace | None = None
         cg: JobCgroup | None = None
@@ -449,9 +482,9 @@ class Cage:
             collected = await asyncio.to_thread(
                 collect, ws.work, ws.figures, exclude=frozenset(ws.input_names), limits=limits
             )
-            result = build_result(ex, out, err, collected, policy=self.policy, config=self.config)
+            result = build_result(ex, out, err, collected, policy=self.policy, config=self.config, job_id=label)
         except SandboxError as exc:
-            result = sandbox_failure(name, exc)
+            result = sandbox_failure(label, exc)
         finally:
             await asyncio.shield(asyncio.to_thread(self._teardown, cg, ws, lease))
         return result
@@ -523,6 +556,8 @@ class Cage:
         text = nsjail_log.decode("utf-8", "replace")
         ex.status = nsjail_status(text, returncode, ex.report.started)
         ex.problem = nsjail_problems(text)
+        if ex.status is None and ex.stop_reason is None and ex.report.started:
+            ex.cage_fault = nsjail_fault(returncode, ex.problem)
         ex.stats = cg.stats()
         return ex
 

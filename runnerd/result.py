@@ -31,7 +31,7 @@ class Reason(str, enum.Enum):
     TIMEOUT = "timeout"              # the wall clock ran out (OUTCOME_DEADLINE_EXCEEDED)
     CANCELLED = "cancelled"          # a client cancelled it
     SHUTDOWN = "shutdown"            # the daemon stopped before the job finished
-    SANDBOX_ERROR = "sandbox_error"  # the cage could not be set up; not the code's fault
+    SANDBOX_ERROR = "sandbox_error"  # the cage could not be set up, or broke under the job; not the code's fault
 
 
 @dataclass(frozen=True)
@@ -169,13 +169,18 @@ class Observation:
     output_limit: bool = False
     oom_kills: int = 0
     has_error: bool = False      # the harness reported an uncaught exception
+    # The cage itself broke while the job ran (nsjail or the zygote died, or
+    # did not report the job's exit): how the job would have ended is unknown.
+    cage_failed: bool = False
 
 
 def decide(obs: Observation) -> tuple[Outcome, Reason | None]:
     """The outcome rules, in priority order.
 
     What the host did (deadline, cancel, shutdown, output kill) wins over what
-    it saw, then the kernel's word (OOM kill), then the harness's report,
+    it saw, then a cage that failed (to start, or under the job: the job's
+    own end is then unknown, and never blamed on its code), then the
+    kernel's word (OOM kill), then the harness's report,
     then the bare exit status. The harness only runs inside the cage, so its
     report can only make a job look *worse* than the status says: a job
     never becomes OK on the harness's word alone.
@@ -188,7 +193,7 @@ def decide(obs: Observation) -> tuple[Outcome, Reason | None]:
         return Outcome.FAILED, Reason.SHUTDOWN
     if obs.output_limit:
         return Outcome.FAILED, Reason.OUTPUT_LIMIT
-    if not obs.started:
+    if not obs.started or obs.cage_failed:
         return Outcome.FAILED, Reason.SANDBOX_ERROR
     status = obs.exit_status
     if obs.oom_kills and status != 0:

@@ -37,7 +37,7 @@ from .result import Outcome, Reason, Result
 log = logging.getLogger(__name__)
 
 Send = Callable[[bytes], None]
-Runner = Callable[..., Awaitable[Result]]  # (job, *, on_output, stop, name) -> Result
+Runner = Callable[..., Awaitable[Result]]  # (job, *, on_output, stop, name, job_id) -> Result
 LATENCY_WINDOW = 1000
 
 
@@ -239,7 +239,8 @@ class Scheduler:
             assert record.spec is not None  # dropped only when the job ends
             try:
                 result = await self.runner(
-                    record.spec, on_output=lambda s, d, r=record: self._output(r, s, d), stop=record.stop
+                    record.spec, on_output=lambda s, d, r=record: self._output(r, s, d), stop=record.stop,
+                    job_id=record.id,
                 )
             except asyncio.CancelledError:
                 self.running -= 1

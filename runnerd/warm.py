@@ -322,10 +322,13 @@ class Zygote:
 
     # ------------------------------------------------------------ a job
 
-    async def run(self, job: JobSpec, *, on_output: OnOutput | None, stop: "asyncio.Future[Reason] | None") -> Result:
+    async def run(
+        self, job: JobSpec, *, on_output: OnOutput | None, stop: "asyncio.Future[Reason] | None", job_id: str | None,
+    ) -> Result:  # fmt: skip
         assert self.armed is not None and self.lease is not None and self.ctl is not None
         assert self.spool is not None
         name, cg = self.armed
+        label = job_id or name
         self.armed = None
         limits = self.config.limits
         ws: Workspace | None = None
@@ -349,11 +352,11 @@ class Zygote:
             collected = await asyncio.to_thread(
                 collect, ws.work, ws.figures, exclude=frozenset(ws.input_names), limits=limits
             )
-            return build_result(ex, out, err, collected, policy=self.policy, config=self.config)
+            return build_result(ex, out, err, collected, policy=self.policy, config=self.config, job_id=label)
         except NotHandedOver:
             raise
         except SandboxError as exc:
-            return sandbox_failure(name, exc)
+            return sandbox_failure(label, exc)
         finally:
             # Torn down by the slot's recycle step, after the result is on its way.
             self._leftover = (cg, ws)
@@ -539,8 +542,13 @@ class WarmCage:
 
     async def run(
         self, job: JobSpec, *, on_output: OnOutput | None = None, stop: "asyncio.Future[Reason] | None" = None,
-        name: str | None = None,
+        name: str | None = None, job_id: str | None = None,
     ) -> Result:  # fmt: skip
+        """Run *job* on a zygote of the kind its code needs; the same contract as Cage.run.
+
+        *name* only labels the log when there is no *job_id*: a warm job's host
+        resources are named when its child is armed, before the job arrives.
+        """
         pool = self.pools["full" if needs_full(job.code) else "light"]
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
@@ -548,13 +556,13 @@ class WarmCage:
                 zygote = await asyncio.wait_for(pool.ready.get(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 why = "; ".join(z.diagnostics() for z in pool.zygotes if z.dead) or "all busy recovering"
-                return sandbox_failure(name or "?", SandboxError(f"no warm zygote became ready in {READY_TIMEOUT_S:.0f} s ({why})"))
+                return sandbox_failure(job_id or name or "?", SandboxError(f"no warm zygote became ready in {READY_TIMEOUT_S:.0f} s ({why})"))
             if zygote.dead:  # died while it waited: replace it, take another
                 self._start_recycle(pool, zygote)
                 continue
             self.busy += 1
             try:
-                return await zygote.run(job, on_output=on_output, stop=stop)
+                return await zygote.run(job, on_output=on_output, stop=stop, job_id=job_id)
             except NotHandedOver:
                 continue  # nothing ran: the job goes to another zygote
             finally:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 import struct
 
+import psutil
 import pytest
 
 from runnerd.artifacts import sniff_image
 from runnerd.result import Outcome, Reason
 from runnerd.sandbox_env import LIBRARIES
 
-from .conftest import assert_serves
+from .conftest import assert_serves, wait_clean
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -81,6 +84,34 @@ def test_exit_zero_and_os_exit(run):
 def test_killed_by_signal(run):
     result = run("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     assert result.reason is Reason.SIGNAL and result.exit_code == -11
+
+
+def test_nsjail_killed_under_the_job_is_a_sandbox_error(run, cage_confirmed, caplog):
+    # The cage's own death is not the code's fault: not reason "signal", and
+    # the operator hears of it, by job id. (A signal that kills the user's
+    # process is still "signal": test_killed_by_signal.)
+    killed: list[int] = []
+
+    def kill_nsjail_once_running(stream: str, data: bytes) -> None:
+        if b"ready" in data and not killed:
+            for cage_proc in psutil.Process().children():
+                if cage_proc.name() == "nsjail":
+                    cage_proc.send_signal(signal.SIGKILL)
+                    killed.append(cage_proc.pid)
+
+    code = "import time\nprint('ready', flush=True)\ntime.sleep(20)\n"
+    with caplog.at_level(logging.WARNING, logger="runnerd"):
+        result = run(code, timeout=25, on_output=kill_nsjail_once_running, job_id="cold-nsjail-killed")
+    assert len(killed) == 1
+    assert result.outcome is Outcome.FAILED and result.reason is Reason.SANDBOX_ERROR, result
+    assert result.exit_code is None and result.error is None
+    assert result.stdout.startswith("ready")  # kept: what the job printed before the cage died
+    assert any("nsjail was killed by SIGKILL while the job ran" in w for w in result.warnings), result.warnings
+    assert 0 < result.usage.wall_s < 20
+    logged = [r for r in caplog.records if r.levelno == logging.WARNING and "cold-nsjail-killed" in r.getMessage()]
+    assert logged and "sandbox error" in logged[0].getMessage()
+    assert not any(wait_clean(cage_confirmed.config).values())
+    assert_serves(cage_confirmed)
 
 
 def test_deadline_keeps_partial_output(run, cage_confirmed):

@@ -20,9 +20,11 @@ class FakeRunner:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.runs = 0
+        self.job_ids: list[str | None] = []
 
-    async def __call__(self, job, *, on_output, stop, name=None) -> Result:
+    async def __call__(self, job, *, on_output, stop, name=None, job_id=None) -> Result:
         self.runs += 1
+        self.job_ids.append(job_id)
         on_output("stdout", job.code.encode())
         waiter = asyncio.ensure_future(self.release.wait())
         await asyncio.wait([waiter, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -83,6 +85,7 @@ def test_queue_busy_cancel_and_resend():
         assert a.types() == ["accepted", "stdout", "result"] and a.frames[-1]["outcome"] == "OUTCOME_OK"
         assert c.types()[-1] == "result"
         assert runner.runs == 1  # job 2 never ran, job 1 ran once
+        assert runner.job_ids == ["1"]  # the runner logs a job under the client's id
         with pytest.raises(ProtocolError) as info:
             s.cancel("1", c.send)
         assert info.value.code == "NOT_FOUND"

@@ -127,6 +127,10 @@ def obs(**kw) -> Observation:
         ({"exit_status": None, "cancelled": True}, (Outcome.FAILED, Reason.CANCELLED)),
         ({"exit_status": None, "output_limit": True}, (Outcome.FAILED, Reason.OUTPUT_LIMIT)),
         ({"started": False, "exit_status": 255}, (Outcome.FAILED, Reason.SANDBOX_ERROR)),
+        # the cage broke under the job: never blamed on the code, whatever else it saw
+        ({"exit_status": None, "cage_failed": True}, (Outcome.FAILED, Reason.SANDBOX_ERROR)),
+        ({"exit_status": None, "cage_failed": True, "oom_kills": 1, "has_error": True}, (Outcome.FAILED, Reason.SANDBOX_ERROR)),
+        ({"exit_status": None, "cage_failed": True, "cancelled": True}, (Outcome.FAILED, Reason.CANCELLED)),
         # the deadline wins over everything the job did
         ({"timed_out": True, "oom_kills": 2, "has_error": True}, (Outcome.DEADLINE_EXCEEDED, Reason.TIMEOUT)),
     ],
