@@ -83,6 +83,7 @@ INLINE_BYTES = 1 << 20       # inputs below this are written on the event loop i
 RESTART_BACKOFF_S = (0.5, 2.0, 10.0)
 # The zygote itself: its interpreter, nsjail, and a child before it moves out.
 ZYGOTE_PIDS = 32
+NO_MESSAGE = "no message"
 
 
 def _frame(message: dict[str, Any]) -> bytes:
@@ -196,7 +197,7 @@ class Zygote:
         """What the zygote and its nsjail said, for the log and for sandbox errors."""
         said = self._stderr.decode("utf-8", "replace").strip()[-1500:]
         problems = nsjail_problems(self._nsjail_log.decode("utf-8", "replace"))
-        return "; ".join(p for p in (problems, said) if p) or "no message"
+        return "; ".join(p for p in (problems, said) if p) or NO_MESSAGE
 
     def _gone(self, why: str) -> None:
         if not self.dead:
@@ -348,6 +349,10 @@ class Zygote:
             out = StreamCapture("stdout", limits.max_output_bytes)
             err = StreamCapture("stderr", limits.max_output_bytes)
             ex = await self._execute(job, name, ws, cg, out, err, on_output, stop)
+            if ex.cage_fault:
+                # No G reaped the job: its processes may outlive the zygote for a
+                # moment. None may run while the outputs are collected.
+                await asyncio.to_thread(cg.kill)
             ex.stats = cg.stats()  # a few small reads
             collected = await asyncio.to_thread(
                 collect, ws.work, ws.figures, exclude=frozenset(ws.input_names), limits=limits
@@ -424,7 +429,6 @@ class Zygote:
             event = exit_event.result()
             ex.status = -int(event["signal"]) if "signal" in event else int(event.get("code", -1))
         else:
-            ex.problem = f"zygote {self.index} died during the job"
             ex.status = None
             if ex.stop_reason is None:
                 if not ex.report.started:
@@ -432,7 +436,10 @@ class Zygote:
                     # (slow) exit closes its socket; its G never said "start",
                     # so nothing of the job ran: it can go elsewhere.
                     raise NotHandedOver(f"zygote {self.index} died before the job started")
-                raise ZygoteGone(ex.problem)
+                # The job ran: its result (sandbox_error, with its output and
+                # usage so far) comes from build_result, like a cold cage's.
+                said = self.diagnostics()
+                ex.cage_fault = f"zygote {self.index} died during the job" + (f": {said}" if said != NO_MESSAGE else "")
         if ex.status == 125:
             # G could not set the job up (zygote.py); it said why on its own
             # stderr, which is the zygote's, not the job's.

@@ -13,9 +13,9 @@ import psutil
 import pytest
 
 from runnerd import zygote
-from runnerd.client import Client
+from runnerd.client import Client, Finished, Output
 from runnerd.config import default_policy_path
-from runnerd.result import Reason
+from runnerd.result import Reason, Result
 
 from .conftest import start_daemon, wait_clean
 
@@ -180,19 +180,23 @@ def zygote_processes(daemon: psutil.Process) -> list[psutil.Process]:
 def test_a_dead_zygote_is_replaced(cage_confirmed, state_dir):
     d = start_daemon(state_dir, "zdeath", cage_confirmed.config.sandbox_env, concurrency=2, mode="warm")
     try:
-        results: list[object] = []
+        results: dict[str, Result] = {}
+        working = {job_id: threading.Event() for job_id in ("zdeath-1", "zdeath-2")}
 
-        def long_job() -> None:
+        def long_job(job_id: str) -> None:
+            code = "x = bytearray(32 << 20)\nprint('working', flush=True)\nsum(range(10**9))"
             with Client(d.ipc) as c:
-                results.append(c.run("import time\nprint('working', flush=True)\ntime.sleep(20)", wait=60))
+                for event in c.stream(code, job_id=job_id, wait=60):
+                    if isinstance(event, Output):
+                        working[job_id].set()
+                    elif isinstance(event, Finished):
+                        results[job_id] = event.result
 
-        threads = [threading.Thread(target=long_job) for _ in range(2)]
+        threads = [threading.Thread(target=long_job, args=(job_id,)) for job_id in working]
         for t in threads:
             t.start()
-        with Client(d.tcp) as c:
-            while c.stats()["running"] < 2:
-                time.sleep(0.05)
-        time.sleep(0.5)
+        for started in working.values():
+            assert started.wait(60), "a job did not start"
         daemon = psutil.Process(d.proc.pid)
         zygotes = zygote_processes(daemon)
         assert len(zygotes) == 2 + 4  # full ones (the CPUs) and light ones (twice the concurrency)
@@ -200,8 +204,15 @@ def test_a_dead_zygote_is_replaced(cage_confirmed, state_dir):
             z.send_signal(signal.SIGKILL)
         for t in threads:
             t.join(timeout=60)
-        assert [r.reason for r in results] == [Reason.SANDBOX_ERROR] * 2
-        assert all(any("zygote" in w for w in r.warnings) for r in results)
+        assert sorted(results) == sorted(working)
+        for job_id, r in results.items():
+            assert r.reason is Reason.SANDBOX_ERROR, r
+            assert any("zygote" in w and "died during the job" in w for w in r.warnings), r.warnings
+            assert r.stdout == "working\n"
+            # It ran until the zygote died: what it used is known, and reported.
+            assert r.usage.wall_s > 0 and r.usage.cpu_s > 0 and r.usage.max_rss_bytes > 32 << 20, r.usage
+            assert f"job {job_id}: sandbox error: zygote" in d.log()
+        assert "job job-" not in d.log()  # never the internal cgroup name
         with Client(d.ipc) as c:
             fresh = [c.run("print('recovered')", wait=90) for _ in range(4)]
         assert all(r.ok and r.stdout == "recovered\n" for r in fresh), fresh
