@@ -128,6 +128,7 @@ class Zygote:
         self.spool: Path | None = None
         self._leftover: tuple[JobCgroup, Workspace | None] | None = None
         self.dead = False
+        self.closing = False  # set by close(): its end from then on is on purpose
         self.warm_ms = 0.0
         self._tasks: list[asyncio.Task[Any]] = []
         self._stderr = bytearray()
@@ -202,7 +203,9 @@ class Zygote:
     def _gone(self, why: str) -> None:
         if not self.dead:
             self.dead = True
-            log.warning("%s zygote %d is gone (%s): %s", self.kind, self.index, why, self.diagnostics())
+            # Only a death nobody asked for is news: close() ends every zygote.
+            level = logging.DEBUG if self.closing else logging.WARNING
+            log.log(level, "%s zygote %d is gone (%s): %s", self.kind, self.index, why, self.diagnostics())
             for queue in self.events.values():
                 queue.put_nowait(None)
 
@@ -290,6 +293,7 @@ class Zygote:
             await self.arm()
 
     async def close(self) -> None:
+        self.closing = True
         if self.arming is not None:
             self.arming.cancel()
             await asyncio.gather(self.arming, return_exceptions=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
 import os
 import re
 import signal
@@ -15,7 +18,10 @@ import pytest
 from runnerd import zygote
 from runnerd.client import Client, Finished, Output
 from runnerd.config import default_policy_path
+from runnerd.job import make_job
 from runnerd.result import Reason, Result
+from runnerd.runtime import open_runtime
+from runnerd.warm import WarmCage, Zygote
 
 from .conftest import start_daemon, wait_clean
 
@@ -242,3 +248,29 @@ def test_warm_daemon_reload_retires_the_old_pool(cage_confirmed, state_dir):
         assert before and not (zygote_pids() & before) and len(zygote_pids()) == 1 + 2  # one full, two light
     finally:
         assert d.stop() == 0, d.log()
+    # The old pool (retired by the reload) and the new one (SIGTERM) ended on purpose: no warnings.
+    assert "is gone" not in d.log(), d.log()
+
+
+def test_only_a_zygote_death_nobody_asked_for_warns(cage_confirmed, caplog):
+    config = dataclasses.replace(cage_confirmed.config, mode="warm", concurrency=1)
+
+    async def scenario() -> Zygote:
+        rt = await open_runtime(config, probe=False)
+        try:
+            assert isinstance(rt.runner, WarmCage)
+            assert (await rt.runner.run(make_job("print(1)", limits=config.limits))).ok
+            victim = rt.runner.pools["full"].zygotes[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while not victim.dead and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return victim
+        finally:
+            await rt.aclose()  # ends the other zygotes (two light ones) on purpose
+
+    with caplog.at_level(logging.WARNING, logger="runnerd"):
+        victim = asyncio.run(scenario())
+    gone = [r.getMessage() for r in caplog.records if "is gone" in r.getMessage()]
+    assert victim.dead and len(gone) == 1, gone
+    assert gone[0].startswith("full zygote 0 is gone")
