@@ -23,6 +23,7 @@ cage is a fresh nsjail process started with ``subprocess`` (vfork+exec).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 
 from .artifacts import Collected, collect
-from .cgroups import CgroupStats, JobCgroup
+from .cgroups import CgroupLimits, CgroupStats, JobCgroup
 from .config import Config
 from .errors import SandboxError
 from .host import HostState, SlotLease
@@ -59,8 +60,21 @@ MAX_LOG_BYTES = 256 << 10
 PIPE_DRAIN_S = 2.0
 READ_CHUNK = 1 << 16
 
+# nsjail itself stays in a cold job's cgroup, as the cage's parent, for the
+# whole job: it is moved in before it forks, so nothing of the cage escapes
+# the count. The policy's cgroup_pids_max is the job's own processes and
+# threads, its PID 1 (the harness's init) included, which is what a warm
+# job's cgroup counts (its init G, the user's process, what that starts);
+# nsjail's one task comes on top, or a cold job could start one child fewer.
+NSJAIL_TASKS = 1
+
 _EXIT_RE = re.compile(r"\) exited with status: (\d+)")
 _SIGNAL_RE = re.compile(r"\) terminated with signal: \S+ \((\d+)\)")
+
+
+def cold_cgroup_limits(policy_limits: CgroupLimits) -> CgroupLimits:
+    """The cgroup limits of a cold job: the policy's, plus room for nsjail itself."""
+    return dataclasses.replace(policy_limits, pids=policy_limits.pids + NSJAIL_TASKS)
 
 
 def pb_string(value: str) -> str:
@@ -475,7 +489,7 @@ class Cage:
                 uid=lease.uid, gid=lease.uid, scratch_bytes=limits.scratch_bytes,
                 scratch_inodes=limits.scratch_inodes, mplconfig=self.mplconfig,
             )  # fmt: skip
-            cg = self.host.cgroups.create(name, self.policy.limits)
+            cg = self.host.cgroups.create(name, cold_cgroup_limits(self.policy.limits))
             out = StreamCapture("stdout", limits.max_output_bytes)
             err = StreamCapture("stderr", limits.max_output_bytes)
             ex = await self._execute(job, ws, cg, lease.uid, out, err, on_output, stop)

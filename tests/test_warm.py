@@ -120,6 +120,41 @@ def test_the_zygote_policy_differs_only_by_what_a_child_needs():
 # ---------------------------------------------------------------- through a warm daemon
 
 
+LIVE_CHILDREN = """
+import os
+r, w = os.pipe()
+children = []
+while True:
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)  # lives until the parent closes its end
+        os._exit(0)
+    children.append(pid)
+print(len(children))
+os.close(w)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+def test_a_job_starts_as_many_children_cold_as_warm(daemon, warm_daemon, cage_confirmed):
+    # cgroup_pids_max counts the job's processes and threads: its PID 1 (the
+    # harness's init, or G), the user's process, and what that starts.
+    pids_max = cage_confirmed.policy.limits.pids
+    counts = {}
+    for mode, d in (("cold", daemon), ("warm", warm_daemon)):
+        with Client(d.ipc) as c:
+            r = c.run(LIVE_CHILDREN, timeout=20)
+        assert r.ok, r
+        assert any(f"at the limit of {pids_max}" in w for w in r.warnings), r.warnings
+        counts[mode] = int(r.stdout)
+    assert counts == {"cold": pids_max - 2, "warm": pids_max - 2}
+
+
 def test_a_job_cannot_reach_the_zygote_or_its_own_init(warm_daemon):
     code = (
         "import ctypes, errno, os, signal\nlibc = ctypes.CDLL(None, use_errno=True)\n"
