@@ -16,6 +16,8 @@ from __future__ import annotations
 import mimetypes
 import os
 import stat
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,12 @@ from .result import Artifact
 
 MAX_DEPTH = 16
 MAX_ENTRIES = 20_000
+# Warning lines that name something; past them, one count line per category.
 MAX_WARNINGS = 20
+# The kinds of oddity a job can leave, as a count line names them.
+LINK = "symbolic link(s)"
+SPECIAL = "special file(s)"
+NOT_AN_IMAGE = "file(s) named as images that are not"
 
 _IMAGE_MIME = {
     ".png": "image/png",
@@ -64,32 +71,64 @@ def _display_name(relative: str) -> str:
     return relative.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-class _Warnings(list):
-    """A list that keeps the first MAX_WARNINGS messages and counts the rest."""
+class Warnings:
+    """What the collection could not return: lost output first, in a bounded number of lines.
+
+    Lost output (a file or figure dropped, a directory not searched) is what
+    the job's author must hear of; oddities (links, FIFOs, images that are
+    not) are a job's own leftovers, and it can make thousands. So the lost
+    are named first, oddities in the room left, and what is past the room
+    is one count line per category.
+    """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.more = 0
+        self._lost: list[str] = []
+        self._lost_more = 0
+        self._odd: list[tuple[str, str]] = []  # (message, kind)
+        self._odd_more: Counter[str] = Counter()
 
-    def append(self, message: str) -> None:
-        if len(self) < MAX_WARNINGS:
-            super().append(message)
+    def lost(self, message: str) -> None:
+        """Output the job made that does not come back."""
+        if len(self._lost) < MAX_WARNINGS:
+            self._lost.append(message)
         else:
-            self.more += 1
+            self._lost_more += 1
 
-    def final(self) -> list[str]:
-        return [*self, f"... and {self.more} more like these"] if self.more else list(self)
+    def odd(self, message: str, kind: str) -> None:
+        """Something skipped or returned otherwise than named; *kind* counts it past the room."""
+        if len(self._odd) < MAX_WARNINGS:
+            self._odd.append((message, kind))
+        else:
+            self._odd_more[kind] += 1
+
+    def final(self, lost_first: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+        """(lost lines, oddity lines), at most MAX_WARNINGS named and a count line each.
+
+        *lost_first* is output lost before the collection (figures never rendered).
+        """
+        lost = [*lost_first, *self._lost]
+        lost_more = self._lost_more + max(0, len(lost) - MAX_WARNINGS)
+        lost = lost[:MAX_WARNINGS]
+        if lost_more:
+            lost.append(f"... and {lost_more} more output(s) dropped for the reasons above")
+        room = max(0, MAX_WARNINGS - len(lost))
+        odd = [message for message, _ in self._odd[:room]]
+        rest = Counter(kind for _, kind in self._odd[room:]) + self._odd_more
+        if rest:
+            counts = ", ".join(f"{n} {kind}" for kind, n in rest.most_common())
+            odd.append(f"... and {rest.total()} more not returned or returned as plain files: {counts}")
+        return lost, odd
 
 
 @dataclass
 class Collected:
     figures: list[Artifact] = field(default_factory=list)
     files: list[Artifact] = field(default_factory=list)
-    warnings: _Warnings = field(default_factory=_Warnings)
+    warnings: Warnings = field(default_factory=Warnings)
     dropped: bool = False
 
 
-def _walk(root: Path, exclude: frozenset[str], warnings: _Warnings) -> list[tuple[str, Path]]:
+def _walk(root: Path, exclude: frozenset[str], warnings: Warnings) -> list[tuple[str, Path]]:
     """(relative name, path) of the regular files under *root*, sorted, links and specials skipped."""
     found: list[tuple[str, Path]] = []
     stack: list[tuple[Path, str, int]] = [(root, "", 0)]
@@ -103,7 +142,7 @@ def _walk(root: Path, exclude: frozenset[str], warnings: _Warnings) -> list[tupl
         for entry in entries:
             seen += 1
             if seen > MAX_ENTRIES:
-                warnings.append(f"stopped looking for outputs after {MAX_ENTRIES} directory entries")
+                warnings.lost(f"stopped looking for outputs after {MAX_ENTRIES} directory entries: any past them are lost")
                 return sorted(found)
             relative = f"{prefix}{entry.name}"
             if not prefix and entry.name in exclude:
@@ -114,15 +153,15 @@ def _walk(root: Path, exclude: frozenset[str], warnings: _Warnings) -> list[tupl
                 continue
             if stat.S_ISDIR(st.st_mode):
                 if depth + 1 >= MAX_DEPTH:
-                    warnings.append(f"skipped {_display_name(relative)}/: nested deeper than {MAX_DEPTH} levels")
+                    warnings.lost(f"skipped {_display_name(relative)}/ and all in it: nested deeper than {MAX_DEPTH} levels")
                 else:
                     stack.append((Path(entry.path), relative + "/", depth + 1))
             elif stat.S_ISREG(st.st_mode):
                 found.append((relative, Path(entry.path)))
             elif stat.S_ISLNK(st.st_mode):
-                warnings.append(f"skipped {_display_name(relative)}: a symbolic link (links are never followed)")
+                warnings.odd(f"skipped {_display_name(relative)}: a symbolic link (links are never followed)", LINK)
             else:
-                warnings.append(f"skipped {_display_name(relative)}: not a regular file")
+                warnings.odd(f"skipped {_display_name(relative)}: not a regular file", SPECIAL)
     return sorted(found)
 
 
@@ -180,11 +219,11 @@ class _Budget:
         except OSError:
             return
         if size > lim.max_artifact_bytes:
-            out.warnings.append(f"dropped {name}: {size} bytes, over the {lim.max_artifact_bytes}-byte limit per file")
+            out.warnings.lost(f"dropped {name}: {size} bytes, over the {lim.max_artifact_bytes}-byte limit per file")
             out.dropped = True
             return
         if self.total + size > lim.max_artifacts_total_bytes:
-            out.warnings.append(f"dropped {name}: the outputs passed {lim.max_artifacts_total_bytes} bytes in all")
+            out.warnings.lost(f"dropped {name}: the outputs passed {lim.max_artifacts_total_bytes} bytes in all")
             out.dropped = True
             return
         data = _read_capped(path, lim.max_artifact_bytes)
@@ -195,15 +234,15 @@ class _Budget:
         actual = sniff_image(data) if claimed else None
         if claimed and actual:
             if len(out.figures) >= lim.max_figures:
-                out.warnings.append(f"dropped {name}: more than {lim.max_figures} figures")
+                out.warnings.lost(f"dropped {name}: more than {lim.max_figures} figures")
                 out.dropped = True
                 return
             out.figures.append(Artifact(self.unique(name), actual, data))
         else:
             if claimed and not rendered:
-                out.warnings.append(f"{name} is not a valid {suffix[1:].upper()} image; returned as a file")
+                out.warnings.odd(f"{name} is not a valid {suffix[1:].upper()} image; returned as a file", NOT_AN_IMAGE)
             if len(out.files) >= lim.max_artifact_files:
-                out.warnings.append(f"dropped {name}: more than {lim.max_artifact_files} files")
+                out.warnings.lost(f"dropped {name}: more than {lim.max_artifact_files} files")
                 out.dropped = True
                 return
             mime = mimetypes.guess_type(name)[0] if not claimed else None

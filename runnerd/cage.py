@@ -393,7 +393,11 @@ def build_result(
         cage_failed=bool(ex.cage_fault),
     )
     outcome, reason = decide(obs)
-    warnings = collected.warnings.final()
+    dropped_by_harness = _small_int((report.end or {}).get("figures_dropped")) or 0
+    unrendered = [f"{dropped_by_harness} open figure(s) not rendered: over {config.limits.max_figures}"]
+    # Lost output first (a reader may look at the first lines only), the
+    # job's own oddities (links, FIFOs, ...) last.
+    warnings, oddities = collected.warnings.final(lost_first=unrendered if dropped_by_harness > 0 else ())
     limits = policy.limits
     for capture in (out, err):
         if capture.truncated:
@@ -412,9 +416,6 @@ def build_result(
             f"killed after writing {out.total + err.total} bytes to stdout+stderr "
             f"(limits.output_kill_bytes = {config.limits.output_kill_bytes})"
         )
-    dropped_by_harness = _small_int((report.end or {}).get("figures_dropped")) or 0
-    if dropped_by_harness > 0:
-        warnings.append(f"{dropped_by_harness} open figure(s) not rendered: over {config.limits.max_figures}")
     if reason is Reason.SANDBOX_ERROR and ex.cage_fault:
         warnings.append(f"sandbox error: {ex.cage_fault}")
         # The host's fault, not the job's, and the daemon serves on: a warning.
@@ -423,6 +424,7 @@ def build_result(
         problem = ex.problem or err.text().strip()[-2000:] or "the cage exited before the job started"
         warnings.append(f"sandbox error: {problem}")
         log.error("job %s: the cage failed to start: %s", job_id, problem)
+    warnings += oddities
     return Result(
         outcome=outcome,
         reason=reason,

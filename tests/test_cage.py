@@ -9,7 +9,7 @@ import struct
 import psutil
 import pytest
 
-from runnerd.artifacts import sniff_image
+from runnerd.artifacts import MAX_WARNINGS, sniff_image
 from runnerd.result import Outcome, Reason
 from runnerd.sandbox_env import LIBRARIES
 
@@ -246,6 +246,19 @@ def test_symlink_to_host_file_is_not_returned(run, state_dir):
     assert result.stdout == "cannot read FileNotFoundError\n"
     assert any("leak.png: a symbolic link" in w for w in result.warnings)
     assert any("pipe.png: not a regular file" in w for w in result.warnings)
+
+
+def test_a_dropped_output_is_named_before_skipped_links(run):
+    code = (
+        "import os\n"
+        "with open('results.bin', 'wb') as f:\n    f.write(os.urandom(32 << 20))\n"
+        "for i in range(100):\n    os.symlink('results.bin', f'alias{i:03}.bin')\n"
+    )
+    result = run(code, timeout=20)
+    assert result.ok and result.truncated and not result.files
+    assert result.warnings[0] == "dropped results.bin: 33554432 bytes, over the 16777216-byte limit per file"
+    assert len(result.warnings) == MAX_WARNINGS + 1  # bounded: the rest of the links are one count line
+    assert result.warnings[-1] == "... and 81 more not returned or returned as plain files: 81 symbolic link(s)"
 
 
 def test_50mb_print_is_capped(run, cage_confirmed):

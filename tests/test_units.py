@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runnerd import cage, cgroups, config as config_mod, policy as policy_mod
+from runnerd import artifacts, cage, cgroups, config as config_mod, policy as policy_mod
 from runnerd.artifacts import collect, sniff_image
 from runnerd.config import Limits
 from runnerd.errors import ConfigError, JobRejected, PolicyError
@@ -194,10 +194,33 @@ def test_collect_skips_links_fifos_and_caps(tmp_path: Path):
     got = collect(work, figs, exclude=frozenset({"input.csv"}), limits=limits)
     assert [f.name for f in got.figures] == ["p0.png", "p1.png", "p2.png"]
     assert [f.name for f in got.files] == ["hard.txt"]
-    text = "\n".join(got.warnings)
-    assert "leak.png: a symbolic link" in text and "fifo.txt: not a regular file" in text
+    lost, odd = got.warnings.final()
+    assert "leak.png: a symbolic link" in "\n".join(odd) and "fifo.txt: not a regular file" in "\n".join(odd)
+    text = "\n".join(lost)
     assert "big.bin: 2000 bytes" in text and "more than 3 figures" in text and "deeper than 16" in text
     assert got.dropped
+
+
+def test_lost_outputs_are_named_before_oddities_and_lines_stay_bounded(tmp_path: Path):
+    # One real output dropped among a hundred links to it: the drop is named
+    # first, whatever the order of the names; the links are counted.
+    work, figs = tmp_path / "work", tmp_path / "figs"
+    work.mkdir()
+    figs.mkdir()
+    (work / "zz_big.bin").write_bytes(b"x" * 2000)
+    for i in range(100):
+        os.symlink("zz_big.bin", work / f"link{i:03}")
+    got = collect(work, figs, exclude=frozenset(), limits=Limits(max_artifact_bytes=1000))
+    lost, odd = got.warnings.final(lost_first=["3 open figure(s) not rendered: over 32"])
+    assert lost == ["3 open figure(s) not rendered: over 32", "dropped zz_big.bin: 2000 bytes, over the 1000-byte limit per file"]
+    assert len(odd) == artifacts.MAX_WARNINGS - 2 + 1
+    assert odd[-1] == "... and 82 more not returned or returned as plain files: 82 symbolic link(s)"
+    # Past the room, lost outputs are counted too, and oddities only counted.
+    for i in range(30):
+        (work / f"big{i:02}.bin").write_bytes(b"x" * 2000)
+    lost, odd = collect(work, figs, exclude=frozenset(), limits=Limits(max_artifact_bytes=1000)).warnings.final()
+    assert len(lost) == artifacts.MAX_WARNINGS + 1 and lost[-1] == "... and 11 more output(s) dropped for the reasons above"
+    assert odd == ["... and 100 more not returned or returned as plain files: 100 symbolic link(s)"]
 
 
 def test_sniff_image():
