@@ -42,7 +42,7 @@ from .config import Config
 from .errors import SandboxError
 from .host import HostState, SlotLease
 from .job import JobSpec
-from .output import StreamCapture
+from .output import OutputGuard, StreamCapture
 from .policy import NSJAIL_CGROUPS_OFF, Policy
 from .result import ErrorInfo, Observation, Outcome, Reason, Result, Usage, decide
 from .sandbox_env import MPLCONFIG
@@ -59,6 +59,11 @@ MAX_LOG_BYTES = 256 << 10
 # After the cage has died, how long its pipes may take to report EOF.
 PIPE_DRAIN_S = 2.0
 READ_CHUNK = 1 << 16
+# Past what the result keeps, how long a read that emptied a pipe waits for
+# more (see read_pipe): a print() loop writes 12 bytes per syscall, and
+# reading each as it comes kept the host as busy as the job. At most one
+# pipe buffer (64 KiB) per pause: 64 MB/s still go through.
+PACE_S = 0.001
 
 # nsjail itself stays in a cold job's cgroup, as the cage's parent, for the
 # whole job: it is moved in before it forks, so nothing of the cage escapes
@@ -230,6 +235,7 @@ class Execution:
     status: int | None = None  # trusted: see exit_status()
     wall_s: float = 0.0
     stop_reason: Reason | None = None
+    output_stop: str = ""  # why the output stopped the job, when it did
     report: Report = field(default_factory=Report)  # what the harness said; untrusted
     problem: str = ""  # why the cage did not start, when it did not
     cage_fault: str = ""  # why the cage itself broke while the job ran, when it did
@@ -316,6 +322,7 @@ async def supervise(
             done.set_result(reason)
 
     report = bytearray()
+    guard = OutputGuard(out, err, output_kill_bytes)
 
     def on_stream(capture: StreamCapture) -> Callable[[bytes], None]:
         def sink(data: bytes) -> None:
@@ -325,14 +332,15 @@ async def supervise(
                     on_output(capture.name, live)
                 except Exception:  # a consumer's bug must not break the job's bookkeeping
                     log.exception("output callback failed")
-            if out.total + err.total > output_kill_bytes:
+            if not done.done() and (why := guard.check(time.monotonic())):
+                ex.output_stop = why
                 finish(Reason.OUTPUT_LIMIT)
 
         return sink
 
     eofs = [
-        read_pipe(loop, out_r, on_stream(out)),
-        read_pipe(loop, err_r, on_stream(err)),
+        read_pipe(loop, out_r, on_stream(out), pace=lambda: guard.passed_cap),
+        read_pipe(loop, err_r, on_stream(err), pace=lambda: guard.passed_cap),
         read_pipe(loop, rep_r, capped(report, MAX_REPORT_BYTES)),
         *(read_pipe(loop, fd, sink) for fd, sink in extra),
     ]
@@ -412,10 +420,7 @@ def build_result(
     if ex.stats.pids_limit_hits:
         warnings.append(f"process/thread creation failed {ex.stats.pids_limit_hits} time(s) at the limit of {limits.pids}")
     if reason is Reason.OUTPUT_LIMIT:
-        warnings.append(
-            f"killed after writing {out.total + err.total} bytes to stdout+stderr "
-            f"(limits.output_kill_bytes = {config.limits.output_kill_bytes})"
-        )
+        warnings.append(ex.output_stop)
     if reason is Reason.SANDBOX_ERROR and ex.cage_fault:
         warnings.append(f"sandbox error: {ex.cage_fault}")
         # The host's fault, not the job's, and the daemon serves on: a warning.
@@ -578,16 +583,32 @@ class Cage:
         return ex
 
 
-def read_pipe(loop: asyncio.AbstractEventLoop, fd: int, sink: Callable[[bytes], None]) -> "asyncio.Future[None]":
-    """Feed everything from *fd* to *sink*; the future resolves at EOF. Cancelling it closes the fd."""
+def read_pipe(
+    loop: asyncio.AbstractEventLoop, fd: int, sink: Callable[[bytes], None], *, pace: Callable[[], bool] | None = None,
+) -> "asyncio.Future[None]":  # fmt: skip
+    """Feed everything from *fd* to *sink*; the future resolves at EOF. Cancelling it closes the fd.
+
+    While *pace* says so, a read that emptied the pipe waits PACE_S before
+    the next: a writer of small chunks then costs a read per PACE_S, not
+    one per write.
+    """
     os.set_blocking(fd, False)
     eof: asyncio.Future[None] = loop.create_future()
+    paused: asyncio.TimerHandle | None = None
 
     def close() -> None:
+        if paused is not None:
+            paused.cancel()
         loop.remove_reader(fd)
         os.close(fd)
 
+    def resume() -> None:
+        nonlocal paused
+        paused = None
+        loop.add_reader(fd, readable)
+
     def readable() -> None:
+        nonlocal paused
         try:
             data = os.read(fd, READ_CHUNK)
         except BlockingIOError:
@@ -596,6 +617,9 @@ def read_pipe(loop: asyncio.AbstractEventLoop, fd: int, sink: Callable[[bytes], 
             data = b""
         if data:
             sink(data)
+            if len(data) < READ_CHUNK and pace is not None and pace():
+                loop.remove_reader(fd)
+                paused = loop.call_later(PACE_S, resume)
             return
         close()
         if not eof.done():

@@ -27,7 +27,7 @@ class Reason(str, enum.Enum):
     EXIT = "exit"                    # sys.exit(n) / os._exit(n) with n != 0
     SIGNAL = "signal"                # killed by a signal (segfault, SIGKILL from inside, seccomp)
     MEMORY_LIMIT = "memory_limit"    # the cgroup's OOM killer fired
-    OUTPUT_LIMIT = "output_limit"    # stdout+stderr passed limits.output_kill_bytes
+    OUTPUT_LIMIT = "output_limit"    # stdout+stderr passed limits.output_kill_bytes, or flooded (output.OutputGuard)
     TIMEOUT = "timeout"              # the wall clock ran out (OUTCOME_DEADLINE_EXCEEDED)
     CANCELLED = "cancelled"          # a client cancelled it
     SHUTDOWN = "shutdown"            # the daemon stopped before the job finished

@@ -12,7 +12,7 @@ from runnerd.artifacts import collect, sniff_image
 from runnerd.config import Limits
 from runnerd.errors import ConfigError, JobRejected, PolicyError
 from runnerd.job import make_job
-from runnerd.output import StreamCapture
+from runnerd.output import OutputGuard, StreamCapture
 from runnerd.result import Observation, Outcome, Reason, Result, decide
 
 LIMITS = Limits()
@@ -102,6 +102,33 @@ def test_capture_flood_in_big_chunks():
         c.feed(b"y" * (1 << 20))
     assert len(c.tail) <= 2 * c.tail_cap
     assert len(c.text()) < (1 << 20) + 200
+
+
+def test_output_guard_stops_a_flood_not_a_burst_nor_a_slow_writer():
+    out, err = StreamCapture("stdout", 100), StreamCapture("stderr", 100)
+    guard = OutputGuard(out, err, kill_bytes=10_000, window_s=3.0)
+    out.feed(b"x" * 90)
+    assert guard.check(0.0) is None and not guard.passed_cap
+    out.feed(b"x" * 1000)  # a burst past the cap: 990 bytes thrown away; the window starts
+    assert guard.check(0.1) is None and guard.passed_cap
+    out.feed(b"x" * 50)  # past the window, but no more than the result keeps: it starts again
+    assert guard.check(3.2) is None
+    out.feed(b"x" * 60)
+    assert guard.check(6.1) is None  # 2.9 s into the window
+    err.feed(b"y" * 160)  # both streams count: 120 bytes more thrown away in 3.1 s
+    why = guard.check(6.3)
+    assert why == (
+        "killed as an output flood: still writing 3.1 s after passing what the result keeps "
+        "(limits.max_output_bytes = 100), 120 bytes more in that time; 1360 bytes in all"
+    )
+
+
+def test_output_guard_byte_limit_is_at_once():
+    out, err = StreamCapture("stdout", 100), StreamCapture("stderr", 100)
+    guard = OutputGuard(out, err, kill_bytes=1000)
+    out.feed(b"x" * 600)
+    err.feed(b"y" * 401)
+    assert guard.check(0.0) == "killed after writing 1001 bytes to stdout+stderr (limits.output_kill_bytes = 1000)"
 
 
 # ---------------------------------------------------------------- outcome rules

@@ -155,6 +155,24 @@ def test_a_job_starts_as_many_children_cold_as_warm(daemon, warm_daemon, cage_co
     assert counts == {"cold": pids_max - 2, "warm": pids_max - 2}
 
 
+def test_an_output_flood_is_stopped_within_seconds(any_daemon):
+    # ~6 MB/s: the 128 MiB kill limit alone took ~20 s of two CPUs (the job's and the daemon's).
+    with Client(any_daemon.ipc) as c:
+        r = c.run("while True: print('hello world')", timeout=30)
+    assert r.reason is Reason.OUTPUT_LIMIT, r
+    assert r.usage.wall_s < 5, r.usage
+    assert r.truncated and r.stdout.startswith("hello world\n") and len(r.stdout) < (1 << 20) + 200
+    assert any(w.startswith("killed as an output flood") for w in r.warnings), r.warnings
+
+
+def test_a_large_print_that_ends_is_not_a_flood(any_daemon):
+    with Client(any_daemon.ipc) as c:
+        r = c.run("import sys\nsys.stdout.write('x' * 20_000_000)\nprint()\nprint('done')", timeout=30)
+    assert r.ok, r
+    assert r.truncated and r.stdout.endswith("x\ndone\n")
+    assert r.warnings == ("stdout: 20000006 bytes, kept the first 524288 and the last 524288 (limits.max_output_bytes = 1048576)",)
+
+
 def test_a_job_cannot_reach_the_zygote_or_its_own_init(warm_daemon):
     code = (
         "import ctypes, errno, os, signal\nlibc = ctypes.CDLL(None, use_errno=True)\n"
