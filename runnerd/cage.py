@@ -43,7 +43,7 @@ from .errors import SandboxError
 from .host import HostState, SlotLease
 from .job import JobSpec
 from .output import OutputGuard, StreamCapture
-from .policy import NSJAIL_CGROUPS_OFF, Policy
+from .policy import NSJAIL_CGROUPS_OFF, Policy, nsjail_problems
 from .result import ErrorInfo, Observation, Outcome, Reason, Result, Usage, decide
 from .sandbox_env import MPLCONFIG
 from .workspace import MplConfig, Workspace
@@ -220,12 +220,6 @@ def exit_status(trusted: int | None, report: Report) -> int | None:
     if trusted > 128 and signum is not None and trusted == 128 + signum:
         return -signum
     return trusted
-
-
-def nsjail_problems(nsjail_log: str) -> str:
-    lines = [ln for ln in nsjail_log.splitlines() if ln.startswith(("[W]", "[E]", "[F]"))]
-    cleaned = [re.sub(r"^\[[WEF]\]\[[^\]]*\](\[\d+\])?\s*\S+\(\):\d+\s*", "", ln) for ln in lines]
-    return "; ".join(c for c in cleaned if c)
 
 
 @dataclass

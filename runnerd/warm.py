@@ -48,7 +48,6 @@ from .cage import (
     OnOutput,
     build_result,
     capped,
-    nsjail_problems,
     pb_bind,
     pb_idmaps,
     read_pipe,
@@ -63,7 +62,7 @@ from .errors import SandboxError
 from .host import HARNESS_FILES, HostState, SlotLease
 from .job import JobSpec
 from .output import StreamCapture
-from .policy import Policy
+from .policy import Policy, nsjail_problems
 from .result import Reason, Result
 from .sandbox_env import MPLCONFIG
 from .workspace import MplConfig, Workspace, job_size, mount_tmpfs, resize_tmpfs

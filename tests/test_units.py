@@ -435,3 +435,16 @@ def test_v2_missing_controller_is_explained(tmp_path: Path):
     _fake_v2_cgroup(tmp_path, "cpu pids")
     with pytest.raises(Exception, match="lacks controller.*memory"):
         cgroups.CgroupsV2(tmp_path, "auto").prepare()
+
+
+def test_nsjail_problems_leave_out_absent_optional_binds():
+    """A minimal host lacks /usr/share/fonts and zoneinfo: nsjail's warning about them must not lead a real error."""
+    log = (
+        "[I][2026-11-25T15:00:00+0000] Mode: STANDALONE_ONCE\n"
+        "[W][2026-11-25T15:00:00+0000][1] mountPt():231 mount('/usr/share/fonts' -> '/tmp/nsjail.0.root//usr/share/fonts'): No such file or directory\n"
+        "[W][2026-11-25T15:00:00+0000][1] remountPt():282 mount('/dev/null', flags=MS_NOSUID|MS_REMOUNT|MS_BIND): Operation not permitted\n"
+        "[E][2026-11-25T15:00:00+0000][7] standaloneMode():274 Couldn't launch the child process\n"
+    )
+    assert policy_mod.nsjail_problems(log) == (
+        "mount('/dev/null', flags=MS_NOSUID|MS_REMOUNT|MS_BIND): Operation not permitted; Couldn't launch the child process"
+    )
