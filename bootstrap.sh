@@ -66,7 +66,7 @@ setup)
     say "ready: .venv/bin/runnerd"
     ;;
 test)
-    exec .venv/bin/python -m pytest -q "$@"
+    exec .venv/bin/python -m pytest -q --durations=15 "$@"
     ;;
 hosttest)
     exec .venv/bin/python hosttest/host.py "$@"

@@ -404,6 +404,17 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
         lib = next((line for line in proc.stdout.splitlines() if "library set" in line), "")
         return f"{sum(1 for line in proc.stdout.splitlines() if line.startswith('ok'))} ok lines; {lib[5:]}"
 
+    def check_undelegated() -> str:
+        # This driver runs in a unit of its own without Delegate=yes, as a shell would.
+        proc = sh(["/usr/local/bin/runnerd", "--config", str(CONFIG), "check"], timeout=900, check=False)
+        (out / f"check-undelegated-{mode}.txt").write_text(proc.stdout + proc.stderr)
+        fails = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
+        expect(proc.returncode == 0 and not fails, f"exit {proc.returncode}: {fails or proc.stderr[-500:]}")
+        cg_line = next((line for line in proc.stdout.splitlines() if "cgroups:" in line), "")
+        expect("made by runnerd" in cg_line, f"check outside a delegated unit: {cg_line}")
+        expect(not OUTSIDE.exists(), f"check left {OUTSIDE} behind")
+        return f"{cg_line[5:90]}...; nothing left at {OUTSIDE}"
+
     def reload() -> str:
         before = time.time() - 1
         pid = svc.main_pid()
@@ -482,6 +493,8 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
     steps.run("sleep past its timeout: DEADLINE_EXCEEDED, partial output", 120, deadline)
     steps.run("cancel a running job", 300, cancel)
     steps.run("runnerd check in the unit's sandbox (systemd-run)", 1000, check_in_sandbox)
+    if mode == "cold":
+        steps.run("runnerd check outside a delegated unit: says so, leaves nothing", 1000, check_undelegated)
     steps.run("reload (SIGHUP): new jobs and zygotes inside the unit", 900, reload)
     steps.run("watchdog: a stopped daemon is killed and restarted", 600, watchdog)
     steps.run("kill -9: restarted, old job cgroups swept, resend runs", 700, kill9)

@@ -130,6 +130,44 @@ def _one_int(fields: Mapping[str, list[str]], name: str, path: Path) -> int:
 
 ZYGOTE_KAFEL = "zygote.kafel"
 
+# nsjail's rlimit fields a warm child sets itself (its zygote's cage must not
+# have them: a zygote lives for many jobs, and RLIMIT_CPU counts its own CPU
+# time across all of them). Name -> (the resource's name in Python's
+# `resource` module, bytes per unit of nsjail's value, nsjail's default).
+JOB_RLIMITS: dict[str, tuple[str, int, int]] = {
+    "rlimit_cpu": ("RLIMIT_CPU", 1, 600),
+    "rlimit_core": ("RLIMIT_CORE", 1 << 20, 0),
+    "rlimit_fsize": ("RLIMIT_FSIZE", 1 << 20, 1),
+    "rlimit_nofile": ("RLIMIT_NOFILE", 1, 32),
+    "rlimit_stack": ("RLIMIT_STACK", 1 << 20, 8),
+}
+RLIM_INFINITY = -1
+
+
+def job_rlimits(fields: Mapping[str, tuple[str, ...]] | Mapping[str, list[str]], path: Path) -> dict[str, int]:
+    """The rlimits of a job under this policy, by `resource` name, in the kernel's units (-1: none).
+
+    A ``<name>_type`` of INF means no limit; SOFT/HARD (the current one) is
+    refused: a warm child could only guess what nsjail would have inherited.
+    """
+    limits: dict[str, int] = {}
+    for name, (resource_name, unit, default) in JOB_RLIMITS.items():
+        kind = (fields.get(f"{name}_type") or ("VALUE",))[-1]
+        if kind == "INF":
+            limits[resource_name] = RLIM_INFINITY
+            continue
+        if kind != "VALUE":
+            raise PolicyError(f"{path}: {name}_type: {kind} is not supported by runnerd (give a value, or INF)")
+        values = fields.get(name)
+        try:
+            value = int(values[-1], 0) if values else default
+        except ValueError:
+            raise PolicyError(f"{path}: {name} must be a number, got {values[-1]!r}") from None
+        if value < 0:
+            raise PolicyError(f"{path}: {name} must not be negative, got {value}")
+        limits[resource_name] = value * unit
+    return limits
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -139,6 +177,8 @@ class Policy:
     kafel_text: str
     limits: CgroupLimits
     fields: Mapping[str, tuple[str, ...]]
+    # What each job's process gets (warm children set these themselves).
+    rlimits: Mapping[str, int]
     # The warm mode's zygote cage policy (zygote.kafel beside the config), if present.
     zygote_kafel_text: str | None = None
 
@@ -187,6 +227,7 @@ def load(path: Path) -> Policy:
         kafel_text=kafel_text,
         limits=limits,
         fields={k: tuple(v) for k, v in raw.items()},
+        rlimits=job_rlimits(raw, path),
         zygote_kafel_text=zygote.read_text() if zygote.is_file() else None,
     )
 

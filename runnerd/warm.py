@@ -172,9 +172,12 @@ class Zygote:
         try:
             self.proc = await asyncio.to_thread(
                 spawn_nsjail, self.nsjail, self._cage_config(self.lease.uid, self.spool), self.kafel, self.cgroup,
-                args=("--time_limit", "0", "--proc_rw"),
+                # No CPU rlimit for the zygote itself: it counts the zygote's own
+                # CPU time over every job it serves. Each child sets the job's.
+                args=("--time_limit", "0", "--proc_rw", "--rlimit_cpu", "inf"),
                 command=[str(self.env / "bin" / "python3"), "-I", "-B", "-u", ZYGOTE_IN_CAGE,
-                         str(theirs.fileno()), str(self.env / MPLCONFIG), self.kind],  # fmt: skip
+                         str(theirs.fileno()), str(self.env / MPLCONFIG), self.kind,
+                         json.dumps(dict(self.policy.rlimits))],  # fmt: skip
                 stdout=err_w, stderr=err_w, log_w=log_w, pass_fds=(theirs.fileno(),),
             )  # fmt: skip
         finally:

@@ -287,11 +287,15 @@ def _mount_job(job):
     _mount("tmpfs", SPOOL, "tmpfs", safe | MS_RDONLY, "size=4096,nr_inodes=2,mode=0555")
 
 
+# The job's rlimits from the policy ({resource name: value, -1 for none}), given by the host.
+JOB_RLIMITS = {}
+
+
 def _lock_down():
     """Job limits, no capabilities, no new privileges, the stacked seccomp filter."""
-    for limit, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 1024),
-                         (resource.RLIMIT_FSIZE, 256 << 20), (resource.RLIMIT_STACK, 8 << 20)):  # fmt: skip
-        resource.setrlimit(limit, (value, value))
+    for name, value in JOB_RLIMITS.items():
+        value = resource.RLIM_INFINITY if value < 0 else value
+        resource.setrlimit(getattr(resource, name), (value, value))
     drop_privileges()
     install_seccomp()
 
@@ -495,6 +499,7 @@ def main(argv):
 
     ctl = socket.socket(fileno=int(argv[1]))
     kind = argv[3] if len(argv) > 3 else "full"
+    JOB_RLIMITS.update(json.loads(argv[4]) if len(argv) > 4 else {})
     harness, ms = _warm(kind, argv[2])
     send_msg(ctl, {"event": "warm", "ms": round(ms, 1), "kind": kind})
     nxt = None      # the child for the next job

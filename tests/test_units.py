@@ -448,3 +448,16 @@ def test_nsjail_problems_leave_out_absent_optional_binds():
     assert policy_mod.nsjail_problems(log) == (
         "mount('/dev/null', flags=MS_NOSUID|MS_REMOUNT|MS_BIND): Operation not permitted; Couldn't launch the child process"
     )
+
+
+def test_job_rlimits_from_the_policy_fields(tmp_path: Path):
+    fields = {"rlimit_cpu": ["120"], "rlimit_fsize": ["256"], "rlimit_stack_type": ["INF"], "rlimit_nofile": ["1024"]}
+    got = policy_mod.job_rlimits(fields, tmp_path)
+    assert got == {
+        "RLIMIT_CPU": 120, "RLIMIT_CORE": 0, "RLIMIT_FSIZE": 256 << 20,
+        "RLIMIT_NOFILE": 1024, "RLIMIT_STACK": policy_mod.RLIM_INFINITY,
+    }  # fmt: skip
+    with pytest.raises(PolicyError, match="rlimit_cpu_type: SOFT"):
+        policy_mod.job_rlimits({"rlimit_cpu_type": ["SOFT"]}, tmp_path)
+    with pytest.raises(PolicyError, match="rlimit_nofile must be a number"):
+        policy_mod.job_rlimits({"rlimit_nofile": ["lots"]}, tmp_path)

@@ -155,6 +155,30 @@ def test_a_job_starts_as_many_children_cold_as_warm(daemon, warm_daemon, cage_co
     assert counts == {"cold": pids_max - 2, "warm": pids_max - 2}
 
 
+RLIMITS_SEEN = (
+    "import resource\n"
+    "print(*(resource.getrlimit(getattr(resource, n)) for n in "
+    "('RLIMIT_CPU', 'RLIMIT_CORE', 'RLIMIT_FSIZE', 'RLIMIT_NOFILE', 'RLIMIT_STACK')))"
+)
+
+
+def test_job_rlimits_come_from_the_policy_and_not_the_zygotes(daemon, warm_daemon, cage_confirmed):
+    """A warm job has the policy's rlimits, as a cold one; its zygote has no CPU rlimit (it lives for many jobs)."""
+    seen = {}
+    for mode, d in (("cold", daemon), ("warm", warm_daemon)):
+        with Client(d.ipc) as c:
+            r = c.run(RLIMITS_SEEN, timeout=20)
+        assert r.ok, r
+        seen[mode] = r.stdout
+    want = cage_confirmed.policy.rlimits
+    assert seen["cold"] == seen["warm"], seen
+    assert seen["warm"].split()[:2] == [f"({want['RLIMIT_CPU']},", f"{want['RLIMIT_CPU']})"], seen
+    zygotes = zygote_processes(psutil.Process(warm_daemon.proc.pid))
+    assert zygotes
+    for z in zygotes:
+        assert z.rlimit(psutil.RLIMIT_CPU) == (psutil.RLIM_INFINITY, psutil.RLIM_INFINITY)
+
+
 def test_an_output_flood_is_stopped_within_seconds(any_daemon):
     # ~6 MB/s: the 128 MiB kill limit alone took ~20 s of two CPUs (the job's and the daemon's).
     with Client(any_daemon.ipc) as c:
