@@ -81,14 +81,22 @@ def _report(result: Result, out_dir: Path | None, streamed: bool) -> int:
 
 
 def _read_inputs(paths: Sequence[str]) -> list[tuple[str, bytes]]:
-    files = []
+    """The inputs by their bare names; two paths with one name are refused here,
+    where both are known (a daemon's files map would keep only the last)."""
+    files: dict[str, bytes] = {}
+    first: dict[str, str] = {}
     for p in paths:
         path = Path(p)
+        if path.name in first:
+            raise RunnerdError(
+                f"inputs {first[path.name]} and {p} have one name, {path.name!r}: the job opens inputs by their bare name"
+            )
+        first[path.name] = p
         try:
-            files.append((path.name, path.read_bytes()))
+            files[path.name] = path.read_bytes()
         except OSError as exc:
             raise RunnerdError(f"cannot read input {p}: {exc.strerror}") from None
-    return files
+    return list(files.items())
 
 
 async def _run_local(cfg: config_mod.Config, code: str, files: list[tuple[str, bytes]], timeout: float | None) -> Result:

@@ -63,6 +63,19 @@ def test_run_bad_input_is_a_usage_error(cli_config, tmp_path):
     assert proc.returncode == 2 and "timeout must be a positive number" in proc.stderr
 
 
+@pytest.mark.parametrize("through_daemon", [False, True])
+def test_two_inputs_with_one_name_are_refused(cli_config, tmp_path, daemon, through_daemon):
+    job = tmp_path / "job.py"
+    job.write_text("print(open('x.csv').read())")
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.csv").write_text(d)
+    where = ["--endpoint", daemon.ipc] if through_daemon else []
+    proc = runnerd("run", str(job), "--input", "a/x.csv", "--input", "b/x.csv", *where, config=cli_config, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "inputs a/x.csv and b/x.csv have one name, 'x.csv'" in proc.stderr
+
+
 def test_bad_config_key_stops_with_its_name(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[limits]\nmax_figurs = 3\n")
