@@ -45,6 +45,17 @@ class ClientError(RunnerdError):
     """A client-side failure: no answer in time, a closed client, a bad reply."""
 
 
+class AttemptNotRun(ClientError):
+    """The model loop could not run an attempt: the sandbox kept failing, or the run was cancelled.
+
+    ``result`` is the last result; it is not the code's fault and no model saw it.
+    """
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class RemoteError(ClientError):
     """The daemon answered a request with ``type: "error"``."""
 

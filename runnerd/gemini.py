@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from .explain import what_happened
 from .result import Outcome, Result
 
 MAX_OUTPUT_CHARS = 64 * 1024
@@ -31,23 +32,13 @@ def output_text(result: Result, timeout: float | None = None) -> str:
     if result.outcome is Outcome.DEADLINE_EXCEEDED:
         if result.stdout:
             pieces.append(result.stdout)
-        limit = f" of {timeout:g} s" if timeout else ""
-        pieces.append(f"TimeoutError: the code did not finish within the deadline{limit}; it was stopped.\n")
+        pieces.append(what_happened(result, timeout))
     elif result.error is not None:
         pieces.append(result.error.traceback)
     else:
         if result.stderr:
             pieces.append(result.stderr)
-        what = {
-            "exit": f"SystemExit: the code exited with status {result.exit_code}",
-            "signal": f"the code's process was killed by signal {-(result.exit_code or 0)}",
-            "memory_limit": "MemoryError: the code was killed at the sandbox's memory limit",
-            "output_limit": "the code was stopped: it wrote more output than the sandbox keeps",
-            "cancelled": "the run was cancelled",
-            "shutdown": "the sandbox shut down before the code finished",
-            "sandbox_error": "the sandbox failed to start the code (not the code's fault)",
-        }.get(result.reason.value if result.reason else "", "the code failed")
-        pieces.append(what + "\n")
+        pieces.append(what_happened(result, timeout))
     text = "".join(p if p.endswith("\n") else p + "\n" for p in pieces)
     return text[-MAX_OUTPUT_CHARS:]
 

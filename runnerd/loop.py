@@ -18,8 +18,11 @@ model needs to fix its code (:func:`feedback`): the error type, message and
 line, the traceback of the model's own frames, the tail of stderr, and a
 manifest of the input files with the first lines of text ones. It stops at
 the first OUTCOME_OK, or after ``max_attempts`` (5, as Gemini does), and
-returns every attempt. :func:`arun_loop` is the asyncio flavour; its
-generator may be a plain function or a coroutine function.
+returns every attempt. A run that failed through no fault of the code
+(the sandbox broke, the daemon shut down, a cancel) is never handed to the
+model: it is run again, or :class:`~runnerd.errors.AttemptNotRun` says why
+not. :func:`arun_loop` is the asyncio flavour; its generator may be a plain
+function or a coroutine function.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Sequence, Union
 
 from .client import AsyncClient, Client
-from .result import Outcome, Result
+from .errors import AttemptNotRun
+from .explain import not_the_codes_fault, what_happened
+from .result import Outcome, Reason, Result
 
 MAX_ATTEMPTS = 5
+# Runs of one attempt that the cage broke, retried before giving up (not the model's attempts).
+CAGE_RETRIES = 2
 STDERR_TAIL_CHARS = 2000
 MANIFEST_LINES = 5
 MANIFEST_LINE_CHARS = 200
@@ -88,25 +95,12 @@ def feedback(result: Result, files: Mapping[str, bytes] | None = None, *, timeou
     parts: list[str] = []
     reason = result.reason.value if result.reason else "none"
     parts.append(f"The code failed: {result.outcome.value} ({reason}).")
+    parts.append(what_happened(result, timeout))
     err = result.error
     if err is not None:
-        where = f" at line {err.lineno}" if err.lineno else ""
-        parts.append(f"Error{where}: {err.type}: {err.message}")
         parts.append("Traceback (your code's frames only):\n" + err.traceback.rstrip())
-    elif result.outcome is Outcome.DEADLINE_EXCEEDED:
-        limit = f"{timeout:g} s" if timeout else "its time limit"
-        parts.append(f"It did not finish within {limit} and was stopped. Make it faster or do less work.")
-        if result.stdout:
-            parts.append("Its output before it was stopped (last lines):\n" + result.stdout[-STDERR_TAIL_CHARS:].rstrip())
-    else:
-        described = {
-            "exit": f"It exited with status {result.exit_code}.",
-            "signal": f"Its process was killed by signal {-(result.exit_code or 0)}.",
-            "memory_limit": "It used more memory than the sandbox allows and was killed.",
-            "output_limit": "It printed more than the sandbox keeps and was stopped.",
-        }.get(reason)
-        if described:
-            parts.append(described)
+    elif result.outcome is Outcome.DEADLINE_EXCEEDED and result.stdout:
+        parts.append("Its output before it was stopped (last lines):\n" + result.stdout[-STDERR_TAIL_CHARS:].rstrip())
     if result.stderr_besides_error:
         parts.append("stderr (last lines):\n" + result.stderr[-STDERR_TAIL_CHARS:].rstrip())
     for warning in result.warnings[:5]:
@@ -129,6 +123,21 @@ def _record(
     return ok
 
 
+def _cage_fault(result: Result, tries: int, attempt: int) -> bool:
+    """True to run the same code again: the cage, not the code, failed. Raises when retrying cannot help."""
+    if not not_the_codes_fault(result):
+        return False
+    if result.reason is Reason.CANCELLED:
+        raise AttemptNotRun(f"attempt {attempt} was cancelled before it finished", result)
+    if tries > CAGE_RETRIES:
+        raise AttemptNotRun(
+            f"attempt {attempt} did not run: {result.reason.value if result.reason else '?'} "
+            f"{tries} times ({'; '.join(result.warnings[:2]) or 'no detail'})",
+            result,
+        )
+    return True
+
+
 def run_loop(
     task: str,
     generate: Generator,
@@ -138,12 +147,23 @@ def run_loop(
     max_attempts: int = MAX_ATTEMPTS,
     timeout: float | None = None,
 ) -> LoopResult:
-    """Generate and run code until it succeeds or *max_attempts* are used; every attempt is returned."""
+    """Generate and run code until it succeeds or *max_attempts* are used; every attempt is returned.
+
+    A run the cage broke (sandbox_error, shutdown) is run again, up to
+    CAGE_RETRIES times, and never counts as an attempt; past that, or for a
+    cancelled run, :class:`AttemptNotRun` is raised.
+    """
     _check_attempts(max_attempts)
     attempts: list[Attempt] = []
     while len(attempts) < max_attempts:
         code = generate(task, tuple(attempts))
-        if _record(attempts, code, client.run(code, files=dict(files or {}), timeout=timeout), files, timeout):
+        tries = 0
+        while True:
+            tries += 1
+            result = client.run(code, files=dict(files or {}), timeout=timeout)
+            if not _cage_fault(result, tries, len(attempts) + 1):
+                break
+        if _record(attempts, code, result, files, timeout):
             break
     return LoopResult(task, tuple(attempts))
 
@@ -163,6 +183,12 @@ async def arun_loop(
     while len(attempts) < max_attempts:
         produced: Any = generate(task, tuple(attempts))
         code = await produced if inspect.isawaitable(produced) else produced
-        if _record(attempts, code, await client.run(code, files=dict(files or {}), timeout=timeout), files, timeout):
+        tries = 0
+        while True:
+            tries += 1
+            result = await client.run(code, files=dict(files or {}), timeout=timeout)
+            if not _cage_fault(result, tries, len(attempts) + 1):
+                break
+        if _record(attempts, code, result, files, timeout):
             break
     return LoopResult(task, tuple(attempts))

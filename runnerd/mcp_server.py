@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from .client import AsyncClient, resolve_endpoint
 from .errors import ClientError
+from .explain import what_happened
 from .result import Outcome, Result
 
 TOOL_DESCRIPTION = (
@@ -39,7 +40,7 @@ def result_text(result: Result) -> str:
         where = f" (line {result.error.lineno})" if result.error.lineno else ""
         sections.append(f"{result.error.type}{where}: {result.error.message}\n{result.error.traceback.rstrip()}")
     if result.outcome is not Outcome.OK and result.error is None:
-        sections.append(f"{result.outcome.value}: {result.reason.value if result.reason else ''}")
+        sections.append(f"{result.outcome.value}: {what_happened(result)}")
     if result.files:
         sections.append("files written: " + ", ".join(f"{f.name} ({len(f.data)} bytes)" for f in result.files))
     for warning in result.warnings:

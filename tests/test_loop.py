@@ -7,14 +7,16 @@ import base64
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from runnerd.client import AsyncClient, Client
+from runnerd.errors import AttemptNotRun
 from runnerd.gemini import genai_parts, output_text, parts
 from runnerd.loop import Attempt, arun_loop, feedback, manifest, run_loop
-from runnerd.result import Outcome
+from runnerd.result import Outcome, Reason, Result
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -120,7 +122,7 @@ def test_feedback_for_limits_without_an_exception(daemon):
     with Client(daemon.ipc) as client:
         r = client.run("import sys\nprint('bye', file=sys.stderr)\nsys.exit(3)")
     text = feedback(r, {})
-    assert "It exited with status 3." in text and "bye" in text and "Input files: none." in text
+    assert "SystemExit: the code exited with status 3." in text and "bye" in text and "Input files: none." in text
 
 
 def test_mcp_tool_through_a_daemon(daemon):
@@ -157,3 +159,83 @@ def test_mcp_tool_through_a_daemon(daemon):
     assert good.content[0].text.strip() == "12928"
     assert good.content[1].mime_type == "image/png" and base64.b64decode(good.content[1].data).startswith(b"\x89PNG")
     assert bad.is_error and "KeyError" in bad.content[0].text and 'File "main.py", line 2' in bad.content[0].text
+
+
+def test_a_broken_cage_is_not_the_models_attempt(daemon):
+    """nsjail killed under attempt 1: the loop runs the same code again; the model never hears of it."""
+    import psutil
+
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_the_first_cage() -> None:
+        daemon_proc = psutil.Process(daemon.proc.pid)
+        while not stop.is_set() and not killed:
+            for p in daemon_proc.children(recursive=True):
+                try:
+                    if p.name() == "nsjail":
+                        p.kill()
+                        killed.append(p.pid)
+                        return
+                except psutil.Error:
+                    continue
+            stop.wait(0.01)
+
+    calls: list[int] = []
+
+    def generate(task: str, history: tuple[Attempt, ...]) -> str:
+        calls.append(len(history))
+        return "import time\ntime.sleep(2)\nprint('done')"
+
+    watcher = threading.Thread(target=kill_the_first_cage)
+    watcher.start()
+    try:
+        with Client(daemon.ipc) as client:
+            outcome = run_loop("task", generate, client=client, timeout=20)
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed, "the watcher never saw the job's cage"
+    assert outcome.ok and len(outcome.attempts) == 1 and calls == [0], outcome
+    assert outcome.final.result.stdout == "done\n"
+
+
+class _Canned:
+    """A stand-in client answering with given results (the loop's own decisions, no cage)."""
+
+    def __init__(self, *results: Result) -> None:
+        self.results = list(results)
+        self.runs = 0
+
+    def run(self, code: str, files=None, timeout=None) -> Result:
+        self.runs += 1
+        return self.results.pop(0) if len(self.results) > 1 else self.results[0]
+
+
+def test_cage_faults_are_retried_then_raised_and_a_cancel_stops_at_once():
+    broken = Result(Outcome.FAILED, Reason.SANDBOX_ERROR, warnings=("zygote 1 died during the job",))
+    client = _Canned(broken)
+    with pytest.raises(AttemptNotRun, match="attempt 1 did not run: sandbox_error 3 times .zygote 1 died"):
+        run_loop("t", lambda task, history: "print(1)", client=client)  # type: ignore[arg-type]
+    assert client.runs == 3
+    cancelled = _Canned(Result(Outcome.FAILED, Reason.CANCELLED))
+    with pytest.raises(AttemptNotRun, match="cancelled"):
+        run_loop("t", lambda task, history: "print(1)", client=cancelled)  # type: ignore[arg-type]
+    assert cancelled.runs == 1
+    # A shutdown, then the code's own exception: one attempt, and the model reads only the exception.
+    err = Result(Outcome.FAILED, Reason.EXIT, exit_code=3)
+    mixed = _Canned(Result(Outcome.FAILED, Reason.SHUTDOWN), err, Result(Outcome.OK, None, stdout="ok"))
+    outcome = run_loop("t", lambda task, history: "print(1)", client=mixed)  # type: ignore[arg-type]
+    assert [a.result.reason for a in outcome.attempts] == [Reason.EXIT, None]
+    assert "SystemExit: the code exited with status 3." in outcome.attempts[0].feedback
+    assert "shut down" not in outcome.attempts[0].feedback
+
+
+@pytest.mark.parametrize("reason", list(Reason))
+def test_one_wording_for_every_reason(reason):
+    from runnerd.explain import what_happened
+    from runnerd.mcp_server import result_text
+
+    r = Result(Outcome.FAILED, reason, exit_code=-9 if reason is Reason.SIGNAL else 3)
+    said = what_happened(r)
+    assert said and said in feedback(r) and said in output_text(r) and said in result_text(r)

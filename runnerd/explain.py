@@ -1,0 +1,48 @@
+"""What a result that is not OUTCOME_OK means, in the words a model (or a person) reads.
+
+One wording for every place a failed result is handed to a model: the model
+loop's feedback, the Gemini parts' ``codeExecutionResult.output`` and the MCP
+tool's text. It also says which failures are not the code's fault (the cage
+broke, the daemon stopped, someone cancelled the run): those must never be
+handed to a model as its mistake.
+"""
+
+from __future__ import annotations
+
+from .result import Outcome, Reason, Result
+
+# Failures the code did not cause: a model that reads them as its own would
+# rewrite working code.
+NOT_THE_CODES_FAULT = frozenset({Reason.SANDBOX_ERROR, Reason.SHUTDOWN, Reason.CANCELLED})
+
+
+def not_the_codes_fault(result: Result) -> bool:
+    return result.outcome is not Outcome.OK and result.reason in NOT_THE_CODES_FAULT
+
+
+def what_happened(result: Result, timeout: float | None = None) -> str:
+    """One sentence: how the run ended, when it did not end OK (empty for OK)."""
+    if result.outcome is Outcome.OK:
+        return ""
+    if result.outcome is Outcome.DEADLINE_EXCEEDED:
+        limit = f"{timeout:g} s" if timeout else "its time limit"
+        return f"TimeoutError: the code did not finish within {limit} and was stopped; make it faster or do less work."
+    if result.error is not None:
+        where = f" at line {result.error.lineno}" if result.error.lineno else ""
+        return f"The code raised {result.error.type}{where}: {result.error.message}"
+    reason = result.reason
+    if reason is Reason.EXIT:
+        return f"SystemExit: the code exited with status {result.exit_code}."
+    if reason is Reason.SIGNAL:
+        return f"The code's process was killed by signal {-(result.exit_code or 0)}."
+    if reason is Reason.MEMORY_LIMIT:
+        return "MemoryError: the code used more memory than the sandbox allows and was killed."
+    if reason is Reason.OUTPUT_LIMIT:
+        return "The code was stopped: it wrote more output than the sandbox keeps."
+    if reason is Reason.CANCELLED:
+        return "The run was cancelled before the code finished (not the code's fault)."
+    if reason is Reason.SHUTDOWN:
+        return "The sandbox shut down before the code finished (not the code's fault)."
+    if reason is Reason.SANDBOX_ERROR:
+        return "The sandbox failed to run the code (not the code's fault)."
+    return f"The code failed ({reason.value if reason else 'no reason given'})."
