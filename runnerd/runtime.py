@@ -1,10 +1,13 @@
 """Start-up: from a Config to a ready, checked :class:`~runnerd.cage.Cage`.
 
-Both ``runnerd run`` (one job, no daemon) and ``runnerd serve`` start here,
-so both refuse the same broken set-ups with the same messages: no nsjail, a
-policy nsjail rejects or that weakens the cage, a missing or stale sandbox
-env, unusable cgroups, and a probe job that finds the cage is not what the
-policy promised.
+``runnerd run`` (one job, no daemon), ``runnerd serve`` and ``runnerd
+check`` start here, so they refuse the same broken set-ups with the same
+messages: no nsjail, a policy nsjail rejects or that weakens the cage, a
+missing or stale sandbox env, unusable cgroups. ``serve`` (at start and on
+every reload) and ``check`` also run probe jobs that check, from inside a
+cage, that it is what the policy promised; ``runnerd run`` does not: a
+probe would double the cost of its one job, and ``runnerd check`` is the
+command that proves a host.
 """
 
 from __future__ import annotations
