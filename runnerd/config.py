@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -202,28 +203,27 @@ class Config:
             )
 
 
-def _coerce(key: str, annotation: str, value: Any, is_size: bool) -> Any:
-    """Convert one TOML value to the field's type, or raise ConfigError naming *key*."""
-    kind = annotation.replace(" ", "")
+def _coerce(key: str, kind: Any, value: Any, is_size: bool) -> Any:
+    """Convert one TOML value to the field's type (*kind*, a resolved type), or raise ConfigError naming *key*."""
     if is_size:
         return parse_size(value, key)
-    if kind == "int":
+    if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
-    if kind == "float":
+    if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
-    if kind == "str":
+    if kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
-    if kind in ("Path", "Path|None"):
+    if kind in (Path, Path | None):
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a path string, got {value!r}")
         return Path(value) if value else None
-    if kind == "tuple[str,...]":
+    if kind == tuple[str, ...]:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -234,6 +234,7 @@ def _coerce(key: str, annotation: str, value: Any, is_size: bool) -> Any:
 
 def _apply(obj: Any, values: Mapping[str, Any], prefix: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(obj)}
+    types = typing.get_type_hints(type(obj))  # the annotations are strings (postponed evaluation)
     changes: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
@@ -245,7 +246,7 @@ def _apply(obj: Any, values: Mapping[str, Any], prefix: str) -> Any:
                 raise ConfigError(f"{name}: expected a table")
             changes[key] = _apply(obj.limits, value, "limits.")
             continue
-        changes[key] = _coerce(name, str(f.type), value, bool(f.metadata.get("size")))
+        changes[key] = _coerce(name, types[key], value, bool(f.metadata.get("size")))
     return dataclasses.replace(obj, **changes)
 
 
