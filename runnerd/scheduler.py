@@ -115,6 +115,9 @@ class Scheduler:
         self.queued = 0
         self.running = 0
         self.done = 0
+        # For `stats` (always on). metrics.Metrics counts the same jobs for
+        # Prometheus, which is off unless configured and keeps its own
+        # registry: the two never read each other.
         self.outcomes: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         self._latency: deque[float] = deque(maxlen=LATENCY_WINDOW)
