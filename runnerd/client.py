@@ -130,6 +130,43 @@ def _wait_for(timeout: float | None, wait: float | None) -> float:
     return (timeout if timeout is not None else 30.0) + WAIT_MARGIN_S
 
 
+class _RunExchange:
+    """The resend and deadline policy of one run, without I/O: the sync and the async client both drive it.
+
+    The request goes out again after ``resend_interval`` of silence (the
+    daemon knows the id: a resend is idempotent); the run fails with
+    ClientError once *wait* seconds pass without a result.
+    """
+
+    def __init__(self, job_id: str, wait: float, resend_interval: float, endpoint: str, now: float) -> None:
+        self.tracker = _Tracker(job_id)
+        self.job_id = job_id
+        self.wait = wait
+        self.deadline = now + wait
+        self.resend_interval = resend_interval
+        self.endpoint = endpoint
+        self.heard = now
+
+    def timeout(self, now: float) -> float:
+        """How long to wait for the next reply; ClientError once the run's time is up."""
+        if now >= self.deadline:
+            raise ClientError(f"no result for job {self.job_id} from {self.endpoint} within {self.wait:.0f} s")
+        return min(self.deadline - now, self.resend_interval)
+
+    def resend_due(self, now: float) -> bool:
+        """After a wait with no reply: True when the request must go out again (and it is taken as sent)."""
+        if now - self.heard >= self.resend_interval:
+            self.heard = now
+            return True
+        return False
+
+    def events(self, msg: dict[str, Any], now: float) -> list[Event]:
+        if msg.get("id") != self.job_id:
+            return []  # a late reply to an earlier request on this socket
+        self.heard = now
+        return self.tracker.events(msg)
+
+
 class _Base:
     def __init__(self, endpoint: str | None, *, resend_interval: float, curve: Mapping[str, bytes] | None) -> None:
         self.endpoint = resolve_endpoint(endpoint)
@@ -215,24 +252,15 @@ class Client(_Base):
         raise ClientError("no result")  # pragma: no cover - _drive returns only after Finished
 
     def _drive(self, job_id: str, request: bytes, wait: float) -> Iterator[Event]:
-        tracker = _Tracker(job_id)
-        deadline = time.monotonic() + wait
+        exchange = _RunExchange(job_id, wait, self.resend_interval, self.endpoint, time.monotonic())
         self._sock.send(request)
-        heard = time.monotonic()
         while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise ClientError(f"no result for job {job_id} from {self.endpoint} within {wait:.0f} s")
-            msg = self._recv(min(deadline - now, self.resend_interval))
+            msg = self._recv(exchange.timeout(time.monotonic()))
             if msg is None:
-                if time.monotonic() - heard >= self.resend_interval:
-                    self._sock.send(request)  # idempotent: the daemon knows the id
-                    heard = time.monotonic()
+                if exchange.resend_due(time.monotonic()):
+                    self._sock.send(request)
                 continue
-            if msg.get("id") != job_id:
-                continue  # a late reply to an earlier request on this socket
-            heard = time.monotonic()
-            for event in tracker.events(msg):
+            for event in exchange.events(msg, time.monotonic()):
                 yield event
                 if isinstance(event, Finished):
                     return
@@ -319,25 +347,16 @@ class AsyncClient(_Base):
         raise ClientError("no result")  # pragma: no cover
 
     async def _drive(self, job_id: str, request: bytes, wait: float) -> AsyncIterator[Event]:
-        tracker = _Tracker(job_id)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        exchange = _RunExchange(job_id, wait, self.resend_interval, self.endpoint, loop.time())
         await self._sock.send(request)
-        heard = loop.time()
         while True:
-            now = loop.time()
-            if now >= deadline:
-                raise ClientError(f"no result for job {job_id} from {self.endpoint} within {wait:.0f} s")
-            msg = await self._recv(min(deadline - now, self.resend_interval))
+            msg = await self._recv(exchange.timeout(loop.time()))
             if msg is None:
-                if loop.time() - heard >= self.resend_interval:
+                if exchange.resend_due(loop.time()):
                     await self._sock.send(request)
-                    heard = loop.time()
                 continue
-            if msg.get("id") != job_id:
-                continue
-            heard = loop.time()
-            for event in tracker.events(msg):
+            for event in exchange.events(msg, loop.time()):
                 yield event
                 if isinstance(event, Finished):
                     return

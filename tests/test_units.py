@@ -461,3 +461,20 @@ def test_job_rlimits_from_the_policy_fields(tmp_path: Path):
         policy_mod.job_rlimits({"rlimit_cpu_type": ["SOFT"]}, tmp_path)
     with pytest.raises(PolicyError, match="rlimit_nofile must be a number"):
         policy_mod.job_rlimits({"rlimit_nofile": ["lots"]}, tmp_path)
+
+
+def test_run_exchange_resends_after_silence_and_gives_up_at_the_deadline():
+    from runnerd.client import Accepted, _RunExchange
+    from runnerd.errors import ClientError
+
+    ex = _RunExchange("j1", wait=12.0, resend_interval=5.0, endpoint="ipc://x", now=100.0)
+    assert ex.timeout(100.0) == 5.0
+    assert not ex.resend_due(103.0)  # silent for 3 s: not yet
+    assert ex.resend_due(105.0)  # silent for 5 s: send again
+    assert not ex.resend_due(106.0)  # the resend counts as heard
+    assert ex.events({"id": "other", "type": "accepted"}, 107.0) == []  # someone else's reply: ignored
+    assert ex.events({"id": "j1", "type": "accepted", "state": "queued"}, 108.0) == [Accepted("j1", "queued")]
+    assert not ex.resend_due(112.0)  # heard at 108
+    assert ex.timeout(110.0) == 2.0  # no more than what is left
+    with pytest.raises(ClientError, match="no result for job j1 from ipc://x within 12 s"):
+        ex.timeout(112.0)
