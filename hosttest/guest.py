@@ -268,28 +268,37 @@ class Service:
 SLEEPER = "import time\nprint('started', flush=True)\ntime.sleep({s})\nprint('finished')"
 
 
-def background_run(svc: Service, code: str, **kw: Any) -> tuple[threading.Thread, dict[str, Any], threading.Event]:
-    """Stream *code* in a thread; the event is set once its first output arrives (the job is running)."""
-    from runnerd.client import Finished, Output
+class Background:
+    """A job streamed from a thread: wait until it runs (its first output), then for its result."""
 
-    box: dict[str, Any] = {}
-    running = threading.Event()
+    def __init__(self, svc: Service, code: str, **kw: Any) -> None:
+        self.box: dict[str, Any] = {}
+        self.running = threading.Event()
+        self.thread = threading.Thread(target=self._go, args=(svc, code, kw), daemon=True)
+        self.thread.start()
 
-    def go() -> None:
+    def _go(self, svc: Service, code: str, kw: dict[str, Any]) -> None:
+        from runnerd.client import Finished, Output
+
         try:
             with svc.client() as c:
                 for event in c.stream(code, **kw):
                     if isinstance(event, Output):
-                        running.set()
+                        self.running.set()
                     elif isinstance(event, Finished):
-                        box["result"] = event.result
+                        self.box["result"] = event.result
         except BaseException as exc:  # noqa: BLE001 - reported by the step
-            box["error"] = exc
-        running.set()
+            self.box["error"] = exc
+        self.running.set()
 
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    return t, box, running
+    def started(self, timeout: float = 120) -> None:
+        expect(self.running.wait(timeout) and "error" not in self.box, f"the job did not start: {self.box.get('error')}")
+
+    def result(self, timeout: float = 60) -> Any:
+        self.thread.join(timeout)
+        r = self.box.get("result")
+        expect(r is not None, f"no result: {self.box.get('error') or 'still running'}")
+        return r
 
 
 def service_phase(out: Path, mode: str, steps: Steps) -> None:
@@ -329,8 +338,8 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
         return f"PNG {len(r.figures[0].data)} bytes in {r.usage.wall_s:.1f} s"
 
     def limits_in_unit() -> str:
-        t, box, running = background_run(svc, SLEEPER.format(s=20), timeout=30)
-        expect(running.wait(120) and "error" not in box, f"the job did not start: {box.get('error')}")
+        job = Background(svc, SLEEPER.format(s=20), timeout=30)
+        job.started()
         cgs = svc.job_cgroups()
         expect(bool(cgs), f"no job cgroup under {svc.unit_cgroup}/jobs")
         from runnerd import policy
@@ -347,9 +356,8 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
         inside = svc.all_inside_unit()
         with svc.client() as c:
             stats = c.stats()
-        t.join(60)
-        r = box.get("result")
-        expect(r is not None and r.outcome is Outcome.OK, f"the sleeper ended {r and r.outcome}: {box.get('error')}")
+        r = job.result()
+        expect(r.outcome is Outcome.OK, f"the sleeper ended {r.outcome} {r.reason}")
         return f"{len(cgs)} job cgroup(s), (memory.max memory.swap.max pids.max): {sorted(seen)}; {inside}; running {stats.get('running')}"
 
     def memory_bomb() -> str:
@@ -374,13 +382,12 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
         from runnerd.client import new_id
 
         job_id = new_id()
-        t, box, running = background_run(svc, SLEEPER.format(s=60), timeout=60, job_id=job_id)
-        expect(running.wait(120) and "error" not in box, f"the job did not start: {box.get('error')}")
+        job = Background(svc, SLEEPER.format(s=60), timeout=60, job_id=job_id)
+        job.started()
         with svc.client() as c:
             c.cancel(job_id)
-        t.join(60)
-        r = box.get("result")
-        expect(r is not None and r.reason is Reason.CANCELLED, f"{r and r.outcome} {r and r.reason} {box.get('error')}")
+        r = job.result()
+        expect(r.reason is Reason.CANCELLED, f"{r.outcome} {r.reason}")
         return f"{r.outcome.value} cancelled after {r.usage.wall_s:.1f} s"
 
     def check_in_sandbox() -> str:
@@ -422,12 +429,11 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
         line = svc.wait_journal(r"(reloaded|reload refused).*", before, 600)
         expect(line.startswith("reloaded"), line)
         expect(svc.main_pid() == pid, "the main process changed")
-        t, box, running = background_run(svc, SLEEPER.format(s=5), timeout=30)
-        expect(running.wait(120) and "error" not in box, f"the job did not start: {box.get('error')}")
+        job = Background(svc, SLEEPER.format(s=5), timeout=30)
+        job.started()
         inside = svc.all_inside_unit()
-        t.join(60)
-        r = box.get("result")
-        expect(r is not None and r.outcome is Outcome.OK, f"{r and r.outcome} {box.get('error')}")
+        r = job.result()
+        expect(r.outcome is Outcome.OK, f"{r.outcome} {r.reason}")
         return f"{line[:60]}; {inside}"
 
     def watchdog() -> str:
@@ -445,8 +451,8 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
 
     def kill9() -> str:
         before = time.time() - 1
-        t, box, running = background_run(svc, SLEEPER.format(s=8), timeout=60, wait=600)
-        expect(running.wait(120) and "error" not in box, f"the job did not start: {box.get('error')}")
+        job = Background(svc, SLEEPER.format(s=8), timeout=60, wait=600)
+        job.started()
         old = {p.name for p in svc.job_cgroups()}
         pid = svc.main_pid()
         sh(["systemctl", "kill", "--kill-who=main", "--signal=KILL", UNIT])
@@ -454,21 +460,17 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
         left = {p.name for p in svc.job_cgroups()} & old
         expect(not left, f"old job cgroups still there after the restart: {left}")
         swept = re.search(r"swept \d+ leftover.*", svc.journal(before))
-        t.join(300)
-        r = box.get("result")
-        expect(r is not None and r.outcome is Outcome.OK and "finished" in r.stdout,
-               f"the client's resend: {r and r.outcome} {r and r.reason} {box.get('error')}")  # fmt: skip
+        r = job.result(300)
+        expect(r.outcome is Outcome.OK and "finished" in r.stdout, f"the client's resend: {r.outcome} {r.reason}")
         how = swept.group(0) if swept else "systemd had removed them with the old processes"
         return f"restarted as pid {new}; old job cgroups gone ({how}); the client's resend ran the job"
 
     def stop_drains() -> str:
-        t, box, running = background_run(svc, SLEEPER.format(s=6), timeout=60)
-        expect(running.wait(120) and "error" not in box, f"the job did not start: {box.get('error')}")
+        job = Background(svc, SLEEPER.format(s=6), timeout=60)
+        job.started()
         sh(["systemctl", "stop", UNIT], timeout=120)
-        t.join(60)
-        r = box.get("result")
-        expect(r is not None and r.outcome is Outcome.OK and "finished" in r.stdout,
-               f"the running job: {r and r.outcome} {r and r.reason} {box.get('error')}")  # fmt: skip
+        r = job.result()
+        expect(r.outcome is Outcome.OK and "finished" in r.stdout, f"the running job: {r.outcome} {r.reason}")
         s = svc.show("Result", "ExecMainStatus", "ActiveState")
         expect(s["Result"] == "success" and s["ExecMainStatus"] == "0" and s["ActiveState"] == "inactive", str(s))
         return f"the running job finished; {s}"

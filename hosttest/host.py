@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_FILES = Path(__file__).resolve().parent / "image"
@@ -84,18 +85,26 @@ def image_key() -> str:
     )  # fmt: skip
 
 
-def build_image(key: str) -> Path:
-    """CACHE/image-KEY/{disk.img, vmlinuz, initrd.img}, built if missing."""
-    image = CACHE / f"image-{key}"
-    if (image / "done").exists():
-        log(f"image: cached ({image})")
-        return image
-    for old in CACHE.glob("image-*"):
+def cached(kind: str, key: str, build: Callable[[Path], None]) -> Path:
+    """CACHE/KIND-KEY, made by *build* into a fresh folder when missing; older KIND-* go."""
+    done = CACHE / f"{kind}-{key}"
+    if (done / ".done").exists():
+        log(f"{kind}: cached ({done})")
+        return done
+    for old in CACHE.glob(f"{kind}-*"):
         shutil.rmtree(old, ignore_errors=True)
-    tmp = CACHE / f"building-{key}"
+    tmp = CACHE / f"building-{kind}-{key}"
     shutil.rmtree(tmp, ignore_errors=True)
-    rootfs = tmp / "rootfs"
     tmp.mkdir(parents=True)
+    build(tmp)
+    (tmp / ".done").write_text(key + "\n")
+    tmp.rename(done)
+    return done
+
+
+def build_image(tmp: Path) -> None:
+    """disk.img, vmlinuz and initrd.img in *tmp*."""
+    rootfs = tmp / "rootfs"
     log(f"image: building Debian {SUITE} + {', '.join(BOOT_PACKAGES)} + the set-up's {', '.join(setup_packages())}")
     run(
         ["mmdebstrap", "--variant=minbase", "--format=directory", "--include=" + ",".join((*BOOT_PACKAGES, *setup_packages())),
@@ -124,9 +133,6 @@ def build_image(key: str) -> Path:
     run(["truncate", "-s", IMAGE_SIZE, str(disk)], "truncate")
     run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(rootfs), str(disk)], "mkfs.ext4 -d")
     shutil.rmtree(rootfs)
-    (tmp / "done").write_text(key + "\n")
-    tmp.rename(image)
-    return image
 
 
 # ---------------------------------------------------------------- the wheelhouse
@@ -136,17 +142,8 @@ def wheel_key() -> str:
     return digest(*(p.read_bytes() for p in (ROOT / "setup.cfg", ROOT / "pyproject.toml", ROOT / "env" / "requirements.lock")))
 
 
-def build_wheelhouse(key: str) -> Path:
-    """Every wheel and sdist the guest's pip installs, with no index."""
-    house = CACHE / f"wheels-{key}"
-    if (house / ".done").exists():
-        log(f"wheelhouse: cached ({house})")
-        return house
-    for old in CACHE.glob("wheels-*"):
-        shutil.rmtree(old, ignore_errors=True)
-    tmp = CACHE / f"wheels-building-{key}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def build_wheelhouse(tmp: Path) -> None:
+    """Every wheel and sdist the guest's pip installs, with no index, in *tmp*."""
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "-q", "-d", str(tmp)]
     # runnerd with its test extras (bootstrap's .venv), and the build backend
     # pip needs to install runnerd itself (the service venv, .venv).
@@ -155,9 +152,6 @@ def build_wheelhouse(key: str) -> Path:
         "pip download (the sandbox env's lock)")  # fmt: skip
     for built in tmp.glob("runnerd-*"):
         built.unlink()  # the guest installs runnerd from its own copy of the checkout
-    (tmp / ".done").write_text(key + "\n")
-    tmp.rename(house)
-    return house
 
 
 # ---------------------------------------------------------------- the guest
@@ -240,10 +234,10 @@ def main() -> int:
     started = time.monotonic()
     CACHE.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    image = build_image(image_key())
+    image = cached("image", image_key(), build_image)
     image_s = time.monotonic() - t0
     t0 = time.monotonic()
-    wheels = build_wheelhouse(wheel_key())
+    wheels = cached("wheels", wheel_key(), build_wheelhouse)
     wheels_s = time.monotonic() - t0
     accel = args.accel
     if accel == "auto":
