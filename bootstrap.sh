@@ -25,6 +25,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 say() { echo "bootstrap: $*"; }
+LINTED="runnerd tests hosttest examples"
+UNIT_TESTS="tests/test_units.py tests/test_scheduler.py"
 
 # 1. Debian packages (env/debian-packages: the set-up's, plus this mode's own).
 packages() { sed -n "s/^$1:[[:space:]]*//p" env/debian-packages; }
@@ -66,7 +68,18 @@ setup)
     say "ready: .venv/bin/runnerd"
     ;;
 test)
-    exec .venv/bin/python -m pytest -q --durations=15 "$@"
+    if [ $# -gt 0 ]; then
+        exec .venv/bin/python -m pytest -q --durations=15 "$@"
+    fi
+    # The whole suite: the cheap checks first, so a slip shows in seconds.
+    say "lint: ruff, ruff format, mypy"
+    .venv/bin/ruff check $LINTED
+    .venv/bin/ruff format --check $LINTED
+    .venv/bin/mypy
+    say "the unit layer (no cage)"
+    .venv/bin/python -m pytest -q $UNIT_TESTS
+    say "the cage, the daemon, the service"
+    exec .venv/bin/python -m pytest -q --durations=15 $(for t in $UNIT_TESTS; do echo "--ignore=$t"; done)
     ;;
 hosttest)
     exec .venv/bin/python hosttest/host.py "$@"

@@ -53,7 +53,10 @@ def main(argv):
                     fh.write(artifact["data"])
                 print(f"wrote {path} ({artifact['mime']}, {len(artifact['data'])} bytes)", file=sys.stderr)
             if reply["error"]:
-                print(f"error at line {reply['error']['lineno']}: {reply['error']['type']}: {reply['error']['message']}", file=sys.stderr)
+                print(
+                    f"error at line {reply['error']['lineno']}: {reply['error']['type']}: {reply['error']['message']}",
+                    file=sys.stderr,
+                )
             print(f"{reply['outcome']} ({reply['reason']}) in {reply['usage']['wall_s']:.3f} s", file=sys.stderr)
             return 0 if reply["outcome"] == "OUTCOME_OK" else 1
 

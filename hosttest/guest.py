@@ -23,8 +23,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 CHECKOUT = Path("/root/runnerd")
 SOCKET = "ipc:///run/runnerd/runnerd.sock"
@@ -133,8 +134,10 @@ def setup_phase(args: argparse.Namespace, steps: Steps) -> bool:
 
     def bootstrap() -> str:
         with open(args.out / "setup.log", "w") as log:
-            proc = subprocess.run(["./bootstrap.sh", "setup"], cwd=CHECKOUT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, timeout=2400)  # fmt: skip
+            proc = subprocess.run(
+                ["./bootstrap.sh", "setup"], cwd=CHECKOUT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, timeout=2400,
+            )  # fmt: skip
         tail = (args.out / "setup.log").read_text()[-600:]
         expect(proc.returncode == 0, f"exit {proc.returncode}: {tail}")
         expect("installing Debian packages" not in (args.out / "setup.log").read_text(),
@@ -147,7 +150,10 @@ def setup_phase(args: argparse.Namespace, steps: Steps) -> bool:
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=1800)  # fmt: skip
         expect(proc.returncode == 0, f"exit {proc.returncode}: {(args.out / 'install.log').read_text()[-600:]}")
         installed = Path("/etc/systemd/system") / UNIT
-        expect(installed.read_bytes() == (CHECKOUT / "systemd" / UNIT).read_bytes(), "the installed unit differs from the shipped one")
+        expect(
+            installed.read_bytes() == (CHECKOUT / "systemd" / UNIT).read_bytes(),
+            "the installed unit differs from the shipped one",
+        )
         policies = sorted(p.name for p in Path("/etc/runnerd/policies").iterdir())
         return f"unit as shipped; /etc/runnerd/policies: {', '.join(policies)}"
 
@@ -254,7 +260,11 @@ class Service:
         return f"{len(cages)} cage processes, all under {rel}/jobs"
 
     def leftovers(self) -> dict[str, list[str]]:
-        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines() if "/var/lib/runnerd/jobs/" in line]
+        mounts = [
+            line.split()[4]
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if "/var/lib/runnerd/jobs/" in line
+        ]
         jobs_dir = Path("/var/lib/runnerd/jobs")
         return {
             "job cgroups": [str(p) for p in self.job_cgroups()],
@@ -292,7 +302,9 @@ class Background:
         self.running.set()
 
     def started(self, timeout: float = 120) -> None:
-        expect(self.running.wait(timeout) and "error" not in self.box, f"the job did not start: {self.box.get('error')}")
+        expect(
+            self.running.wait(timeout) and "error" not in self.box, f"the job did not start: {self.box.get('error')}"
+        )
 
     def result(self, timeout: float = 60) -> Any:
         self.thread.join(timeout)
@@ -312,7 +324,7 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
         text = CONFIG.read_text()
         text = re.sub(r'(?m)^mode = ".*"\n', "", text)
         if mode == "warm":
-            text = re.sub(r'(?m)^(policy = .*\n)', r'\1mode = "warm"\n', text, count=1)
+            text = re.sub(r"(?m)^(policy = .*\n)", r'\1mode = "warm"\n', text, count=1)
         CONFIG.write_text(text)
         sh(["systemctl", "start", UNIT], timeout=600)
         pid = svc.wait_active(30)
@@ -321,7 +333,10 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
 
     def print_job() -> str:
         r = svc.run("print(6 * 7)", timeout=30)
-        expect(r.outcome is Outcome.OK and r.stdout.strip() == "42", f"{r.outcome} {r.reason} {r.stdout!r} {r.stderr[-300:]!r}")
+        expect(
+            r.outcome is Outcome.OK and r.stdout.strip() == "42",
+            f"{r.outcome} {r.reason} {r.stdout!r} {r.stderr[-300:]!r}",
+        )
         return f"42 in {r.usage.wall_s:.2f} s"
 
     def figure_job() -> str:
@@ -358,7 +373,8 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
             stats = c.stats()
         r = job.result()
         expect(r.outcome is Outcome.OK, f"the sleeper ended {r.outcome} {r.reason}")
-        return f"{len(cgs)} job cgroup(s), (memory.max memory.swap.max pids.max): {sorted(seen)}; {inside}; running {stats.get('running')}"
+        shown = f"(memory.max memory.swap.max pids.max): {sorted(seen)}"
+        return f"{len(cgs)} job cgroup(s), {shown}; {inside}; running {stats.get('running')}"
 
     def memory_bomb() -> str:
         r = svc.run("b = []\nwhile True:\n    b.append(bytearray(64 << 20))", timeout=60)
@@ -476,7 +492,9 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
         return f"the running job finished; {s}"
 
     def nothing_left() -> str:
-        left = wait_for("no leftovers", lambda: (lambda d: d if not any(d.values()) else None)(svc.leftovers()) or None, 30)
+        left = wait_for(
+            "no leftovers", lambda: (lambda d: d if not any(d.values()) else None)(svc.leftovers()) or None, 30
+        )
         return str(left)
 
     def save_journal() -> str:

@@ -30,8 +30,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_FILES = Path(__file__).resolve().parent / "image"
@@ -107,8 +107,8 @@ def build_image(tmp: Path) -> None:
     rootfs = tmp / "rootfs"
     log(f"image: building Debian {SUITE} + {', '.join(BOOT_PACKAGES)} + the set-up's {', '.join(setup_packages())}")
     run(
-        ["mmdebstrap", "--variant=minbase", "--format=directory", "--include=" + ",".join((*BOOT_PACKAGES, *setup_packages())),
-         SUITE, str(rootfs), str(APT_SOURCES)],
+        ["mmdebstrap", "--variant=minbase", "--format=directory",
+         "--include=" + ",".join((*BOOT_PACKAGES, *setup_packages())), SUITE, str(rootfs), str(APT_SOURCES)],
         "mmdebstrap",
     )  # fmt: skip
     (rootfs / "etc" / "fstab").write_text("/dev/vda / ext4 rw,relatime 0 1\n")
@@ -139,7 +139,9 @@ def build_image(tmp: Path) -> None:
 
 
 def wheel_key() -> str:
-    return digest(*(p.read_bytes() for p in (ROOT / "setup.cfg", ROOT / "pyproject.toml", ROOT / "env" / "requirements.lock")))
+    return digest(
+        *(p.read_bytes() for p in (ROOT / "setup.cfg", ROOT / "pyproject.toml", ROOT / "env" / "requirements.lock"))
+    )
 
 
 def build_wheelhouse(tmp: Path) -> None:
@@ -161,7 +163,9 @@ def kvm_boots(image: Path, wheels: Path) -> bool:
     """Does a guest boot with KVM here? Asked once per host kernel and qemu (the verdict is cached)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
-    qemu_version = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    qemu_version = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split(
+        "\n"
+    )[0]
     verdict = CACHE / f"kvm-{digest(os.uname().release.encode(), qemu_version.encode())}"
     if verdict.exists():
         return verdict.read_text().strip() == "yes"
@@ -204,7 +208,9 @@ def start_qemu(image: Path, wheels: Path, out: Path, *, accel: str) -> subproces
         "-nic", "none", "-display", "none", "-monitor", "none", "-no-reboot",
         "-serial", f"file:{out / 'console.log'}",
     ]  # fmt: skip
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(out / "qemu.log", "wb"))
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(out / "qemu.log", "wb")
+    )
 
 
 def follow(path: Path, offset: int) -> int:
@@ -223,10 +229,14 @@ def follow(path: Path, offset: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="bootstrap.sh hosttest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="auto: KVM if a guest boots with it")
+    parser.add_argument(
+        "--accel", choices=("auto", "kvm", "tcg"), default="auto", help="auto: KVM if a guest boots with it"
+    )
     parser.add_argument("--timeout", type=float, default=50 * 60, help="seconds for the whole guest run (default 3000)")
     parser.add_argument("--modes", default="cold,warm", help="daemon modes to test, in order (default cold,warm)")
-    parser.add_argument("--out", type=Path, default=ROOT / "hosttest" / "out", help="results folder (default hosttest/out)")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "hosttest" / "out", help="results folder (default hosttest/out)"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("hosttest: run as root (mmdebstrap, qemu's shares)", file=sys.stderr)

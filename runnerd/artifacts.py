@@ -142,7 +142,9 @@ def _walk(root: Path, exclude: frozenset[str], warnings: Warnings) -> list[tuple
         for entry in entries:
             seen += 1
             if seen > MAX_ENTRIES:
-                warnings.lost(f"stopped looking for outputs after {MAX_ENTRIES} directory entries: any past them are lost")
+                warnings.lost(
+                    f"stopped looking for outputs after {MAX_ENTRIES} directory entries: any past them are lost"
+                )
                 return sorted(found)
             relative = f"{prefix}{entry.name}"
             if not prefix and entry.name in exclude:
@@ -153,7 +155,9 @@ def _walk(root: Path, exclude: frozenset[str], warnings: Warnings) -> list[tuple
                 continue
             if stat.S_ISDIR(st.st_mode):
                 if depth + 1 >= MAX_DEPTH:
-                    warnings.lost(f"skipped {_display_name(relative)}/ and all in it: nested deeper than {MAX_DEPTH} levels")
+                    warnings.lost(
+                        f"skipped {_display_name(relative)}/ and all in it: nested deeper than {MAX_DEPTH} levels"
+                    )
                 else:
                     stack.append((Path(entry.path), relative + "/", depth + 1))
             elif stat.S_ISREG(st.st_mode):

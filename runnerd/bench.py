@@ -32,15 +32,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import psutil
 
 from .result import Outcome
-from .scheduler import percentiles_ms
 from .sandbox_env import MPLCONFIG
+from .scheduler import percentiles_ms
 
 W2_CODE = """\
 import pandas as pd
@@ -222,7 +222,9 @@ class BenchDaemon:
         if concurrency:
             argv += ["--concurrency", str(concurrency)]
         self.log = Path(self.tmp.name) / "daemon.log"
-        self.proc = subprocess.Popen(argv, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            argv, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
     def wait_ready(self, timeout: float = 300) -> None:
         from .client import Client
@@ -262,7 +264,10 @@ def started(config_path: Path | None, mode: str, concurrency: int | None) -> Ite
 
 
 def table(rows: list[Row]) -> str:
-    head = f"{'workload':<9} {'mode':<12} {'jobs':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'jobs/s':>8} {'fail':>5}"
+    head = (
+        f"{'workload':<9} {'mode':<12} {'jobs':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'mean ms':>9} "
+        f"{'jobs/s':>8} {'fail':>5}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         tput = f"{r.throughput_jobs_s:.1f}" if r.throughput_jobs_s is not None else ""
@@ -276,7 +281,11 @@ def table(rows: list[Row]) -> str:
 def machine() -> dict[str, object]:
     try:
         model = next(
-            (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
             "?",
         )
     except OSError:

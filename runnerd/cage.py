@@ -32,9 +32,10 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any
 
 from .artifacts import Collected, collect
 from .cgroups import CgroupLimits, CgroupStats, JobCgroup
@@ -288,7 +289,7 @@ def spawn_nsjail(
 
 async def supervise(
     *,
-    exited: "asyncio.Future[None]",
+    exited: asyncio.Future[None],
     kill: Callable[[], Awaitable[None]],
     out_r: int,
     err_r: int,
@@ -299,7 +300,7 @@ async def supervise(
     timeout: float,
     output_kill_bytes: int,
     on_output: OnOutput | None,
-    stop: "asyncio.Future[Reason] | None",
+    stop: asyncio.Future[Reason] | None,
 ) -> Execution:
     """Pump a running cage's pipes until it ends, enforcing the deadline, stop and output limit.
 
@@ -412,7 +413,9 @@ def build_result(
             f"at the memory limit of {limits.memory_bytes >> 20} MiB"
         )
     if ex.stats.pids_limit_hits:
-        warnings.append(f"process/thread creation failed {ex.stats.pids_limit_hits} time(s) at the limit of {limits.pids}")
+        warnings.append(
+            f"process/thread creation failed {ex.stats.pids_limit_hits} time(s) at the limit of {limits.pids}"
+        )
     if reason is Reason.OUTPUT_LIMIT:
         warnings.append(ex.output_stop)
     if reason is Reason.SANDBOX_ERROR and ex.cage_fault:
@@ -466,7 +469,7 @@ class Cage:
         job: JobSpec,
         *,
         on_output: OnOutput | None = None,
-        stop: "asyncio.Future[Reason] | None" = None,
+        stop: asyncio.Future[Reason] | None = None,
         name: str | None = None,
         job_id: str | None = None,
     ) -> Result:
@@ -524,7 +527,7 @@ class Cage:
         out: StreamCapture,
         err: StreamCapture,
         on_output: OnOutput | None,
-        stop: "asyncio.Future[Reason] | None",
+        stop: asyncio.Future[Reason] | None,
     ) -> Execution:
         loop = asyncio.get_running_loop()
         out_r, out_w = os.pipe()
@@ -579,7 +582,7 @@ class Cage:
 
 def read_pipe(
     loop: asyncio.AbstractEventLoop, fd: int, sink: Callable[[bytes], None], *, pace: Callable[[], bool] | None = None,
-) -> "asyncio.Future[None]":  # fmt: skip
+) -> asyncio.Future[None]:  # fmt: skip
     """Feed everything from *fd* to *sink*; the future resolves at EOF. Cancelling it closes the fd.
 
     While *pace* says so, a read that emptied the pipe waits PACE_S before
@@ -624,7 +627,7 @@ def read_pipe(
     return eof
 
 
-def watch_exit(loop: asyncio.AbstractEventLoop, pid: int) -> "asyncio.Future[None]":
+def watch_exit(loop: asyncio.AbstractEventLoop, pid: int) -> asyncio.Future[None]:
     """A future that resolves when process *pid* exits (a pidfd; the caller reaps)."""
     fut: asyncio.Future[None] = loop.create_future()
     pidfd = os.pidfd_open(pid)

@@ -27,9 +27,9 @@ import signal
 import subprocess
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .errors import SandboxError
 
@@ -246,7 +246,8 @@ class CgroupsV1(Cgroups):
         missing = [c for c in V1_CONTROLLERS if c not in mounts]
         if missing:
             raise SandboxError(
-                f"cgroup v1: controller(s) {', '.join(missing)} not mounted; runnerd needs memory, pids, cpu and cpuacct"
+                f"cgroup v1: controller(s) {', '.join(missing)} not mounted; "
+                "runnerd needs memory, pids, cpu and cpuacct"
             )
         self.mounts = mounts
         self.parent = parent.strip("/") or "runnerd"
@@ -422,8 +423,8 @@ class CgroupsV2(Cgroups):
             if (path / "memory.swap.max").exists():
                 _write(path / "memory.swap.max", "0")
             _write(path / "pids.max", str(limits.pids))
-            quota = str(limits.cpu_ms_per_sec * CPU_PERIOD_US // 1000) if limits.cpu_ms_per_sec > 0 else "max"
-            _write(path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            cpu_max = str(limits.cpu_ms_per_sec * CPU_PERIOD_US // 1000) if limits.cpu_ms_per_sec > 0 else "max"
+            _write(path / "cpu.max", f"{cpu_max} {CPU_PERIOD_US}")
         except SandboxError:
             _rmdir(path, patience=0)
             raise
@@ -527,4 +528,6 @@ def detect(
         return CgroupsV2(v2_mount, parent, delegated_unit=unit)
     if v1:
         return CgroupsV1(v1, "runnerd" if parent == "auto" else parent)
-    raise SandboxError("no cgroup hierarchy found: mount cgroup v2 at /sys/fs/cgroup, or the v1 memory/pids/cpu/cpuacct controllers")
+    raise SandboxError(
+        "no cgroup hierarchy found: mount cgroup v2 at /sys/fs/cgroup, or the v1 memory/pids/cpu/cpuacct controllers"
+    )

@@ -13,10 +13,12 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from . import __version__, config as config_mod, logs, sandbox_env
+from . import __version__, logs, sandbox_env
+from . import config as config_mod
 from .errors import RunnerdError
 from .job import make_job
 from .result import Outcome, Result
@@ -75,7 +77,10 @@ def _report(result: Result, out_dir: Path | None, streamed: bool) -> int:
             print(f"runnerd: wrote {path}", file=err)
     elif outputs:
         names = ", ".join(a.name for a in outputs)
-        print(f"runnerd: {len(result.figures)} figure(s), {len(result.files)} file(s): {names} (--out DIR saves them)", file=err)
+        print(
+            f"runnerd: {len(result.figures)} figure(s), {len(result.files)} file(s): {names} (--out DIR saves them)",
+            file=err,
+        )
     print(f"runnerd: {_summary(result)}", file=err)
     return EXIT_CODES[result.outcome]
 
@@ -89,7 +94,8 @@ def _read_inputs(paths: Sequence[str]) -> list[tuple[str, bytes]]:
         path = Path(p)
         if path.name in first:
             raise RunnerdError(
-                f"inputs {first[path.name]} and {p} have one name, {path.name!r}: the job opens inputs by their bare name"
+                f"inputs {first[path.name]} and {p} have one name, {path.name!r}: "
+                "the job opens inputs by their bare name"
             )
         first[path.name] = p
         try:
@@ -99,7 +105,9 @@ def _read_inputs(paths: Sequence[str]) -> list[tuple[str, bytes]]:
     return list(files.items())
 
 
-async def _run_local(cfg: config_mod.Config, code: str, files: list[tuple[str, bytes]], timeout: float | None) -> Result:
+async def _run_local(
+    cfg: config_mod.Config, code: str, files: list[tuple[str, bytes]], timeout: float | None
+) -> Result:
     from .runtime import open_runtime
 
     job = make_job(code, files, timeout, limits=cfg.limits)
@@ -203,9 +211,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=2, sort_keys=True))
         return 0
     lat, run = stats.get("latency_ms", {}), stats.get("run_ms", {})
-    print(f"{stats.get('server')}  pid {stats.get('pid')}  up {stats.get('uptime_s')} s  rss {stats.get('rss_bytes', 0) / 2**20:.1f} MiB")
-    print(f"running {stats.get('running')}/{stats.get('concurrency')}  queued {stats.get('queued')}/{stats.get('queue_size')}  "
-          f"done {stats.get('done')}  retained {stats.get('retained')}")
+    print(
+        f"{stats.get('server')}  pid {stats.get('pid')}  up {stats.get('uptime_s')} s  "
+        f"rss {stats.get('rss_bytes', 0) / 2**20:.1f} MiB"
+    )
+    print(
+        f"running {stats.get('running')}/{stats.get('concurrency')}  "
+        f"queued {stats.get('queued')}/{stats.get('queue_size')}  "
+        f"done {stats.get('done')}  retained {stats.get('retained')}"
+    )
     print("outcomes  " + "  ".join(f"{k} {v}" for k, v in sorted(stats.get("outcomes", {}).items())))
     print("reasons   " + "  ".join(f"{k} {v}" for k, v in sorted(stats.get("reasons", {}).items())))
     print(f"latency   p50 {lat.get('p50')} ms  p95 {lat.get('p95')} ms  p99 {lat.get('p99')} ms (accepted to result)")
@@ -247,7 +261,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     lock = Path(args.lock) if args.lock else default_lock_path()
     if args.action == "build":
-        sandbox_env.build(cfg.sandbox_env, lock, force=args.force, progress=lambda m: print(f"runnerd env: {m}", flush=True))
+        sandbox_env.build(
+            cfg.sandbox_env, lock, force=args.force, progress=lambda m: print(f"runnerd env: {m}", flush=True)
+        )
         return 0
     if args.action == "status":
         st = sandbox_env.status(cfg.sandbox_env, lock)
@@ -353,23 +369,33 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def _add_curve_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--client-key", default=None, metavar="FILE", help="CURVE: your .key_secret (or $RUNNERD_CLIENT_KEY)")
-    p.add_argument("--server-key", default=None, metavar="FILE", help="CURVE: the server's .key (or $RUNNERD_SERVER_KEY)")
+    p.add_argument(
+        "--client-key", default=None, metavar="FILE", help="CURVE: your .key_secret (or $RUNNERD_CLIENT_KEY)"
+    )
+    p.add_argument(
+        "--server-key", default=None, metavar="FILE", help="CURVE: the server's .key (or $RUNNERD_SERVER_KEY)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runnerd", description="Run model-written Python in nsjail cages.")
     parser.add_argument("--version", action="version", version=f"runnerd {__version__}")
-    parser.add_argument("--config", type=Path, default=None, help="TOML config (default /etc/runnerd/runnerd.toml if present)")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="TOML config (default /etc/runnerd/runnerd.toml if present)"
+    )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run one Python file in a cage and print what happened")
     p.add_argument("file", help="the Python file to run")
-    p.add_argument("--input", action="append", default=[], metavar="PATH", help="an input file, readable by its name (repeatable)")
+    p.add_argument(
+        "--input", action="append", default=[], metavar="PATH", help="an input file, readable by its name (repeatable)"
+    )
     p.add_argument("--out", metavar="DIR", help="write figures and files here")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="wall clock in seconds (default 30)")
-    p.add_argument("--endpoint", default=None, help="run through this daemon (default: $RUNNERD_ENDPOINT; unset: a local cage)")
+    p.add_argument(
+        "--endpoint", default=None, help="run through this daemon (default: $RUNNERD_ENDPOINT; unset: a local cage)"
+    )
     _add_curve_flags(p)
     p.set_defaults(func=cmd_run, default_level="WARNING")
 
@@ -377,13 +403,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", action="append", metavar="ENDPOINT", help="ipc://PATH or tcp://HOST:PORT (repeatable)")
     p.add_argument("--concurrency", type=int, default=None, help="cages at once (default: the CPUs)")
     p.add_argument("--queue-size", type=int, default=None, help="jobs waiting beyond those (default 64)")
-    p.add_argument("--log-json", action="store_true", help="log JSON lines (log_format = \"json\")")
-    p.add_argument("--mode", choices=("cold", "warm"), default=None, help="cold: nsjail per job; warm: zygotes (default: config, cold)")
+    p.add_argument("--log-json", action="store_true", help='log JSON lines (log_format = "json")')
+    p.add_argument(
+        "--mode",
+        choices=("cold", "warm"),
+        default=None,
+        help="cold: nsjail per job; warm: zygotes (default: config, cold)",
+    )
     p.set_defaults(func=cmd_serve, default_level="INFO")
 
-    for name, func, what in (("ping", cmd_ping, "check that a daemon answers"), ("stats", cmd_stats, "a daemon's counters")):
+    for name, func, what in (
+        ("ping", cmd_ping, "check that a daemon answers"),
+        ("stats", cmd_stats, "a daemon's counters"),
+    ):
         p = sub.add_parser(name, help=what)
-        p.add_argument("--endpoint", default=None, help="default: $RUNNERD_ENDPOINT, else ipc:///run/runnerd/runnerd.sock")
+        p.add_argument(
+            "--endpoint", default=None, help="default: $RUNNERD_ENDPOINT, else ipc:///run/runnerd/runnerd.sock"
+        )
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print JSON")
@@ -391,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func, default_level="WARNING")
 
     p = sub.add_parser("mcp", help="serve the run_python tool over MCP (stdio), through a daemon")
-    p.add_argument("--endpoint", default=None, help="the daemon (default: $RUNNERD_ENDPOINT, else the default ipc socket)")
+    p.add_argument(
+        "--endpoint", default=None, help="the daemon (default: $RUNNERD_ENDPOINT, else the default ipc socket)"
+    )
     _add_curve_flags(p)
     p.set_defaults(func=cmd_mcp, default_level="WARNING")
 
@@ -406,14 +444,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keygen, default_level="WARNING")
 
     p = sub.add_parser("bench", help="latency and throughput: bare python, a cold daemon, a warm daemon")
-    p.add_argument("--modes", default="bare,cold,warm", help="comma-separated: bare, cold, warm (started here), daemon (--endpoint)")
+    p.add_argument(
+        "--modes",
+        default="bare,cold,warm",
+        help="comma-separated: bare, cold, warm (started here), daemon (--endpoint)",
+    )
     p.add_argument("--endpoint", default=None, help="for mode daemon: a running daemon to drive")
-    p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated: W1 print, W2 pandas+plot, W3 numpy, W4 raises")
+    p.add_argument(
+        "--workloads", default="W1,W2,W3,W4", help="comma-separated: W1 print, W2 pandas+plot, W3 numpy, W4 raises"
+    )
     p.add_argument("--jobs", type=int, default=100, help="sequential jobs per workload and mode")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients for the throughput run")
     p.add_argument("--concurrency", type=int, default=None, help="the started daemons' concurrency (default: config)")
-    p.add_argument("--json", default="bench.json", metavar="FILE", help="write the rows here (default bench.json; '' for none)")
-    p.add_argument("--png", default="bench.png", metavar="FILE", help="plot the latencies here (default bench.png; '' for none)")
+    p.add_argument(
+        "--json", default="bench.json", metavar="FILE", help="write the rows here (default bench.json; '' for none)"
+    )
+    p.add_argument(
+        "--png", default="bench.png", metavar="FILE", help="plot the latencies here (default bench.png; '' for none)"
+    )
     p.set_defaults(func=cmd_bench, default_level="WARNING")
 
     p = sub.add_parser("check", help="check the host, the policy and the cage, one line each")

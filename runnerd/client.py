@@ -22,8 +22,9 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator, Mapping, Union
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -37,14 +38,16 @@ WAIT_MARGIN_S = 30.0
 RESEND_INTERVAL_S = 5.0
 CONTROL_TIMEOUT_S = 10.0
 
-Files = Union[Mapping[str, bytes], None]
+Files = Mapping[str, bytes] | None
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
     return endpoint or os.environ.get("RUNNERD_ENDPOINT") or DEFAULT_ENDPOINT
 
 
-def curve_keys(client_secret_file: str | os.PathLike[str], server_public_file: str | os.PathLike[str]) -> dict[str, bytes]:
+def curve_keys(
+    client_secret_file: str | os.PathLike[str], server_public_file: str | os.PathLike[str]
+) -> dict[str, bytes]:
     """The ``curve=`` argument of a client, from certificate files made by ``runnerd keygen``."""
     import zmq.auth
 
@@ -74,7 +77,7 @@ class Finished:
     result: Result
 
 
-Event = Union[Accepted, Output, Finished]
+Event = Accepted | Output | Finished
 
 
 def new_id() -> str:
@@ -219,7 +222,7 @@ class Client(_Base):
     def close(self) -> None:
         self._sock.close(0)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -313,7 +316,7 @@ class AsyncClient(_Base):
     def close(self) -> None:
         self._sock.close(0)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -322,7 +325,7 @@ class AsyncClient(_Base):
     async def _recv(self, timeout: float) -> dict[str, Any] | None:
         try:
             frame = await asyncio.wait_for(self._sock.recv(), timeout=max(0.0, timeout))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         return self._decode(frame)
 
@@ -372,7 +375,7 @@ class AsyncClient(_Base):
                 remaining = deadline - loop.time()
                 try:
                     frame = await asyncio.wait_for(sock.recv(), timeout=max(0.0, remaining))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise self._no_answer(op, timeout) from None
                 answer = self._control_answer(self._decode(frame), request_id, expect)
                 if answer is not None:

@@ -16,9 +16,10 @@ import re
 import sys
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -36,14 +37,14 @@ _SIZE_UNITS = {None: 1, "B": 1, "K": KiB, "KiB": KiB, "M": MiB, "MiB": MiB, "G":
 def parse_size(value: int | str, key: str) -> int:
     """Bytes from an int or a string such as ``"64MiB"``; ConfigError naming *key*."""
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a size (bytes or e.g. \"64MiB\"), got {value!r}")
+        raise ConfigError(f'{key}: expected a size (bytes or e.g. "64MiB"), got {value!r}')
     if isinstance(value, int):
         return value
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m:
             return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-    raise ConfigError(f"{key}: expected a size (bytes or e.g. \"64MiB\"), got {value!r}")
+    raise ConfigError(f'{key}: expected a size (bytes or e.g. "64MiB"), got {value!r}')
 
 
 def _size(default: int) -> Any:
@@ -191,15 +192,16 @@ class Config:
         if not 0 <= self.warm_full_zygotes <= 256:
             raise ConfigError(f"warm_full_zygotes: 0 (the CPUs) to 256, got {self.warm_full_zygotes}")
         if self.mode not in ("cold", "warm"):
-            raise ConfigError(f"mode: \"cold\" or \"warm\", got {self.mode!r}")
+            raise ConfigError(f'mode: "cold" or "warm", got {self.mode!r}')
         if self.log_format not in ("text", "json"):
-            raise ConfigError(f"log_format: \"text\" or \"json\", got {self.log_format!r}")
+            raise ConfigError(f'log_format: "text" or "json", got {self.log_format!r}')
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port: 0 (off) or a port number, got {self.metrics_port}")
         floor = self.limits.max_files_bytes + self.limits.max_code_bytes
         if self.max_request_bytes < floor:
             raise ConfigError(
-                f"max_request_bytes ({self.max_request_bytes}) must be at least max_files_bytes + max_code_bytes ({floor})"
+                f"max_request_bytes ({self.max_request_bytes}) must be at least "
+                f"max_files_bytes + max_code_bytes ({floor})"
             )
 
 

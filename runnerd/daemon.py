@@ -27,8 +27,9 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import psutil
 import zmq
@@ -62,7 +63,9 @@ def _event(name: str, message: str, *args: Any, level: int = logging.INFO) -> No
 
 
 class Daemon:
-    def __init__(self, config: Config, *, config_path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: Config, *, config_path: Path | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.overrides = dict(overrides or {})
@@ -116,8 +119,8 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.serve(cfg.metrics_address, cfg.metrics_port)
             sched.start()
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.add_signal_handler(signum, self._on_signal, signum)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.add_signal_handler(sig, self._on_signal, sig)
             tasks = [
                 asyncio.create_task(self.frontend.serve(), name="runnerd-frontend"),
                 asyncio.create_task(sched.evict_forever(), name="runnerd-evict"),
@@ -205,7 +208,13 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.reloads.labels("ok").inc()
         logging.getLogger().setLevel(new.log_level.upper())
-        _event("reloaded", "reloaded: concurrency %d, queue %d, policy %s", new.concurrency, new.queue_size, runtime.policy.path)
+        _event(
+            "reloaded",
+            "reloaded: concurrency %d, queue %d, policy %s",
+            new.concurrency,
+            new.queue_size,
+            runtime.policy.path,
+        )
         self.notifier.ready(self._status())
 
     async def _shutdown(self) -> None:
@@ -217,13 +226,19 @@ class Daemon:
             BUSY, "runnerd is shutting down: this job was queued and did not run; send it again after the restart"
         )
         grace = self.config.shutdown_grace_s
-        _event("draining", "waiting up to %.0f s for %d running job(s); %d queued job(s) refused", grace, sched.running, refused)
+        _event(
+            "draining",
+            "waiting up to %.0f s for %d running job(s); %d queued job(s) refused",
+            grace,
+            sched.running,
+            refused,
+        )
         deadline = time.monotonic() + grace
         while sched.running and time.monotonic() < deadline:
             self.notifier.status(f"shutting down: {sched.running} job(s) still running")
             try:
                 signum = await asyncio.wait_for(self._signals.get(), timeout=0.05)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if signum == signal.SIGHUP:
                 continue  # no reloads while stopping

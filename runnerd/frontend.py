@@ -13,14 +13,16 @@ dropped, never waited for, and the peer can ask again by job id.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import grp
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 import zmq.asyncio
@@ -94,7 +96,7 @@ def _prepare_ipc(path: Path) -> int:
 class Frontend:
     def __init__(
         self, config: Config, scheduler: Scheduler, ctx: zmq.asyncio.Context, *,
-        info: Callable[[], dict[str, Any]], metrics: "Metrics | None" = None,
+        info: Callable[[], dict[str, Any]], metrics: Metrics | None = None,
     ) -> None:  # fmt: skip
         self.config = config
         self.metrics = metrics
@@ -191,10 +193,13 @@ class Frontend:
                 self._handle(ep, frames)
             except Exception:
                 log.exception("%s: unexpected error handling a frame", ep.address)
-                self._send(ep, frames[0], protocol.error_reply(None, protocol.INTERNAL, "internal error; see the daemon's log"))
+                self._send(
+                    ep, frames[0], protocol.error_reply(None, protocol.INTERNAL, "internal error; see the daemon's log")
+                )
 
     def _send(self, ep: Endpoint, identity: bytes, frame: bytes) -> None:
-        fut = ep.socket.send_multipart([identity, frame], flags=zmq.DONTWAIT, copy=False)
+        # zmq.asyncio hands back an asyncio Future, done at once with DONTWAIT (its stub says Awaitable).
+        fut = cast("asyncio.Future[Any]", ep.socket.send_multipart([identity, frame], flags=zmq.DONTWAIT, copy=False))
         exc = fut.exception() if fut.done() else None
         if exc is not None:
             # EHOSTUNREACH: the peer is gone. EAGAIN: it does not read.

@@ -43,7 +43,9 @@ def output_text(result: Result, timeout: float | None = None) -> str:
     return text[-MAX_OUTPUT_CHARS:]
 
 
-def parts(code: str, result: Result, *, timeout: float | None = None, include_saved_images: bool = True) -> list[dict[str, Any]]:
+def parts(
+    code: str, result: Result, *, timeout: float | None = None, include_saved_images: bool = True
+) -> list[dict[str, Any]]:
     """The Gemini JSON parts of one attempt: executableCode, codeExecutionResult, inlineData per image."""
     out: list[dict[str, Any]] = [
         {"executableCode": {"language": "PYTHON", "code": code}},

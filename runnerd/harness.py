@@ -36,7 +36,7 @@ BACKEND_PATH = "/runnerd/runnerd_inline.py"
 FILENAME = "main.py"
 MAX_MESSAGE = 8 * 1024
 MAX_TRACEBACK = 32 * 1024
-_REPORT_FDS = []
+_REPORT_FDS: list[int] = []
 
 
 def _cut(text, limit):

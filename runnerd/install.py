@@ -27,8 +27,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from . import sandbox_env
 from .config import Config, Limits

@@ -8,8 +8,8 @@ and a broken one is refused with a message that names the problem.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from .config import Limits
 from .errors import JobRejected
@@ -77,9 +77,7 @@ def make_job(
     except UnicodeEncodeError:
         raise JobRejected("code is not valid UTF-8 (it holds a lone surrogate)") from None
     if code_bytes > limits.max_code_bytes:
-        raise JobRejected(
-            f"code is {code_bytes} bytes; the limit is {limits.max_code_bytes}", code="TOO_LARGE"
-        )
+        raise JobRejected(f"code is {code_bytes} bytes; the limit is {limits.max_code_bytes}", code="TOO_LARGE")
 
     checked: list[InputFile] = []
     seen: set[str] = set()
@@ -96,9 +94,7 @@ def make_job(
         data = bytes(data)
         total += len(data)
         if total > limits.max_files_bytes:
-            raise JobRejected(
-                f"input files add up to more than {limits.max_files_bytes} bytes", code="TOO_LARGE"
-            )
+            raise JobRejected(f"input files add up to more than {limits.max_files_bytes} bytes", code="TOO_LARGE")
         seen.add(name)
         checked.append(InputFile(name=name, data=data))
 

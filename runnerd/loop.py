@@ -28,8 +28,9 @@ function or a coroutine function.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping, Sequence, Union
+from typing import Any
 
 from .client import AsyncClient, Client
 from .errors import AttemptNotRun
@@ -42,12 +43,27 @@ CAGE_RETRIES = 2
 STDERR_TAIL_CHARS = 2000
 MANIFEST_LINES = 5
 MANIFEST_LINE_CHARS = 200
-_TEXT_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".jsonl", ".md", ".xml", ".html", ".yaml", ".yml", ".py", ".log", ".ini", ".toml")
+_TEXT_SUFFIXES = (
+    ".csv",
+    ".tsv",
+    ".txt",
+    ".json",
+    ".jsonl",
+    ".md",
+    ".xml",
+    ".html",
+    ".yaml",
+    ".yml",
+    ".py",
+    ".log",
+    ".ini",
+    ".toml",
+)
 
 
 @dataclass(frozen=True)
 class Attempt:
-    number: int          # 1-based
+    number: int  # 1-based
     code: str
     result: Result
     feedback: str | None  # what the next generation call was told; None for a successful attempt
@@ -68,7 +84,7 @@ class LoopResult:
 
 
 Generator = Callable[[str, Sequence[Attempt]], str]
-AsyncGenerator = Callable[[str, Sequence[Attempt]], Union[str, Awaitable[str]]]
+AsyncGenerator = Callable[[str, Sequence[Attempt]], str | Awaitable[str]]
 
 
 def manifest(files: Mapping[str, bytes] | None) -> str:

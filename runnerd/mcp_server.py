@@ -12,10 +12,10 @@ a run that fails comes back as a tool error (``isError``) whose text holds
 the traceback, so the model can fix its code.
 """
 
-
 import base64
 import binascii
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .client import AsyncClient, resolve_endpoint
 from .errors import ClientError
@@ -48,7 +48,7 @@ def result_text(result: Result) -> str:
     return "\n\n".join(sections) or "(no output)"
 
 
-def _decode_files(files: list[Mapping[str, Any]] | None) -> dict[str, bytes]:
+def _decode_files(files: Sequence[Mapping[str, Any]] | None) -> dict[str, bytes]:
     decoded: dict[str, bytes] = {}
     for f in files or []:
         name, content = f.get("name"), f.get("content", "")
@@ -75,7 +75,9 @@ def build_server(endpoint: str | None = None, curve: Mapping[str, bytes] | None 
     address = resolve_endpoint(endpoint)
     server = MCPServer("runnerd", instructions=TOOL_DESCRIPTION)
 
-    async def run_python(code: str, files: list[dict[str, Any]] | None = None, timeout: float | None = None) -> CallToolResult:
+    async def run_python(
+        code: str, files: list[dict[str, Any]] | None = None, timeout: float | None = None
+    ) -> CallToolResult:
         """Run Python code in runnerd's sandbox.
 
         Args:

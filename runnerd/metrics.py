@@ -8,7 +8,8 @@ only reads: gauges are read from the scheduler at scrape time.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -28,13 +29,15 @@ class Metrics:
         self.latency = Histogram("runnerd_job_latency_seconds", "Accepted to result", buckets=_BUCKETS, registry=r)
         self.run_time = Histogram("runnerd_job_run_seconds", "Wall clock in the cage", buckets=_BUCKETS, registry=r)
         self.cpu = Histogram("runnerd_job_cpu_seconds", "CPU time of the cage", buckets=_BUCKETS, registry=r)
-        self.errors = Counter("runnerd_request_errors", "Requests answered with an error, by code", ["code"], registry=r)
+        self.errors = Counter(
+            "runnerd_request_errors", "Requests answered with an error, by code", ["code"], registry=r
+        )
         self.reloads = Counter("runnerd_reloads", "SIGHUP reloads, by result", ["result"], registry=r)
         Gauge("runnerd_jobs_running", "Jobs in a cage now", registry=r).set_function(running)
         Gauge("runnerd_jobs_queued", "Jobs waiting for a slot", registry=r).set_function(queued)
-        self._server = None
+        self._server: Any = None  # the WSGI server start_http_server made
 
-    def job_finished(self, result: "Result", latency_s: float) -> None:
+    def job_finished(self, result: Result, latency_s: float) -> None:
         reason = result.reason.value if result.reason else "none"
         self.jobs.labels(result.outcome.value, reason).inc()
         self.latency.observe(latency_s)

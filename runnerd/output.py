@@ -82,7 +82,9 @@ class OutputGuard:
     slowly past the cap: the window starts again after each calm one.
     """
 
-    def __init__(self, out: StreamCapture, err: StreamCapture, kill_bytes: int, window_s: float = FLOOD_WINDOW_S) -> None:
+    def __init__(
+        self, out: StreamCapture, err: StreamCapture, kill_bytes: int, window_s: float = FLOOD_WINDOW_S
+    ) -> None:
         self.captures = (out, err)
         self.kill_bytes = kill_bytes
         self.window_s = window_s

@@ -24,9 +24,9 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from .cgroups import CgroupLimits
 from .errors import PolicyError
@@ -158,11 +158,11 @@ def job_rlimits(fields: Mapping[str, tuple[str, ...]] | Mapping[str, list[str]],
             continue
         if kind != "VALUE":
             raise PolicyError(f"{path}: {name}_type: {kind} is not supported by runnerd (give a value, or INF)")
-        values = fields.get(name)
+        given = fields.get(name)
         try:
-            value = int(values[-1], 0) if values else default
+            value = int(given[-1], 0) if given else default
         except ValueError:
-            raise PolicyError(f"{path}: {name} must be a number, got {values[-1]!r}") from None
+            raise PolicyError(f"{path}: {name} must be a number, got {given[-1] if given else ''!r}") from None
         if value < 0:
             raise PolicyError(f"{path}: {name} must not be negative, got {value}")
         limits[resource_name] = value * unit
@@ -205,7 +205,7 @@ def load(path: Path) -> Policy:
             if value != wanted:
                 raise PolicyError(f"{path}: {name}: {value} would weaken the cage; runnerd needs {name}: {wanted}")
     if raw.get("cwd", ["/"])[-1] != "/work":
-        raise PolicyError(f"{path}: cwd must be \"/work\", where runnerd mounts the job's working directory")
+        raise PolicyError(f'{path}: cwd must be "/work", where runnerd mounts the job\'s working directory')
     kafel_names = raw.get("seccomp_policy_file")
     if not kafel_names:
         raise PolicyError(f"{path}: seccomp_policy_file is missing; a runnerd policy always has a seccomp filter")
@@ -292,4 +292,6 @@ def check_with_nsjail(policy: Policy, nsjail: Path, *, zygote: bool = False) -> 
             os.close(kafel_r)
     if proc.returncode != 0:
         which = policy.path.parent / ZYGOTE_KAFEL if zygote else policy.path
-        raise PolicyError(f"nsjail rejects the policy {which}: {nsjail_problems(proc.stderr) or proc.stderr.strip()[-500:]}")
+        raise PolicyError(
+            f"nsjail rejects the policy {which}: {nsjail_problems(proc.stderr) or proc.stderr.strip()[-500:]}"
+        )

@@ -43,7 +43,7 @@ def failures(checks: list[Check]) -> list[Check]:
 
 
 # Runs inside the cage as an ordinary job; prints one JSON object.
-PROBE_CODE = r'''
+PROBE_CODE = r"""
 import ctypes, errno, fcntl, json, os, socket, struct
 libc = ctypes.CDLL(None, use_errno=True)
 def err(ret):
@@ -94,14 +94,14 @@ else:
     r["x32_getpid"] = "ok" if code == 0 else errno.errorcode.get(code, str(code))
 r["clone3"] = err(libc.syscall(435, 0, 0))
 print(json.dumps(r))
-'''
+"""
 
 
 def _expect(checks: list[Check], name: str, ok: bool, good: str, bad: str) -> None:
     checks.append(Check(name, ok, good if ok else bad))
 
 
-async def probe(cage: "Cage | WarmCage") -> list[Check]:
+async def probe(cage: Cage | WarmCage) -> list[Check]:
     """Run PROBE_CODE in a real cage and check what it saw."""
     result = await cage.run(JobSpec(code=PROBE_CODE, timeout=20.0))
     if result.outcome is not Outcome.OK:
@@ -110,7 +110,9 @@ async def probe(cage: "Cage | WarmCage") -> list[Check]:
     try:
         seen = json.loads(result.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return [Check("cage probe", False, f"the probe printed no report: {result.stdout[:300]!r} {result.stderr[-300:]!r}")]
+        return [
+            Check("cage probe", False, f"the probe printed no report: {result.stdout[:300]!r} {result.stderr[-300:]!r}")
+        ]
     checks: list[Check] = [Check("cage probe", True, f"a job ran in {result.usage.wall_s:.3f} s")]
     uid_map = seen.get("uid_map", [])
     outside = uid_map[1] if len(uid_map) == 3 else "?"
@@ -120,26 +122,44 @@ async def probe(cage: "Cage | WarmCage") -> list[Check]:
         f"uid 1000 inside = unprivileged uid {outside} outside, mapped alone",
         f"uid {seen.get('uid')}, uid_map {uid_map}: the jailed user must not be, or reach, host root",
     )  # fmt: skip
-    _expect(checks, "capabilities", seen.get("cap_eff") == "0000000000000000" and seen.get("cap_bnd") == "0000000000000000",
-            "none, effective or bounding", f"CapEff {seen.get('cap_eff')}, CapBnd {seen.get('cap_bnd')}")
-    _expect(checks, "no_new_privs", seen.get("no_new_privs") == "1", "set", "not set: setuid binaries could gain privileges")
+    _expect(
+        checks,
+        "capabilities",
+        seen.get("cap_eff") == "0000000000000000" and seen.get("cap_bnd") == "0000000000000000",
+        "none, effective or bounding",
+        f"CapEff {seen.get('cap_eff')}, CapBnd {seen.get('cap_bnd')}",
+    )
+    _expect(
+        checks, "no_new_privs", seen.get("no_new_privs") == "1", "set", "not set: setuid binaries could gain privileges"
+    )
     _expect(checks, "seccomp", seen.get("seccomp") == "2", "filter active", f"Seccomp: {seen.get('seccomp')} (want 2)")
-    _expect(checks, "pid namespace", seen.get("pid") != os.getpid() and seen.get("pid", 99) < 10,
-            f"the job is pid {seen.get('pid')} of its own namespace", f"the job sees pid {seen.get('pid')}")
+    _expect(
+        checks,
+        "pid namespace",
+        seen.get("pid") != os.getpid() and seen.get("pid", 99) < 10,
+        f"the job is pid {seen.get('pid')} of its own namespace",
+        f"the job sees pid {seen.get('pid')}",
+    )
     _expect(checks, "network", not seen.get("interfaces_up") and seen.get("connect_outside") != "ok"
             and seen.get("connect_loopback") != "ok",
             f"no interface up (present: {', '.join(seen.get('interfaces', [])) or 'none'}); connects fail "
             f"({seen.get('connect_outside')}, {seen.get('connect_loopback')})",
             f"interfaces up: {seen.get('interfaces_up')}, outside connect: {seen.get('connect_outside')}")  # fmt: skip
-    _expect(checks, "read-only system", seen.get("write_usr") in ("EROFS", "EACCES", "ENOENT"),
-            f"writing /usr fails ({seen.get('write_usr')})", "the job can write /usr")
+    _expect(
+        checks,
+        "read-only system",
+        seen.get("write_usr") in ("EROFS", "EACCES", "ENOENT"),
+        f"writing /usr fails ({seen.get('write_usr')})",
+        "the job can write /usr",
+    )
     _expect(checks, "seccomp denials", seen.get("ptrace") == "EPERM" and seen.get("unshare") == "EPERM"
             and seen.get("clone3") == "ENOSYS",
             "ptrace, unshare refused (EPERM); clone3 ENOSYS",
             f"ptrace {seen.get('ptrace')}, unshare {seen.get('unshare')}, clone3 {seen.get('clone3')}")  # fmt: skip
     x32 = seen.get("x32_getpid")
     _expect(checks, "x32 syscalls", x32 in ("ENOSYS", "SIGSYS"),
-            "refused by the kernel (ENOSYS)" if x32 == "ENOSYS" else "refused: the caller is killed (SIGSYS, the host's filter)",
+            "refused by the kernel (ENOSYS)" if x32 == "ENOSYS"
+            else "refused: the caller is killed (SIGSYS, the host's filter)",
             "this kernel runs x32 syscalls, which a kafel deny list cannot cover: boot with syscall.x32=n")  # fmt: skip
     return checks
 
@@ -149,11 +169,11 @@ class HostParts:
     """What the static checks built on the way; None where a check failed."""
 
     nsjail: Path | None = None
-    policy: "Policy | None" = None
-    cgroups: "Cgroups | None" = None
+    policy: Policy | None = None
+    cgroups: Cgroups | None = None
 
 
-def static_checks(config: "Config", lock: Path) -> tuple[list[Check], HostParts]:
+def static_checks(config: Config, lock: Path) -> tuple[list[Check], HostParts]:
     """Host-side checks that need no cage, one line each, in the order a fix is needed."""
     from . import policy as policy_mod
     from . import sandbox_env
@@ -236,13 +256,16 @@ def _imports_code(names: list[str]) -> str:
 IMPORT_PROBE_TIMEOUT_S = 180.0
 
 
-async def import_probe(cage: "Cage | WarmCage", names: list[str]) -> Check:
+async def import_probe(cage: Cage | WarmCage, names: list[str]) -> Check:
     result = await cage.run(JobSpec(code=_imports_code(names), timeout=IMPORT_PROBE_TIMEOUT_S))
     ok = result.outcome is Outcome.OK and result.stdout.strip() == "ok"
     if ok:
         detail = f"{len(names)} libraries import in the cage ({result.usage.wall_s:.1f} s)"
     elif result.outcome is Outcome.DEADLINE_EXCEEDED:
-        detail = f"importing {len(names)} libraries did not finish in {IMPORT_PROBE_TIMEOUT_S:.0f} s (is this host overloaded?)"
+        detail = (
+            f"importing {len(names)} libraries did not finish in {IMPORT_PROBE_TIMEOUT_S:.0f} s "
+            "(is this host overloaded?)"
+        )
     else:
         why = result.stdout.strip()[:1000] or result.stderr.strip()[-1000:] or "; ".join(result.warnings)
         detail = f"imports failed ({result.outcome.value}, {result.reason}): {why or 'the job printed nothing'}"

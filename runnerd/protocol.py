@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any
 
 import msgpack
 
@@ -78,7 +79,7 @@ class StatsRequest:
     id: str
 
 
-Request = Union[RunRequest, CancelRequest, PingRequest, StatsRequest]
+Request = RunRequest | CancelRequest | PingRequest | StatsRequest
 
 
 def _unpack(frame: bytes, max_bytes: int) -> Any:
@@ -123,7 +124,9 @@ def _check(msg: dict[str, Any], limits: Limits, request_id: str | None) -> Reque
     if "v" not in msg:
         raise ProtocolError(BAD_REQUEST, "missing field 'v' (the protocol version, 1)")
     if msg["v"] != VERSION or isinstance(msg["v"], bool):
-        raise ProtocolError(UNSUPPORTED_VERSION, f"protocol version {msg['v']!r} is not supported; this daemon speaks v: 1")
+        raise ProtocolError(
+            UNSUPPORTED_VERSION, f"protocol version {msg['v']!r} is not supported; this daemon speaks v: 1"
+        )
     if "id" not in msg:
         raise ProtocolError(BAD_REQUEST, "missing field 'id'")
     if request_id is None:

@@ -8,8 +8,9 @@ carries it with the output to the caller (and, as a map, over the wire).
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ClientError
 
@@ -23,14 +24,14 @@ class Outcome(str, enum.Enum):
 class Reason(str, enum.Enum):
     """Why a job did not end with OUTCOME_OK."""
 
-    EXCEPTION = "exception"          # an uncaught exception; ``error`` says which
-    EXIT = "exit"                    # sys.exit(n) / os._exit(n) with n != 0
-    SIGNAL = "signal"                # killed by a signal (segfault, SIGKILL from inside, seccomp)
-    MEMORY_LIMIT = "memory_limit"    # the cgroup's OOM killer fired
-    OUTPUT_LIMIT = "output_limit"    # stdout+stderr passed limits.output_kill_bytes, or flooded (output.OutputGuard)
-    TIMEOUT = "timeout"              # the wall clock ran out (OUTCOME_DEADLINE_EXCEEDED)
-    CANCELLED = "cancelled"          # a client cancelled it
-    SHUTDOWN = "shutdown"            # the daemon stopped before the job finished
+    EXCEPTION = "exception"  # an uncaught exception; ``error`` says which
+    EXIT = "exit"  # sys.exit(n) / os._exit(n) with n != 0
+    SIGNAL = "signal"  # killed by a signal (segfault, SIGKILL from inside, seccomp)
+    MEMORY_LIMIT = "memory_limit"  # the cgroup's OOM killer fired
+    OUTPUT_LIMIT = "output_limit"  # stdout+stderr passed limits.output_kill_bytes, or flooded (output.OutputGuard)
+    TIMEOUT = "timeout"  # the wall clock ran out (OUTCOME_DEADLINE_EXCEEDED)
+    CANCELLED = "cancelled"  # a client cancelled it
+    SHUTDOWN = "shutdown"  # the daemon stopped before the job finished
     SANDBOX_ERROR = "sandbox_error"  # the cage could not be set up, or broke under the job; not the code's fault
 
 
@@ -46,7 +47,7 @@ class Artifact:
         return {"name": self.name, "mime": self.mime, "data": self.data}
 
     @classmethod
-    def from_wire(cls, m: Mapping[str, Any]) -> "Artifact":
+    def from_wire(cls, m: Mapping[str, Any]) -> Artifact:
         return cls(name=str(m["name"]), mime=str(m["mime"]), data=bytes(m["data"]))
 
 
@@ -63,7 +64,7 @@ class ErrorInfo:
         return {"type": self.type, "message": self.message, "traceback": self.traceback, "lineno": self.lineno}
 
     @classmethod
-    def from_wire(cls, m: Mapping[str, Any]) -> "ErrorInfo":
+    def from_wire(cls, m: Mapping[str, Any]) -> ErrorInfo:
         lineno = m.get("lineno")
         return cls(
             type=str(m.get("type", "")),
@@ -83,7 +84,7 @@ class Usage:
         return {"wall_s": self.wall_s, "cpu_s": self.cpu_s, "max_rss_bytes": self.max_rss_bytes}
 
     @classmethod
-    def from_wire(cls, m: Mapping[str, Any]) -> "Usage":
+    def from_wire(cls, m: Mapping[str, Any]) -> Usage:
         return cls(
             wall_s=float(m.get("wall_s", 0.0)),
             cpu_s=float(m.get("cpu_s", 0.0)),
@@ -134,7 +135,7 @@ class Result:
         }
 
     @classmethod
-    def from_wire(cls, m: Mapping[str, Any]) -> "Result":
+    def from_wire(cls, m: Mapping[str, Any]) -> Result:
         """Rebuild a Result from a ``type: "result"`` reply; ClientError if it is malformed."""
         try:
             reason = m.get("reason")
@@ -160,15 +161,15 @@ class Result:
 class Observation:
     """What the host saw of a finished cage; the input of :func:`decide`."""
 
-    started: bool                # the harness reported that it began
-    finished: bool               # the harness reported that it ended (not killed mid-way)
-    exit_status: int | None      # the cage's exit: >= 0 a code, < 0 minus a signal number
+    started: bool  # the harness reported that it began
+    finished: bool  # the harness reported that it ended (not killed mid-way)
+    exit_status: int | None  # the cage's exit: >= 0 a code, < 0 minus a signal number
     timed_out: bool = False
     cancelled: bool = False
     shutdown: bool = False
     output_limit: bool = False
     oom_kills: int = 0
-    has_error: bool = False      # the harness reported an uncaught exception
+    has_error: bool = False  # the harness reported an uncaught exception
     # The cage itself broke while the job ran (nsjail or the zygote died, or
     # did not report the job's exit): how the job would have ended is unknown.
     cage_failed: bool = False

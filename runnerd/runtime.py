@@ -101,7 +101,13 @@ async def open_runtime(
             host.close()
             raise
     runtime = Runtime(
-        config=config, policy=parts.policy, host=host, cage=cage, nsjail=parts.nsjail, runner=runner, checks=list(checks)
+        config=config,
+        policy=parts.policy,
+        host=host,
+        cage=cage,
+        nsjail=parts.nsjail,
+        runner=runner,
+        checks=list(checks),
     )
     if probe:
         runtime.checks += await runtime.probe(import_check)

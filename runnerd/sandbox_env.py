@@ -21,9 +21,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .errors import EnvironmentMissing
 
@@ -123,7 +123,9 @@ def status(env: Path, lock: Path) -> EnvStatus:
         return EnvStatus(env, False, f"{env} has no valid {MARKER} (an interrupted build?): run `runnerd env build`")
     if data.get("lock_sha256") != lock_digest(lock):
         return EnvStatus(env, False, f"{env} was built from another lock than {lock}: run `runnerd env build`")
-    return EnvStatus(env, True, f"{env}: built {data.get('built_at', '?')} from {lock.name} ({data.get('packages', '?')} packages)")
+    return EnvStatus(
+        env, True, f"{env}: built {data.get('built_at', '?')} from {lock.name} ({data.get('packages', '?')} packages)"
+    )
 
 
 def _run(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
@@ -184,7 +186,8 @@ def build(
         "packages": len(entries),
         "python": subprocess.run(
             [str(env / "bin" / "python3"), "-c", "import sys; print(sys.version.split()[0])"],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip(),  # fmt: skip
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.monotonic() - started, 1),
@@ -205,7 +208,12 @@ def _build_mplconfig(env: Path) -> None:
         # /usr/share/fonts and the env are bound at the same paths in the
         # cage, so a cache built here holds paths that are valid there.
         _run(
-            [str(env / "bin" / "python3"), "-I", "-c", "import matplotlib.font_manager as fm; fm.findfont('DejaVu Sans')"],
+            [
+                str(env / "bin" / "python3"),
+                "-I",
+                "-c",
+                "import matplotlib.font_manager as fm; fm.findfont('DejaVu Sans')",
+            ],
             "building the Matplotlib font cache",
             env={"MPLCONFIGDIR": str(target), "HOME": home, "PATH": "/usr/bin:/bin"},
         )

@@ -26,8 +26,8 @@ import enum
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Hashable
 
 from . import protocol
 from .job import JobSpec
@@ -62,7 +62,7 @@ class JobRecord:
     subscribers: dict[Hashable, Subscriber] = field(default_factory=dict)
     chunks: list[tuple[str, int, bytes]] = field(default_factory=list)
     offsets: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
-    stop: "asyncio.Future[Reason] | None" = None
+    stop: asyncio.Future[Reason] | None = None
     result: Result | None = None
     accepted_at: float = field(default_factory=time.monotonic)
     finished_at: float = 0.0
@@ -73,12 +73,7 @@ class JobRecord:
 
 
 def _result_size(result: Result) -> int:
-    return (
-        len(result.stdout)
-        + len(result.stderr)
-        + sum(len(a.data) for a in (*result.figures, *result.files))
-        + 1024
-    )
+    return len(result.stdout) + len(result.stderr) + sum(len(a.data) for a in (*result.figures, *result.files)) + 1024
 
 
 def percentiles_ms(values: list[float]) -> dict[str, float]:
@@ -242,7 +237,9 @@ class Scheduler:
             assert record.spec is not None  # dropped only when the job ends
             try:
                 result = await self.runner(
-                    record.spec, on_output=lambda s, d, r=record: self._output(r, s, d), stop=record.stop,
+                    record.spec,
+                    on_output=lambda s, d, r=record: self._output(r, s, d),
+                    stop=record.stop,
                     job_id=record.id,
                 )
             except asyncio.CancelledError:
@@ -250,7 +247,9 @@ class Scheduler:
                 raise
             except Exception:
                 log.exception("job %s: the runner failed", record.id)
-                result = Result(outcome=Outcome.FAILED, reason=Reason.SANDBOX_ERROR, warnings=("internal error in runnerd",))
+                result = Result(
+                    outcome=Outcome.FAILED, reason=Reason.SANDBOX_ERROR, warnings=("internal error in runnerd",)
+                )
             self.running -= 1
             self._finish(record, result, wall_s=time.monotonic() - started)
         self._workers.pop(slot, None)

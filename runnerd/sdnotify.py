@@ -11,12 +11,13 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
 
 class Notifier:
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         address = env.get("NOTIFY_SOCKET", "")
         if address.startswith("@"):
@@ -27,7 +28,7 @@ class Notifier:
         self._last_status = ""
 
     @staticmethod
-    def _watchdog(env: dict[str, str]) -> float | None:
+    def _watchdog(env: Mapping[str, str]) -> float | None:
         try:
             usec = int(env.get("WATCHDOG_USEC", "0"))
         except ValueError:

@@ -39,8 +39,9 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .artifacts import collect
 from .cage import (
@@ -74,11 +75,12 @@ PLACEHOLDER = ".main.py"
 # What the spool holds besides the job: its root and the placeholder.
 SPOOL_BASE_BYTES = 64 << 10
 SPOOL_BASE_INODES = 4
-WARM_TIMEOUT_S = 180.0       # imports on a cold disk cache can take a while
-EVENT_TIMEOUT_S = 30.0       # a prepared child, an exit after a kill
+WARM_TIMEOUT_S = 180.0  # imports on a cold disk cache can take a while
+EVENT_TIMEOUT_S = 30.0  # a prepared child, an exit after a kill
 KILL_GRACE_S = 5.0
 READY_TIMEOUT_S = 60.0
-INLINE_BYTES = 1 << 20       # inputs below this are written on the event loop itself       # a job waits this long for a slot whose zygote is being replaced
+# Inputs below this are written on the event loop itself.
+INLINE_BYTES = 1 << 20
 RESTART_BACKOFF_S = (0.5, 2.0, 10.0)
 # The zygote itself: its interpreter, nsjail, and a child before it moves out.
 ZYGOTE_PIDS = 32
@@ -141,7 +143,9 @@ class Zygote:
         for name in HARNESS_FILES:
             lines.append(pb_bind(self.config.harness_dir / name, f"/runnerd/{name}"))
         lines.append(pb_bind(spool, "/spool", rw=True))
-        tmpfs = 'mount {{ dst: "{dst}" fstype: "tmpfs" rw: true options: "{opts}" nosuid: true nodev: true noexec: true }}'
+        tmpfs = (
+            'mount {{ dst: "{dst}" fstype: "tmpfs" rw: true options: "{opts}" nosuid: true nodev: true noexec: true }}'
+        )
         lines.append(tmpfs.format(dst="/work", opts="size=1048576,nr_inodes=64,mode=0755"))
         lines.append(tmpfs.format(dst="/home/user", opts="size=8388608,nr_inodes=256,mode=0755"))
         lines.append(tmpfs.format(dst="/runnerd/figures", opts="size=4096,nr_inodes=4,mode=0755"))
@@ -221,7 +225,7 @@ class Zygote:
                 if size > 1 << 20:
                     raise ValueError(f"zygote message of {size} bytes")
                 event = json.loads(await reader.readexactly(size))
-                queue = self.events.get(event.get("event")) if isinstance(event, dict) else None
+                queue = self.events.get(str(event.get("event"))) if isinstance(event, dict) else None
                 if queue is None:
                     raise ValueError(f"unknown zygote event {event!r:.200}")
                 queue.put_nowait(event)
@@ -232,7 +236,7 @@ class Zygote:
         queue = self.events[kind]
         try:
             event = await asyncio.wait_for(queue.get(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._gone(f"no {kind!r} event within {timeout:.0f} s")
             raise ZygoteGone(f"zygote {self.index} did not answer ({kind})") from None
         if event is None:
@@ -309,7 +313,7 @@ class Zygote:
         if self.proc is not None:
             try:
                 await asyncio.wait_for(asyncio.to_thread(self.proc.wait), 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.proc.kill()
                 await asyncio.to_thread(self.proc.wait)
         for task in self._tasks:
@@ -330,7 +334,7 @@ class Zygote:
     # ------------------------------------------------------------ a job
 
     async def run(
-        self, job: JobSpec, *, on_output: OnOutput | None, stop: "asyncio.Future[Reason] | None", job_id: str | None,
+        self, job: JobSpec, *, on_output: OnOutput | None, stop: asyncio.Future[Reason] | None, job_id: str | None,
     ) -> Result:  # fmt: skip
         assert self.armed is not None and self.lease is not None and self.ctl is not None
         assert self.spool is not None
@@ -381,14 +385,19 @@ class Zygote:
 
     async def _execute(
         self, job: JobSpec, name: str, ws: Workspace, cg: JobCgroup, out: StreamCapture, err: StreamCapture,
-        on_output: OnOutput | None, stop: "asyncio.Future[Reason] | None",
+        on_output: OnOutput | None, stop: asyncio.Future[Reason] | None,
     ) -> Any:  # fmt: skip
         loop = asyncio.get_running_loop()
         assert self.ctl is not None
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         rep_r, rep_w = os.pipe()
-        message = {"op": "run", "dir": name, "inputs": list(ws.input_names), "max_figures": self.config.limits.max_figures}
+        message = {
+            "op": "run",
+            "dir": name,
+            "inputs": list(ws.input_names),
+            "max_figures": self.config.limits.max_figures,
+        }
         try:
             socket.send_fds(self.ctl, [_frame(message)], [out_w, err_w, rep_w])
         except OSError as exc:
@@ -412,13 +421,18 @@ class Zygote:
 
         waiter = asyncio.create_task(wait_exit())
         exited: asyncio.Future[None] = loop.create_future()
-        exit_event.add_done_callback(lambda f: exited.done() or exited.set_result(None))
+
+        def settle(_: object) -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        exit_event.add_done_callback(settle)
 
         async def kill() -> None:
             await asyncio.to_thread(cg.kill)
             try:
                 await asyncio.wait_for(asyncio.shield(exit_event), KILL_GRACE_S)
-            except (asyncio.TimeoutError, ZygoteGone):
+            except (TimeoutError, ZygoteGone):
                 self._gone("no exit report after the job was killed")
 
         try:
@@ -550,11 +564,13 @@ class WarmCage:
                 pool.ready.put_nowait(z)
         log.info(
             "warm pools: %d full and %d light zygote(s) ready in %.1f s",
-            len(self.pools["full"].zygotes), len(self.pools["light"].zygotes), time.monotonic() - started,
+            len(self.pools["full"].zygotes),
+            len(self.pools["light"].zygotes),
+            time.monotonic() - started,
         )
 
     async def run(
-        self, job: JobSpec, *, on_output: OnOutput | None = None, stop: "asyncio.Future[Reason] | None" = None,
+        self, job: JobSpec, *, on_output: OnOutput | None = None, stop: asyncio.Future[Reason] | None = None,
         name: str | None = None, job_id: str | None = None,
     ) -> Result:  # fmt: skip
         """Run *job* on a zygote of the kind its code needs; the same contract as Cage.run.
@@ -567,9 +583,12 @@ class WarmCage:
         while True:
             try:
                 zygote = await asyncio.wait_for(pool.ready.get(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 why = "; ".join(z.diagnostics() for z in pool.zygotes if z.dead) or "all busy recovering"
-                return sandbox_failure(job_id or name or "?", SandboxError(f"no warm zygote became ready in {READY_TIMEOUT_S:.0f} s ({why})"))
+                return sandbox_failure(
+                    job_id or name or "?",
+                    SandboxError(f"no warm zygote became ready in {READY_TIMEOUT_S:.0f} s ({why})"),
+                )
             if zygote.dead:  # died while it waited: replace it, take another
                 self._start_recycle(pool, zygote)
                 continue

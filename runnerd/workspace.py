@@ -65,7 +65,7 @@ def resize_tmpfs(target: Path, size: int, inodes: int) -> None:
         raise SandboxError(f"cannot resize the tmpfs at {target}: {os.strerror(err)}")
 
 
-def job_size(job: JobSpec, scratch_bytes: int, scratch_inodes: int, mplconfig: "MplConfig") -> tuple[int, int]:
+def job_size(job: JobSpec, scratch_bytes: int, scratch_inodes: int, mplconfig: MplConfig) -> tuple[int, int]:
     """The tmpfs size and inode count one job gets: its scratch, plus its inputs and code."""
     size = scratch_bytes + job.files_bytes + len(job.code.encode()) + mplconfig.size + _SLACK_BYTES
     return size, scratch_inodes + len(job.files) + _SLACK_INODES
@@ -103,7 +103,7 @@ class MplConfig:
     files: tuple[tuple[str, bytes], ...] = ()
 
     @classmethod
-    def load(cls, directory: Path) -> "MplConfig":
+    def load(cls, directory: Path) -> MplConfig:
         if not directory.is_dir():
             return cls()
         return cls(tuple((p.name, p.read_bytes()) for p in sorted(directory.iterdir()) if p.is_file()))
@@ -136,7 +136,7 @@ class Workspace:
         scratch_inodes: int,
         mplconfig: MplConfig,
         mount: bool = True,
-    ) -> "Workspace":
+    ) -> Workspace:
         """Mount and fill the job's tmpfs; SandboxError (with nothing left behind) on failure.
 
         ``mount=False`` fills a plain directory instead: the warm path's, on

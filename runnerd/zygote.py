@@ -196,7 +196,7 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-_COMPILED = []  # (buffer, fprog), built once in the zygote and inherited by every child
+_COMPILED: list[object] = []  # (buffer, fprog), built once in the zygote and inherited by every child
 
 
 def _compiled_filter():
@@ -288,7 +288,7 @@ def _mount_job(job):
 
 
 # The job's rlimits from the policy ({resource name: value, -1 for none}), given by the host.
-JOB_RLIMITS = {}
+JOB_RLIMITS: dict[str, int] = {}
 
 
 def _lock_down():
@@ -415,16 +415,17 @@ def _warm(kind, mplconfig_src):
     harness.install_backend_finder()
     _compiled_filter()
     # What every job's processes need anyway: loaded here, not per job.
-    import atexit, faulthandler, linecache, tokenize, traceback  # noqa: E401,F401
+    import atexit  # noqa: E401,F401
+
     if kind == "full":
         target = os.environ.get("MPLCONFIGDIR")
         if target and os.path.isdir(mplconfig_src):
             os.makedirs(target, exist_ok=True)
             for name in os.listdir(mplconfig_src):
                 shutil.copyfile(os.path.join(mplconfig_src, name), os.path.join(target, name))
+        import matplotlib.pyplot as plt
         import numpy  # noqa: F401
         import pandas  # noqa: F401
-        import matplotlib.pyplot as plt
 
         fig = plt.figure()
         plt.plot([0, 1], [1, 0])
@@ -502,7 +503,7 @@ def main(argv):
     JOB_RLIMITS.update(json.loads(argv[4]) if len(argv) > 4 else {})
     harness, ms = _warm(kind, argv[2])
     send_msg(ctl, {"event": "warm", "ms": round(ms, 1), "kind": kind})
-    nxt = None      # the child for the next job
+    nxt = None  # the child for the next job
     running = None  # (g, socket) of the job running now
     zombies = []
     sel = selectors.DefaultSelector()

@@ -18,9 +18,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -81,7 +82,9 @@ def cage_confirmed(runtime: Runtime) -> Runtime:
     return runtime
 
 
-def run_job(rt: Runtime, code: str, files: dict[str, bytes] | None = None, timeout: float | None = None, **kw: Any) -> Result:
+def run_job(
+    rt: Runtime, code: str, files: dict[str, bytes] | None = None, timeout: float | None = None, **kw: Any
+) -> Result:
     job = make_job(code, list((files or {}).items()), timeout, limits=rt.config.limits)
     return asyncio.run(rt.cage.run(job, **kw))
 
@@ -162,7 +165,9 @@ def start_daemon(
     log_path = state_dir / f"{name}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "runnerd", "--config", str(config_path), "serve", *extra_args],
-        stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        stdout=open(log_path, "wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
         env={**os.environ, CANARY_ENV: CANARY, **(extra_env or {})},
     )
     daemon = DaemonProc(proc, ipc, tcp, config_path, log_path)
@@ -307,8 +312,12 @@ def describe_pids(pids: list[str]) -> str:
     out = []
     for pid in pids:
         try:
-            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-            groups = [ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if "memory" in ln or "pids" in ln]
+            status = dict(
+                line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+            )
+            groups = [
+                ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if "memory" in ln or "pids" in ln
+            ]
             out.append(f"{pid}: {status['State'].strip()} ppid {status['PPid'].strip()} {groups}")
         except OSError:
             out.append(f"{pid}: gone")

@@ -274,8 +274,18 @@ MALFORMED = [
     ("file name empty", [run_req(files=[{"name": "", "data": b""}])], "BAD_REQUEST", "empty"),
     ("file name long", [run_req(files=[{"name": "n" * 256, "data": b""}])], "BAD_REQUEST", "256 bytes long"),
     ("file data str", [run_req(files=[{"name": "a", "data": "text"}])], "BAD_REQUEST", "must be bytes"),
-    ("too many files", [run_req(files=[{"name": f"f{i}", "data": b""} for i in range(101)])], "TOO_LARGE", "limit is 100"),
-    ("files too big", [run_req(files=[{"name": f"f{i}", "data": b"\0" * (17 << 20)} for i in range(4)])], "TOO_LARGE", "67108864"),
+    (
+        "too many files",
+        [run_req(files=[{"name": f"f{i}", "data": b""} for i in range(101)])],
+        "TOO_LARGE",
+        "limit is 100",
+    ),
+    (
+        "files too big",
+        [run_req(files=[{"name": f"f{i}", "data": b"\0" * (17 << 20)} for i in range(4)])],
+        "TOO_LARGE",
+        "67108864",
+    ),
     ("negative timeout", [run_req(timeout=-1)], "BAD_REQUEST", "positive number"),
     ("timeout string", [run_req(timeout="5")], "BAD_REQUEST", "number of seconds"),
     ("stream not bool", [run_req(stream=1)], "BAD_REQUEST", "stream must be true or false"),
@@ -336,7 +346,9 @@ def test_second_daemon_on_the_same_endpoint_refuses(daemon, cage_confirmed):
     cfg = daemon.config_path.read_text()
     proc = subprocess.run(
         [sys.executable, "-m", "runnerd", "--config", str(daemon.config_path), "serve"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "already served by another runnerd" in proc.stderr

@@ -33,7 +33,22 @@ ERROR_CODES = {"BAD_REQUEST", "TOO_LARGE", "BUSY", "UNSUPPORTED_VERSION", "NOT_F
 def _frames(rng: random.Random, n: int, max_request: int) -> list[tuple[list[bytes], bool]]:
     """(frames, expect_reply) pairs: random, truncated, mutated, mistyped, huge, deep, oversize."""
     pack = lambda m: msgpack.packb(m, use_bin_type=True)  # noqa: E731
-    values = [None, True, 1, -1, 2**63, 1.5, float("nan"), "", "x" * 300, b"bytes", [], {}, [1, [2, [3]]], {"a": {"b": 1}}]
+    values = [
+        None,
+        True,
+        1,
+        -1,
+        2**63,
+        1.5,
+        float("nan"),
+        "",
+        "x" * 300,
+        b"bytes",
+        [],
+        {},
+        [1, [2, [3]]],
+        {"a": {"b": 1}},
+    ]
     bases = [
         {"v": 1, "op": "ping", "id": "p1"},
         {"v": 1, "op": "stats", "id": "s1"},
@@ -103,7 +118,7 @@ def test_fuzz_ten_thousand_frames(cage_confirmed, state_dir):
         expected = sum(1 for _, reply in frames if reply)
         replies: list[dict] = []
         t0 = time.monotonic()
-        for i, (parts, reply) in enumerate(frames):
+        for parts, reply in frames:
             if not reply:
                 # an oversize frame drops this connection: use a throw-away socket for it
                 s2 = ctx.socket(zmq.DEALER)
@@ -177,7 +192,9 @@ def test_curve_config_errors_are_named(state_dir, cage_confirmed, tmp_path):
     cfg = tmp_path / "r.toml"
     cfg.write_text(f'state_dir = "{state_dir}"\nenv_path = "{cage_confirmed.config.sandbox_env}"\n'
                    f'bind = ["tcp://127.0.0.1:1"]\ncurve_server_key = "{tmp_path}/missing.key_secret"\n')  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "runnerd", "--config", str(cfg), "serve"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runnerd", "--config", str(cfg), "serve"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "curve_server_key and curve_clients_dir: set both" in proc.stderr
 
 
@@ -199,8 +216,12 @@ def test_ipc_directory_is_for_root_and_the_runnerd_group(daemon):
 
 def test_second_daemon_on_a_tcp_endpoint_refuses(daemon, state_dir, cage_confirmed, tmp_path):
     cfg = tmp_path / "r.toml"
-    cfg.write_text(f'state_dir = "{state_dir}"\nenv_path = "{cage_confirmed.config.sandbox_env}"\nbind = ["{daemon.tcp}"]\n')
-    proc = subprocess.run([sys.executable, "-m", "runnerd", "--config", str(cfg), "serve"], capture_output=True, text=True, timeout=60)
+    cfg.write_text(
+        f'state_dir = "{state_dir}"\nenv_path = "{cage_confirmed.config.sandbox_env}"\nbind = ["{daemon.tcp}"]\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "runnerd", "--config", str(cfg), "serve"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "already in use" in proc.stderr
 
 
@@ -347,10 +368,13 @@ def test_cgroup_parents_go_with_the_process_that_made_them(cage_confirmed):
 def test_check_leaves_no_cgroup_behind(cage_confirmed, tmp_path):
     parent = f"runnerd-check-{uuid.uuid4().hex[:6]}"
     conf = tmp_path / "r.toml"
-    conf.write_text(f'cgroup_parent = "{parent}"\nenv_path = "{cage_confirmed.config.sandbox_env}"\n'
-                    f'state_dir = "{cage_confirmed.config.state_dir}"\n')
-    proc = subprocess.run([sys.executable, "-m", "runnerd", "--config", str(conf), "check"],
-                          capture_output=True, text=True, timeout=300)
+    conf.write_text(
+        f'cgroup_parent = "{parent}"\nenv_path = "{cage_confirmed.config.sandbox_env}"\n'
+        f'state_dir = "{cage_confirmed.config.state_dir}"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "runnerd", "--config", str(conf), "check"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok   library set" in proc.stdout
     assert not list(Path("/sys/fs/cgroup").glob(f"**/{parent}")), "check left its cgroup parent behind"
@@ -377,7 +401,9 @@ def test_jobs_run_under_a_read_only_dev(cage_confirmed, tmp_path):
         "print('devices ok', len(os.urandom(8)), open('/dev/zero', 'rb').read(2))\n"
     )
     conf = tmp_path / "r.toml"
-    conf.write_text(f'env_path = "{cage_confirmed.config.sandbox_env}"\nstate_dir = "{cage_confirmed.config.state_dir}"\n')
+    conf.write_text(
+        f'env_path = "{cage_confirmed.config.sandbox_env}"\nstate_dir = "{cage_confirmed.config.state_dir}"\n'
+    )
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_DEVICES, "sh",
          sys.executable, "-m", "runnerd", "--config", str(conf), "run", str(job), "--timeout", "20"],

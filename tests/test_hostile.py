@@ -214,7 +214,10 @@ def test_one_huge_figure(attack):
 
 def test_reading_host_files(attack, canary_files):
     paths = [str(p) for p in canary_files] + ["/etc/shadow", "/root/.bash_history", "/proc/1/root/etc/shadow"]
-    code = "for p in %r:\n    try:\n        print('READ', open(p).read())\n    except OSError as e:\n        print(type(e).__name__)\n" % paths
+    code = (
+        "for p in %r:\n    try:\n        print('READ', open(p).read())\n    except OSError as e:\n        print(type(e).__name__)\n"
+        % paths
+    )
     r = attack(code)
     assert "READ" not in r.stdout and len(lines(r)) == len(paths)
 
@@ -232,7 +235,22 @@ def test_walking_the_root(attack):
     r = attack(code, timeout=20)
     top = eval(lines(r)[0])  # a repr of a list of names
     # warm mode: /spool (where the zygote's jobs live) is there, covered and empty
-    assert set(top) <= {"bin", "dev", "etc", "home", "lib", "lib64", "proc", "runnerd", "sbin", "spool", "tmp", "usr", "var", "work"}
+    assert set(top) <= {
+        "bin",
+        "dev",
+        "etc",
+        "home",
+        "lib",
+        "lib64",
+        "proc",
+        "runnerd",
+        "sbin",
+        "spool",
+        "tmp",
+        "usr",
+        "var",
+        "work",
+    }
     assert lines(r)[1] == "[]"
     assert "root" not in top and "sys" not in top
 
@@ -286,7 +304,9 @@ def test_device_files(attack):
     )
     r = attack(code)
     out = lines(r)
-    assert eval(out[0]) == sorted(["fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "urandom", "zero"])
+    assert eval(out[0]) == sorted(
+        ["fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "urandom", "zero"]
+    )
     assert out[1] == "EPERM" and out[2:] == ["False"] * 4
 
 
@@ -310,7 +330,10 @@ def test_writing_usr_and_the_interpreter(attack, cage_confirmed):
     env = cage_confirmed.config.sandbox_env
     targets = ["/usr/bin/python3.11", f"{env}/bin/python3", f"{env}/lib/python3.11/site-packages/numpy/__init__.py",
                "/usr/lib/python3.11/os.py", "/etc/passwd", "/runnerd/harness.py", "/runnerd/main.py"]  # fmt: skip
-    code = "for p in %r:\n    try: open(p, 'ab').write(b'#'); print('WROTE', p)\n    except OSError as e: print(type(e).__name__)\n" % targets
+    code = (
+        "for p in %r:\n    try: open(p, 'ab').write(b'#'); print('WROTE', p)\n    except OSError as e: print(type(e).__name__)\n"
+        % targets
+    )
     r = attack(code)
     assert "WROTE" not in r.stdout and len(lines(r)) == len(targets)
 
@@ -406,7 +429,9 @@ def test_netlink_and_raw_sockets(attack):
 
 
 def test_vsock(attack):
-    r = attack("import socket\ntry: socket.socket(40, socket.SOCK_STREAM); print('OPENED')\nexcept OSError as e: print(e.errno)\n")
+    r = attack(
+        "import socket\ntry: socket.socket(40, socket.SOCK_STREAM); print('OPENED')\nexcept OSError as e: print(e.errno)\n"
+    )
     assert r.stdout == "1\n"
 
 

@@ -42,7 +42,9 @@ def test_scripted_loop_fixes_the_column_on_attempt_2(daemon):
 
 def test_the_example_runs_as_a_user_would(daemon):
     env = {**os.environ, "RUNNERD_ENDPOINT": daemon.tcp}
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "model_loop.py")], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "model_loop.py")], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "--- attempt 1: OUTCOME_FAILED" in proc.stdout and "solved after 2 attempt(s)" in proc.stdout
 
@@ -143,7 +145,9 @@ def test_mcp_tool_through_a_daemon(daemon):
                     "df = pd.read_csv('sales.csv')\nprint(df['sales'].sum())\n"
                     "df.groupby('region')['sales'].sum().plot.bar()\n"
                 )
-                good = await session.call_tool("run_python", {"code": code, "files": [{"name": "sales.csv", "content": SALES.decode()}]})
+                good = await session.call_tool(
+                    "run_python", {"code": code, "files": [{"name": "sales.csv", "content": SALES.decode()}]}
+                )
                 bad = await session.call_tool("run_python", {"code": "import pandas as pd\npd.read_csv('sales.csv')['x']\n",
                                                              "files": [{"name": "sales.csv", "content": base64.b64encode(SALES).decode(), "base64": True}]})  # fmt: skip
                 return tools, good, bad

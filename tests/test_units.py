@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from runnerd import artifacts, cage, cgroups, config as config_mod, policy as policy_mod
+from runnerd import artifacts, cage, cgroups
+from runnerd import config as config_mod
+from runnerd import policy as policy_mod
 from runnerd.artifacts import collect, sniff_image
 from runnerd.config import Limits
 from runnerd.errors import ConfigError, JobRejected, PolicyError
@@ -156,7 +158,10 @@ def obs(**kw) -> Observation:
         ({"started": False, "exit_status": 255}, (Outcome.FAILED, Reason.SANDBOX_ERROR)),
         # the cage broke under the job: never blamed on the code, whatever else it saw
         ({"exit_status": None, "cage_failed": True}, (Outcome.FAILED, Reason.SANDBOX_ERROR)),
-        ({"exit_status": None, "cage_failed": True, "oom_kills": 1, "has_error": True}, (Outcome.FAILED, Reason.SANDBOX_ERROR)),
+        (
+            {"exit_status": None, "cage_failed": True, "oom_kills": 1, "has_error": True},
+            (Outcome.FAILED, Reason.SANDBOX_ERROR),
+        ),
         ({"exit_status": None, "cage_failed": True, "cancelled": True}, (Outcome.FAILED, Reason.CANCELLED)),
         # the deadline wins over everything the job did
         ({"timed_out": True, "oom_kills": 2, "has_error": True}, (Outcome.DEADLINE_EXCEEDED, Reason.TIMEOUT)),
@@ -239,14 +244,20 @@ def test_lost_outputs_are_named_before_oddities_and_lines_stay_bounded(tmp_path:
         os.symlink("zz_big.bin", work / f"link{i:03}")
     got = collect(work, figs, exclude=frozenset(), limits=Limits(max_artifact_bytes=1000))
     lost, odd = got.warnings.final(lost_first=["3 open figure(s) not rendered: over 32"])
-    assert lost == ["3 open figure(s) not rendered: over 32", "dropped zz_big.bin: 2000 bytes, over the 1000-byte limit per file"]
+    assert lost == [
+        "3 open figure(s) not rendered: over 32",
+        "dropped zz_big.bin: 2000 bytes, over the 1000-byte limit per file",
+    ]
     assert len(odd) == artifacts.MAX_WARNINGS - 2 + 1
     assert odd[-1] == "... and 82 more not returned or returned as plain files: 82 symbolic link(s)"
     # Past the room, lost outputs are counted too, and oddities only counted.
     for i in range(30):
         (work / f"big{i:02}.bin").write_bytes(b"x" * 2000)
     lost, odd = collect(work, figs, exclude=frozenset(), limits=Limits(max_artifact_bytes=1000)).warnings.final()
-    assert len(lost) == artifacts.MAX_WARNINGS + 1 and lost[-1] == "... and 11 more output(s) dropped for the reasons above"
+    assert (
+        len(lost) == artifacts.MAX_WARNINGS + 1
+        and lost[-1] == "... and 11 more output(s) dropped for the reasons above"
+    )
     assert odd == ["... and 100 more not returned or returned as plain files: 100 symbolic link(s)"]
 
 
@@ -270,9 +281,14 @@ def test_default_policy_loads():
 
 
 def test_scan_fields_skips_blocks_strings_and_comments():
-    text = 'a: 1 # b: 2\nmount { c: 3 }\nd: "x { # y"\ne: \'q\' f: true\ng: { h: 1 }\n'
+    text = "a: 1 # b: 2\nmount { c: 3 }\nd: \"x { # y\"\ne: 'q' f: true\ng: { h: 1 }\n"
     assert policy_mod.scan_fields(text) == {
-        "a": ["1"], "mount": ["{...}"], "d": ["x { # y"], "e": ["q"], "f": ["true"], "g": ["{...}"],
+        "a": ["1"],
+        "mount": ["{...}"],
+        "d": ["x { # y"],
+        "e": ["q"],
+        "f": ["true"],
+        "g": ["{...}"],
     }
 
 
@@ -323,7 +339,9 @@ def test_nsjail_rejects_a_broken_policy(tmp_path: Path, runtime):
 
 def test_config_file_and_overrides(tmp_path: Path):
     f = tmp_path / "r.toml"
-    f.write_text('concurrency = 3\nbind = "tcp://127.0.0.1:5555"\n[limits]\nmax_output_bytes = "2MiB"\nmax_timeout = 60\n')
+    f.write_text(
+        'concurrency = 3\nbind = "tcp://127.0.0.1:5555"\n[limits]\nmax_output_bytes = "2MiB"\nmax_timeout = 60\n'
+    )
     cfg = config_mod.load(f, {"queue_size": 5})
     assert cfg.concurrency == 3 and cfg.queue_size == 5 and cfg.bind == ("tcp://127.0.0.1:5555",)
     assert cfg.limits.max_output_bytes == 2 << 20 and cfg.limits.max_timeout == 60.0
@@ -374,7 +392,9 @@ def test_detect_v2_delegated_by_systemd():
     assert cg.jobs == Path("/sys/fs/cgroup/system.slice/runnerd.service/jobs")
     # After prepare() the daemon lives in the unit's supervisor leaf; a reload
     # detects again from there and must find the same unit, not /runnerd.
-    again = cgroups.detect("auto", MOUNTINFO_V2, "0::/system.slice/runnerd.service/supervisor\n", delegated.__contains__)
+    again = cgroups.detect(
+        "auto", MOUNTINFO_V2, "0::/system.slice/runnerd.service/supervisor\n", delegated.__contains__
+    )
     assert isinstance(again, cgroups.CgroupsV2) and again.delegated and again.jobs == cg.jobs
     assert "delegated by systemd" in again.describe()
 

@@ -59,30 +59,30 @@ ALLOW = zygote.RET_ALLOW
 @pytest.mark.parametrize(
     "nr, args, expected",
     [
-        (0, (), ALLOW),                                  # read
-        (39, (), ALLOW),                                 # getpid
-        (101, (), EPERM),                                # ptrace
-        (272, (0x10000000,), EPERM),                     # unshare
-        (165, (), EPERM),                                # mount
-        (321, (), EPERM),                                # bpf
-        (425, (), EPERM),                                # io_uring_setup
-        (435, (), ENOSYS),                               # clone3
-        (56, (0x3D0F00,), ALLOW),                        # clone for a thread
-        (56, (0x01200011,), ALLOW),                      # clone for fork()
-        (56, (0x10000000 | 17,), EPERM),                 # clone with CLONE_NEWUSER
-        (56, (0x00020000,), EPERM),                      # clone with CLONE_NEWNS
-        (16, (1, 0x5412), EPERM),                        # ioctl TIOCSTI
-        (16, (1, 0x541C), EPERM),                        # ioctl TIOCLINUX
-        (16, (1, 0x5401), ALLOW),                        # ioctl TCGETS
-        (41, (2, 1, 0), ALLOW),                          # socket(AF_INET, SOCK_STREAM)
-        (41, (2, 3, 1), EPERM),                          # socket(AF_INET, SOCK_RAW)
-        (41, (10, 3 | 0x80000, 58), EPERM),              # socket(AF_INET6, SOCK_RAW|SOCK_CLOEXEC)
-        (41, (10, 2, 0), ALLOW),                         # socket(AF_INET6, SOCK_DGRAM)
-        (41, (16, 3, 0), ALLOW),                         # socket(AF_NETLINK, SOCK_RAW): if_nameindex()
-        (41, (40, 1, 0), EPERM),                         # AF_VSOCK
-        (41, (17, 3, 0), EPERM),                         # AF_PACKET
-        (0x40000000 | 39, (), ENOSYS),                   # x32 getpid
-        (0x40000000 | 521, (), ENOSYS),                  # x32 ptrace
+        (0, (), ALLOW),  # read
+        (39, (), ALLOW),  # getpid
+        (101, (), EPERM),  # ptrace
+        (272, (0x10000000,), EPERM),  # unshare
+        (165, (), EPERM),  # mount
+        (321, (), EPERM),  # bpf
+        (425, (), EPERM),  # io_uring_setup
+        (435, (), ENOSYS),  # clone3
+        (56, (0x3D0F00,), ALLOW),  # clone for a thread
+        (56, (0x01200011,), ALLOW),  # clone for fork()
+        (56, (0x10000000 | 17,), EPERM),  # clone with CLONE_NEWUSER
+        (56, (0x00020000,), EPERM),  # clone with CLONE_NEWNS
+        (16, (1, 0x5412), EPERM),  # ioctl TIOCSTI
+        (16, (1, 0x541C), EPERM),  # ioctl TIOCLINUX
+        (16, (1, 0x5401), ALLOW),  # ioctl TCGETS
+        (41, (2, 1, 0), ALLOW),  # socket(AF_INET, SOCK_STREAM)
+        (41, (2, 3, 1), EPERM),  # socket(AF_INET, SOCK_RAW)
+        (41, (10, 3 | 0x80000, 58), EPERM),  # socket(AF_INET6, SOCK_RAW|SOCK_CLOEXEC)
+        (41, (10, 2, 0), ALLOW),  # socket(AF_INET6, SOCK_DGRAM)
+        (41, (16, 3, 0), ALLOW),  # socket(AF_NETLINK, SOCK_RAW): if_nameindex()
+        (41, (40, 1, 0), EPERM),  # AF_VSOCK
+        (41, (17, 3, 0), EPERM),  # AF_PACKET
+        (0x40000000 | 39, (), ENOSYS),  # x32 getpid
+        (0x40000000 | 521, (), ENOSYS),  # x32 ptrace
     ],
 )
 def test_the_childs_filter(nr, args, expected):
@@ -194,7 +194,9 @@ def test_a_large_print_that_ends_is_not_a_flood(any_daemon):
         r = c.run("import sys\nsys.stdout.write('x' * 20_000_000)\nprint()\nprint('done')", timeout=30)
     assert r.ok, r
     assert r.truncated and r.stdout.endswith("x\ndone\n")
-    assert r.warnings == ("stdout: 20000006 bytes, kept the first 524288 and the last 524288 (limits.max_output_bytes = 1048576)",)
+    assert r.warnings == (
+        "stdout: 20000006 bytes, kept the first 524288 and the last 524288 (limits.max_output_bytes = 1048576)",
+    )
 
 
 def test_a_job_cannot_reach_the_zygote_or_its_own_init(warm_daemon):
@@ -243,7 +245,9 @@ def test_no_trace_of_an_earlier_jobs_inputs(warm_daemon):
     )
     with Client(warm_daemon.ipc) as c:
         for _ in range(3):
-            assert c.run("print(open('secret.txt').read())", files={"secret.txt": secret.encode()}).stdout == secret + "\n"
+            assert (
+                c.run("print(open('secret.txt').read())", files={"secret.txt": secret.encode()}).stdout == secret + "\n"
+            )
             r = c.run(look, timeout=20)
             assert r.stdout == "[] []\n", r
 
