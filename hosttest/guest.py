@@ -357,9 +357,9 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
         job.started()
         cgs = svc.job_cgroups()
         expect(bool(cgs), f"no job cgroup under {svc.unit_cgroup}/jobs")
-        from runnerd import policy
-        from runnerd.cage import NSJAIL_TASKS
-        from runnerd.warm import ZYGOTE_PIDS
+        from runnerd.sandbox import policy
+        from runnerd.sandbox.cage import NSJAIL_TASKS
+        from runnerd.sandbox.warm import ZYGOTE_PIDS
 
         limits = policy.load(Path("/etc/runnerd/policies/default.cfg")).limits
         # A cold job's cgroup also holds nsjail; a zygote's holds its cage.

@@ -39,8 +39,8 @@ from pathlib import Path
 import psutil
 
 from .result import Outcome
-from .sandbox_env import MPLCONFIG
-from .scheduler import percentiles_ms
+from .sandbox.sandbox_env import MPLCONFIG
+from .server.scheduler import percentiles_ms
 
 W2_CODE = """\
 import pandas as pd

@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, logs, sandbox_env
+from . import __version__
 from . import config as config_mod
 from .errors import RunnerdError
-from .job import make_job
 from .result import Outcome, Result
+from .sandbox import sandbox_env
+from .sandbox.job import make_job
+from .server import logs
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ def _read_inputs(paths: Sequence[str]) -> list[tuple[str, bytes]]:
 async def _run_local(
     cfg: config_mod.Config, code: str, files: list[tuple[str, bytes]], timeout: float | None
 ) -> Result:
-    from .runtime import open_runtime
+    from .sandbox.runtime import open_runtime
 
     job = make_job(code, files, timeout, limits=cfg.limits)
     # One job: a warm pool (the service's config may ask for one) would only cost its start-up.
@@ -171,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .daemon import Daemon
+    from .server.daemon import Daemon
 
     overrides: dict[str, Any] = {
         "bind": tuple(args.bind) if args.bind else None,
@@ -228,9 +230,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import preflight, runtime
     from .config import default_lock_path
-    from .sandbox_env import LIBRARIES
+    from .sandbox import preflight, runtime
+    from .sandbox.sandbox_env import LIBRARIES
 
     cfg = _load_config(args)
     static = preflight.static_checks(cfg, default_lock_path())

@@ -29,9 +29,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from . import protocol
 from .errors import ClientError, RemoteError
 from .result import Result
+from .server import protocol
 
 DEFAULT_ENDPOINT = "ipc:///run/runnerd/runnerd.sock"
 WAIT_MARGIN_S = 30.0

@@ -119,7 +119,7 @@ class Config:
     cgroup_parent: str = "auto"
     # "cold": a fresh nsjail per job. "warm": a zygote per slot, in its own
     # nsjail cage with numpy/pandas/Matplotlib loaded, forking one fresh,
-    # fully isolated child per job (see runnerd/warm.py).
+    # fully isolated child per job (see runnerd/sandbox/warm.py).
     mode: str = "cold"
     # Warm mode: how many zygotes have numpy/pandas/Matplotlib loaded (about
     # 100 MiB each); 0 means the number of CPUs. Jobs that import only the

@@ -30,9 +30,9 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from . import sandbox_env
 from .config import Config, Limits
 from .errors import RunnerdError
+from .sandbox import sandbox_env
 
 GROUP = "runnerd"
 SERVICE_VENV = Path("/opt/runnerd/venv")
@@ -57,7 +57,7 @@ def policy_files(root: Path) -> list[Path]:
 
 def _tree_digest(root: Path) -> str:
     h = hashlib.sha256()
-    for pattern in ("setup.cfg", "pyproject.toml", "runnerd/*.py", "policies/*", "env/*"):
+    for pattern in ("setup.cfg", "pyproject.toml", "runnerd/**/*.py", "policies/*", "env/*"):
         for path in sorted(root.glob(pattern)):
             h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()

@@ -27,9 +27,9 @@ import pytest
 
 from runnerd import config as config_mod
 from runnerd.config import Config
-from runnerd.job import make_job
 from runnerd.result import Result
-from runnerd.runtime import Runtime, open_runtime
+from runnerd.sandbox.job import make_job
+from runnerd.sandbox.runtime import Runtime, open_runtime
 
 TEST_ROOT = Path("/var/lib/runnerd-tests")
 # Secrets no job may ever see: in every test daemon's environment, and in files on the host.
@@ -74,7 +74,7 @@ def runtime(base_config: Config) -> Iterator[Runtime]:
 @pytest.fixture(scope="session")
 def cage_confirmed(runtime: Runtime) -> Runtime:
     """The cage, after the probe confirmed it; a failure here fails every hostile test."""
-    from runnerd.preflight import failures
+    from runnerd.sandbox.preflight import failures
 
     bad = failures(runtime.checks)
     if bad or not runtime.checks:
@@ -235,7 +235,7 @@ def jailed_processes(config: Config) -> list[int]:
     """Host pids running as a jailed uid (uid_base .. uid_base + slots)."""
     import psutil
 
-    from runnerd.host import MAX_SLOTS
+    from runnerd.sandbox.host import MAX_SLOTS
 
     low, high = config.uid_base, config.uid_base + MAX_SLOTS
     found = []
@@ -270,9 +270,9 @@ def leftovers(config: Config) -> dict[str, list[str]]:
     its processes, its spool mount) and its armed next child (a job cgroup
     holding only G and U, G a child of the zygote).
     """
-    from runnerd.cgroups import detect
-    from runnerd.host import HostState
-    from runnerd.workspace import mounted_job_dirs
+    from runnerd.sandbox.cgroups import detect
+    from runnerd.sandbox.host import HostState
+    from runnerd.sandbox.workspace import mounted_job_dirs
 
     standing_pids: set[int] = set()
     left_cgroups: list[str] = []

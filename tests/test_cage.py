@@ -9,9 +9,9 @@ import struct
 import psutil
 import pytest
 
-from runnerd.artifacts import MAX_WARNINGS, sniff_image
 from runnerd.result import Outcome, Reason
-from runnerd.sandbox_env import LIBRARIES
+from runnerd.sandbox.artifacts import MAX_WARNINGS, sniff_image
+from runnerd.sandbox.sandbox_env import LIBRARIES
 
 from .conftest import assert_serves, wait_clean
 
@@ -95,9 +95,12 @@ def test_nsjail_killed_under_the_job_is_a_sandbox_error(run, cage_confirmed, cap
     def kill_nsjail_once_running(stream: str, data: bytes) -> None:
         if b"ready" in data and not killed:
             for cage_proc in psutil.Process().children():
-                if cage_proc.name() == "nsjail":
-                    cage_proc.send_signal(signal.SIGKILL)
-                    killed.append(cage_proc.pid)
+                try:
+                    if cage_proc.name() == "nsjail":
+                        cage_proc.send_signal(signal.SIGKILL)
+                        killed.append(cage_proc.pid)
+                except psutil.Error:
+                    continue  # another child of this process, gone meanwhile
 
     code = "import time\nprint('ready', flush=True)\ntime.sleep(20)\n"
     with caplog.at_level(logging.WARNING, logger="runnerd"):

@@ -304,7 +304,11 @@ def test_start_up_sweeps_what_a_crash_left(cage_confirmed):
         for t in threads:
             t.start()
         deadline = time.monotonic() + 20
-        while len(leftovers(config)["mounts"]) < 2 and time.monotonic() < deadline:
+        # Both jobs running: each has its mount and its cgroup (made one after the other).
+        while time.monotonic() < deadline:
+            now = leftovers(config)
+            if len(now["mounts"]) >= 2 and len(now["cgroups"]) >= 2:
+                break
             time.sleep(0.05)
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
@@ -327,9 +331,9 @@ def test_start_up_sweeps_what_a_crash_left(cage_confirmed):
     finally:
         import shutil
 
-        from runnerd.cgroups import detect
-        from runnerd.host import HostState
-        from runnerd.workspace import sweep
+        from runnerd.sandbox.cgroups import detect
+        from runnerd.sandbox.host import HostState
+        from runnerd.sandbox.workspace import sweep
 
         # Even when an assertion failed above: no mounts or cgroups left behind.
         HostState(config, detect(config.cgroup_parent)).sweep()
@@ -339,7 +343,7 @@ def test_start_up_sweeps_what_a_crash_left(cage_confirmed):
 
 def test_cgroup_parents_go_with_the_process_that_made_them(cage_confirmed):
     """`runnerd check` and a stopped daemon leave no parent cgroup behind; one in use stays."""
-    from runnerd.cgroups import CgroupLimits, CgroupsV1, detect
+    from runnerd.sandbox.cgroups import CgroupLimits, CgroupsV1, detect
 
     parent = f"runnerd-release-{uuid.uuid4().hex[:6]}"
     first, second = detect(parent), detect(parent)

@@ -8,10 +8,10 @@ import msgpack
 import pytest
 
 from runnerd.config import Limits
-from runnerd.job import make_job
-from runnerd.protocol import ProtocolError, RunRequest
 from runnerd.result import Outcome, Reason, Result
-from runnerd.scheduler import Scheduler
+from runnerd.sandbox.job import make_job
+from runnerd.server.protocol import ProtocolError, RunRequest
+from runnerd.server.scheduler import Scheduler
 
 
 class FakeRunner:

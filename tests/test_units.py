@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from runnerd import artifacts, cage, cgroups
 from runnerd import config as config_mod
-from runnerd import policy as policy_mod
-from runnerd.artifacts import collect, sniff_image
 from runnerd.config import Limits
 from runnerd.errors import ConfigError, JobRejected, PolicyError
-from runnerd.job import make_job
-from runnerd.output import OutputGuard, StreamCapture
 from runnerd.result import Observation, Outcome, Reason, Result, decide
+from runnerd.sandbox import artifacts, cage, cgroups
+from runnerd.sandbox import policy as policy_mod
+from runnerd.sandbox.artifacts import collect, sniff_image
+from runnerd.sandbox.job import make_job
+from runnerd.sandbox.output import OutputGuard, StreamCapture
 
 LIMITS = Limits()
 

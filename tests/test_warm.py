@@ -15,13 +15,13 @@ import time
 import psutil
 import pytest
 
-from runnerd import zygote
 from runnerd.client import Client, Finished, Output
 from runnerd.config import default_policy_path
-from runnerd.job import make_job
+from runnerd.incage import zygote
 from runnerd.result import Reason, Result
-from runnerd.runtime import open_runtime
-from runnerd.warm import WarmCage, Zygote
+from runnerd.sandbox.job import make_job
+from runnerd.sandbox.runtime import open_runtime
+from runnerd.sandbox.warm import WarmCage, Zygote
 
 from .conftest import start_daemon, wait_clean
 
@@ -295,7 +295,7 @@ def test_a_dead_zygote_is_replaced(cage_confirmed, state_dir):
         for job_id, r in results.items():
             assert r.reason is Reason.SANDBOX_ERROR, r
             assert any("zygote" in w and "died during the job" in w for w in r.warnings), r.warnings
-            assert r.stdout == "working\n"
+            assert r.stdout.startswith("working")  # print() writes the newline apart: the kill may fall between
             # It ran until the zygote died: what it used is known, and reported.
             assert r.usage.wall_s > 0 and r.usage.cpu_s > 0 and r.usage.max_rss_bytes > 32 << 20, r.usage
             assert f"job {job_id}: sandbox error: zygote" in d.log()

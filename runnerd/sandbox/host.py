@@ -21,15 +21,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import incage
+from ..config import Config
+from ..errors import SandboxError
 from . import workspace
 from .cgroups import JOB_PREFIX, Cgroups
-from .config import Config
-from .errors import SandboxError
 
 log = logging.getLogger(__name__)
 
 MAX_SLOTS = 1024
-HARNESS_FILES = ("harness.py", "runnerd_inline.py", "zygote.py")
 
 
 def check_traversable(path: Path) -> None:
@@ -108,11 +108,10 @@ class HostState:
     def _install_harness(self) -> None:
         # A copy, not a bind of the package itself: the package may live
         # where the jailed user cannot traverse (a checkout under /root).
-        source = Path(__file__).resolve().parent
-        for name in HARNESS_FILES:
+        for name in incage.FILES:
             target = self.config.harness_dir / name
             tmp = target.with_suffix(f".tmp{os.getpid()}")
-            shutil.copyfile(source / name, tmp)
+            shutil.copyfile(incage.DIR / name, tmp)
             os.chmod(tmp, 0o644)
             os.replace(tmp, target)
 

@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import PolicyError
 from .cgroups import CgroupLimits
-from .errors import PolicyError
 
 # Fields runnerd sets per job or relies on; a policy may not set them.
 _OWNED = {

@@ -35,15 +35,15 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from . import PROTOCOL_VERSION, __version__
-from . import config as config_mod
-from .config import Config
-from .errors import RunnerdError
+from .. import PROTOCOL_VERSION, __version__
+from .. import config as config_mod
+from ..config import Config
+from ..errors import RunnerdError
+from ..result import Reason
+from ..sandbox.runtime import Runtime, open_runtime
 from .frontend import Frontend
 from .metrics import Metrics
 from .protocol import BUSY
-from .result import Reason
-from .runtime import Runtime, open_runtime
 from .scheduler import Scheduler
 from .sdnotify import Notifier
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SandboxError
+from ..errors import SandboxError
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
+from ..config import Config
+from ..errors import ConfigError, RunnerdError
 from . import protocol
-from .config import Config
-from .errors import ConfigError, RunnerdError
 from .protocol import CancelRequest, PingRequest, ProtocolError, RunRequest, StatsRequest
 from .scheduler import Scheduler
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import msgpack
 
-from .config import Limits
-from .errors import JobRejected
-from .job import JobSpec, make_job
-from .result import Result
+from ..config import Limits
+from ..errors import JobRejected
+from ..result import Result
+from ..sandbox.job import JobSpec, make_job
 
 VERSION = 1
 

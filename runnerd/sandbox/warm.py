@@ -1,6 +1,6 @@
 """The warm path, host side: a pool of zygotes, one per slot, each in its own nsjail cage.
 
-A zygote (runnerd/zygote.py, inside the cage) has numpy, pandas and
+A zygote (runnerd/incage/zygote.py, inside the cage) has numpy, pandas and
 Matplotlib imported and forks one child per job. The host keeps each
 zygote's next child *armed*: prepared in fresh namespaces and already moved
 into the cgroup of the job it will run, so a job's latency does not pay for
@@ -43,6 +43,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import incage
+from ..config import Config
+from ..errors import SandboxError
+from ..result import Reason, Result
 from .artifacts import collect
 from .cage import (
     MAX_LOG_BYTES,
@@ -58,13 +62,10 @@ from .cage import (
     watch_exit,
 )
 from .cgroups import CgroupLimits, JobCgroup
-from .config import Config
-from .errors import SandboxError
-from .host import HARNESS_FILES, HostState, SlotLease
+from .host import HostState, SlotLease
 from .job import JobSpec
 from .output import StreamCapture
 from .policy import Policy, nsjail_problems
-from .result import Reason, Result
 from .sandbox_env import MPLCONFIG
 from .workspace import MplConfig, Workspace, job_size, mount_tmpfs, resize_tmpfs
 
@@ -140,7 +141,7 @@ class Zygote:
     def _cage_config(self, uid: int, spool: Path) -> str:
         lines = ["", "# ---- added by runnerd for a warm zygote ----", *pb_idmaps(uid)]
         lines.append(pb_bind(self.env, str(self.env), noexec=False))
-        for name in HARNESS_FILES:
+        for name in incage.FILES:
             lines.append(pb_bind(self.config.harness_dir / name, f"/runnerd/{name}"))
         lines.append(pb_bind(spool, "/spool", rw=True))
         tmpfs = (

@@ -11,8 +11,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .config import Limits
-from .errors import JobRejected
+from ..config import Limits
+from ..errors import JobRejected
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import RunnerdError
+from ..errors import RunnerdError
 
 if TYPE_CHECKING:
+    from ..config import Config
     from .cage import Cage
     from .cgroups import Cgroups
-    from .config import Config
     from .policy import Policy
     from .warm import WarmCage
 
+from ..result import Outcome
 from .job import JobSpec
-from .result import Outcome
 
 
 @dataclass(frozen=True)
@@ -175,10 +175,10 @@ class HostParts:
 
 def static_checks(config: Config, lock: Path) -> tuple[list[Check], HostParts]:
     """Host-side checks that need no cage, one line each, in the order a fix is needed."""
+    from ..config import default_policy_path
     from . import policy as policy_mod
     from . import sandbox_env
     from .cgroups import JOB_PREFIX, CgroupLimits, detect
-    from .config import default_policy_path
     from .host import check_traversable
     from .runtime import locate_nsjail
 

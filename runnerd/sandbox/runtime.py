@@ -1,4 +1,4 @@
-"""Start-up: from a Config to a ready, checked :class:`~runnerd.cage.Cage`.
+"""Start-up: from a Config to a ready, checked :class:`~runnerd.sandbox.cage.Cage`.
 
 ``runnerd run`` (one job, no daemon), ``runnerd serve`` and ``runnerd
 check`` start here, so they refuse the same broken set-ups with the same
@@ -16,10 +16,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import Config, default_lock_path
+from ..errors import PolicyError, SandboxError
 from . import preflight
 from .cage import Cage
-from .config import Config, default_lock_path
-from .errors import PolicyError, SandboxError
 from .host import HostState
 from .policy import Policy
 from .warm import WarmCage

@@ -29,10 +29,10 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
+from ..result import Outcome, Reason, Result
+from ..sandbox.job import JobSpec
 from . import protocol
-from .job import JobSpec
 from .protocol import ProtocolError, RunRequest
-from .result import Outcome, Reason, Result
 
 log = logging.getLogger(__name__)
 

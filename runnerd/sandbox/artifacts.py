@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Limits
-from .result import Artifact
+from ..config import Limits
+from ..result import Artifact
 
 MAX_DEPTH = 16
 MAX_ENTRIES = 20_000

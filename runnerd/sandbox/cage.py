@@ -37,15 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import incage
+from ..config import Config
+from ..errors import SandboxError
+from ..result import ErrorInfo, Observation, Outcome, Reason, Result, Usage, decide
 from .artifacts import Collected, collect
 from .cgroups import CgroupLimits, CgroupStats, JobCgroup
-from .config import Config
-from .errors import SandboxError
 from .host import HostState, SlotLease
 from .job import JobSpec
 from .output import OutputGuard, StreamCapture
 from .policy import NSJAIL_CGROUPS_OFF, Policy, nsjail_problems
-from .result import ErrorInfo, Observation, Outcome, Reason, Result, Usage, decide
 from .sandbox_env import MPLCONFIG
 from .workspace import MplConfig, Workspace
 
@@ -119,7 +120,7 @@ def job_config(policy: Policy, ws: Workspace, *, uid: int, env: Path, harness_di
     lines.append(pb_bind(ws.home, "/home/user", rw=True))
     lines.append(pb_bind(ws.figures, "/runnerd/figures", rw=True))
     lines.append(pb_bind(ws.code_file, "/runnerd/main.py"))
-    for name in ("harness.py", "runnerd_inline.py"):
+    for name in incage.COLD_FILES:
         lines.append(pb_bind(harness_dir / name, f"/runnerd/{name}"))
     return policy.cfg_text + "\n".join(lines) + "\n"
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EnvironmentMissing
+from ..errors import EnvironmentMissing
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SandboxError
+from ..errors import SandboxError
 from .job import JobSpec
 
 log = logging.getLogger(__name__)
