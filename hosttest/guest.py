@@ -359,7 +359,7 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
         expect(bool(cgs), f"no job cgroup under {svc.unit_cgroup}/jobs")
         from runnerd.sandbox import policy
         from runnerd.sandbox.cage import NSJAIL_TASKS
-        from runnerd.sandbox.warm import ZYGOTE_PIDS
+        from runnerd.sandbox.zygotes import ZYGOTE_PIDS
 
         limits = policy.load(Path("/etc/runnerd/policies/default.cfg")).limits
         # A cold job's cgroup also holds nsjail; a zygote's holds its cage.

@@ -270,7 +270,7 @@ def leftovers(config: Config) -> dict[str, list[str]]:
     its processes, its spool mount) and its armed next child (a job cgroup
     holding only G and U, G a child of the zygote).
     """
-    from runnerd.sandbox.cgroups import detect
+    from runnerd.sandbox.cgroup_detect import detect
     from runnerd.sandbox.host import HostState
     from runnerd.sandbox.workspace import mounted_job_dirs
 

@@ -331,7 +331,7 @@ def test_start_up_sweeps_what_a_crash_left(cage_confirmed):
     finally:
         import shutil
 
-        from runnerd.sandbox.cgroups import detect
+        from runnerd.sandbox.cgroup_detect import detect
         from runnerd.sandbox.host import HostState
         from runnerd.sandbox.workspace import sweep
 
@@ -343,7 +343,9 @@ def test_start_up_sweeps_what_a_crash_left(cage_confirmed):
 
 def test_cgroup_parents_go_with_the_process_that_made_them(cage_confirmed):
     """`runnerd check` and a stopped daemon leave no parent cgroup behind; one in use stays."""
-    from runnerd.sandbox.cgroups import CgroupLimits, CgroupsV1, detect
+    from runnerd.sandbox.cgroup_detect import detect
+    from runnerd.sandbox.cgroup_v1 import CgroupsV1
+    from runnerd.sandbox.cgroups import CgroupLimits
 
     parent = f"runnerd-release-{uuid.uuid4().hex[:6]}"
     first, second = detect(parent), detect(parent)

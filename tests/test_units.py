@@ -11,7 +11,7 @@ from runnerd import config as config_mod
 from runnerd.config import Limits
 from runnerd.errors import ConfigError, JobRejected, PolicyError
 from runnerd.result import Observation, Outcome, Reason, Result, decide
-from runnerd.sandbox import artifacts, cage, cgroups
+from runnerd.sandbox import artifacts, cgroup_detect, cgroup_v1, cgroup_v2, cgroups, nsjail, report
 from runnerd.sandbox import policy as policy_mod
 from runnerd.sandbox.artifacts import collect, sniff_image
 from runnerd.sandbox.job import make_job
@@ -173,21 +173,23 @@ def test_decide(kw, expected):
 
 def test_exit_status_from_nsjail_log():
     log = "[I][...] pid=7 ([STANDALONE MODE]) exited with status: 139, (PIDs left: 0)"
-    rep = cage.parse_report(b'{"event":"start"}\n{"event":"exit","signal":11}\n')
-    assert cage.exit_status(cage.nsjail_status(log, 139, True), rep) == -11
+    rep = report.parse_report(b'{"event":"start"}\n{"event":"exit","signal":11}\n')
+    assert report.exit_status(nsjail.nsjail_status(log, 139, True), rep) == -11
     # the report cannot turn a status into a signal it does not match
-    rep2 = cage.parse_report(b'{"event":"start"}\n{"event":"exit","signal":9}\n')
-    assert cage.exit_status(cage.nsjail_status(log, 139, True), rep2) == 139
-    assert cage.exit_status(cage.nsjail_status("pid=7 (x) exited with status: 0, (PIDs left: 0)", 0, True), rep2) == 0
-    assert cage.nsjail_status("pid=7 (x) terminated with signal: SIGKILL (9), (PIDs", 137, True) == -9
-    assert cage.nsjail_status("", -9, False) is None and cage.exit_status(None, rep) is None
+    rep2 = report.parse_report(b'{"event":"start"}\n{"event":"exit","signal":9}\n')
+    assert report.exit_status(nsjail.nsjail_status(log, 139, True), rep2) == 139
+    assert (
+        report.exit_status(nsjail.nsjail_status("pid=7 (x) exited with status: 0, (PIDs left: 0)", 0, True), rep2) == 0
+    )
+    assert nsjail.nsjail_status("pid=7 (x) terminated with signal: SIGKILL (9), (PIDs", 137, True) == -9
+    assert nsjail.nsjail_status("", -9, False) is None and report.exit_status(None, rep) is None
 
 
 def test_report_parsing_ignores_garbage():
     raw = b'garbage\n{"event":"end","exit_code":0}\n[1,2]\n{"event":"start"}\n\xff\xfe\n{"event":"end","error":{"type":1}}\n'
-    rep = cage.parse_report(raw)
+    rep = report.parse_report(raw)
     assert rep.started and rep.end == {"event": "end", "error": {"type": 1}}
-    err = cage.error_from_report({"error": {"type": "X" * 999, "message": None, "lineno": "7"}})
+    err = report.error_from_report({"error": {"type": "X" * 999, "message": None, "lineno": "7"}})
     assert err.type == "X" * 200 and err.message == "" and err.lineno is None
 
 
@@ -197,8 +199,8 @@ def test_result_wire_round_trip():
 
 
 def test_pb_string_escapes_everything_odd():
-    assert cage.pb_string('a"b\\c') == '"a\\042b\\134c"'
-    assert cage.pb_string("\u00e9\n") == '"\\303\\251\\012"'
+    assert nsjail.pb_string('a"b\\c') == '"a\\042b\\134c"'
+    assert nsjail.pb_string("\u00e9\n") == '"\\303\\251\\012"'
 
 
 # ---------------------------------------------------------------- artifacts
@@ -380,22 +382,22 @@ MOUNTINFO_V2 = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n
 
 
 def test_detect_v1_with_comounted_cpu():
-    cg = cgroups.detect("auto", MOUNTINFO_V1, "")
-    assert isinstance(cg, cgroups.CgroupsV1)
+    cg = cgroup_detect.detect("auto", MOUNTINFO_V1, "")
+    assert isinstance(cg, cgroup_v1.CgroupsV1)
     assert cg.mounts["cpu"] == cg.mounts["cpuacct"] == Path("/sys/fs/cgroup/cpu,cpuacct")
 
 
 def test_detect_v2_delegated_by_systemd():
     delegated = {"system.slice/runnerd.service"}
-    cg = cgroups.detect("auto", MOUNTINFO_V2, "0::/system.slice/runnerd.service\n", delegated.__contains__)
-    assert isinstance(cg, cgroups.CgroupsV2) and cg.delegated
+    cg = cgroup_detect.detect("auto", MOUNTINFO_V2, "0::/system.slice/runnerd.service\n", delegated.__contains__)
+    assert isinstance(cg, cgroup_v2.CgroupsV2) and cg.delegated
     assert cg.jobs == Path("/sys/fs/cgroup/system.slice/runnerd.service/jobs")
     # After prepare() the daemon lives in the unit's supervisor leaf; a reload
     # detects again from there and must find the same unit, not /runnerd.
-    again = cgroups.detect(
+    again = cgroup_detect.detect(
         "auto", MOUNTINFO_V2, "0::/system.slice/runnerd.service/supervisor\n", delegated.__contains__
     )
-    assert isinstance(again, cgroups.CgroupsV2) and again.delegated and again.jobs == cg.jobs
+    assert isinstance(again, cgroup_v2.CgroupsV2) and again.delegated and again.jobs == cg.jobs
     assert "delegated by systemd" in again.describe()
 
 
@@ -409,8 +411,8 @@ def test_detect_v2_delegated_by_systemd():
     ],
 )
 def test_detect_v2_not_delegated(own: str):
-    cg = cgroups.detect("auto", MOUNTINFO_V2, f"0::{own}\n", lambda rel: False)
-    assert isinstance(cg, cgroups.CgroupsV2) and not cg.delegated
+    cg = cgroup_detect.detect("auto", MOUNTINFO_V2, f"0::{own}\n", lambda rel: False)
+    assert isinstance(cg, cgroup_v2.CgroupsV2) and not cg.delegated
     assert cg.jobs == Path("/sys/fs/cgroup/runnerd") and "made by runnerd" in cg.describe()
 
 
@@ -421,9 +423,9 @@ def test_systemd_delegated_reads_the_xattr(tmp_path: Path):
         os.setxattr(marked, "user.delegate", b"1")
     except OSError as exc:
         pytest.skip(f"this filesystem takes no user xattrs: {exc}")
-    assert cgroups.systemd_delegated(marked)
+    assert cgroup_v2.systemd_delegated(marked)
     os.setxattr(marked, "user.delegate", b"0")
-    assert not cgroups.systemd_delegated(marked)
+    assert not cgroup_v2.systemd_delegated(marked)
 
 
 def _fake_v2_cgroup(path: Path, controllers: str = "cpu memory pids") -> None:
@@ -435,7 +437,7 @@ def _fake_v2_cgroup(path: Path, controllers: str = "cpu memory pids") -> None:
 def test_v2_on_a_fake_tree(tmp_path: Path):
     _fake_v2_cgroup(tmp_path)
     _fake_v2_cgroup(tmp_path / "runnerd")
-    cg = cgroups.CgroupsV2(tmp_path, "auto")
+    cg = cgroup_v2.CgroupsV2(tmp_path, "auto")
     cg.prepare()
     assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
     job = cg.create("job-1", cgroups.CgroupLimits(memory_bytes=1 << 30, pids=64, cpu_ms_per_sec=500))
@@ -454,7 +456,7 @@ def test_v2_on_a_fake_tree(tmp_path: Path):
 def test_v2_missing_controller_is_explained(tmp_path: Path):
     _fake_v2_cgroup(tmp_path, "cpu pids")
     with pytest.raises(Exception, match="lacks controller.*memory"):
-        cgroups.CgroupsV2(tmp_path, "auto").prepare()
+        cgroup_v2.CgroupsV2(tmp_path, "auto").prepare()
 
 
 def test_nsjail_problems_leave_out_absent_optional_binds():

@@ -21,7 +21,8 @@ from runnerd.incage import zygote
 from runnerd.result import Reason, Result
 from runnerd.sandbox.job import make_job
 from runnerd.sandbox.runtime import open_runtime
-from runnerd.sandbox.warm import WarmCage, Zygote
+from runnerd.sandbox.warm import WarmCage
+from runnerd.sandbox.zygotes import Zygote
 
 from .conftest import start_daemon, wait_clean
 

@@ -17,6 +17,10 @@ host what happened as JSON lines on the report fd (argv[1]):
 The host trusts none of it beyond its size: user code shares this process
 and can write to the fd too. The report can only make a result look worse
 (see runnerd/result.py), and outputs are collected by the host itself.
+
+The API the warm zygote uses (it loads this file by path): :func:`reporter`,
+:func:`ignore_signals`, :func:`install_backend_finder`, :func:`run_user_code`
+(the job's process), :func:`reap` (its PID 1) and :func:`close_reports`.
 """
 
 import builtins
@@ -29,6 +33,8 @@ import signal
 import sys
 import traceback
 import types
+from collections.abc import Callable
+from typing import NoReturn
 
 CODE_PATH = "/runnerd/main.py"
 BACKEND_NAME = "runnerd_inline"
@@ -125,14 +131,14 @@ def _write_stderr(text):
         pass
 
 
-def install_backend_finder():
+def install_backend_finder() -> None:
     if _BackendFinder not in sys.meta_path:
         sys.meta_path.append(_BackendFinder)
 
 
-def _run_user_code(send, max_figures):
+def run_user_code(send: Callable[..., None], max_figures: int) -> NoReturn:
     """Run the job's code in this (forked) process, then exit it (never returns)."""
-    faulthandler.enable(file=sys.__stderr__)
+    faulthandler.enable(file=sys.__stderr__ or sys.stderr)
     with open(CODE_PATH, encoding="utf-8") as fh:
         source = fh.read()
     # Lines for tracebacks; mtime None keeps linecache.checkcache() from dropping it.
@@ -172,7 +178,7 @@ def _run_user_code(send, max_figures):
     _exit_like_python(exit_code, module)
 
 
-def _exit_like_python(exit_code, module):
+def _exit_like_python(exit_code: int, module: types.ModuleType) -> NoReturn:
     """What a normal interpreter exit does for the user, without tearing every module down.
 
     Non-daemon threads are waited for, atexit handlers run, the user's own
@@ -208,7 +214,7 @@ def _exit_like_python(exit_code, module):
     os._exit(exit_code)
 
 
-def _init(child, send):
+def reap(child: int, send: Callable[..., None]) -> int:
     """PID 1 of the cage: reap every process until the job's own process ends.
 
     The kernel gives a pid namespace's init odd rules (signals without a
@@ -236,7 +242,7 @@ def _init(child, send):
         return code
 
 
-def reporter(report_fd):
+def reporter(report_fd: int) -> Callable[..., None]:
     """A function that writes one JSON record per line to the report fd."""
     os.set_inheritable(report_fd, False)
     report = os.fdopen(report_fd, "w", encoding="utf-8")
@@ -252,13 +258,13 @@ def reporter(report_fd):
     return send
 
 
-def ignore_signals():
+def ignore_signals() -> None:
     """PID 1 of a namespace: signals from inside must not stop it (nor raise KeyboardInterrupt)."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
 
 
-def serve_job(report_fd, max_figures, before_user_code=None):
+def serve_job(report_fd: int, max_figures: int, before_user_code: Callable[[], None] | None = None) -> NoReturn:
     """Report "start", run the user's code in a child, reap as PID 1, exit with its status. Never returns."""
     send = reporter(report_fd)
 
@@ -267,13 +273,22 @@ def serve_job(report_fd, max_figures, before_user_code=None):
     if child == 0:
         if before_user_code is not None:
             before_user_code()
-        _run_user_code(send, max_figures)  # exits the process
-    os._exit(_init(child, send))
+        run_user_code(send, max_figures)  # exits the process
+    os._exit(reap(child, send))
 
 
-def main(argv):
+def close_reports() -> None:
+    """Close every report fd this process opened: the host sees the report's end now."""
+    for fd in _REPORT_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def main(argv: list[str]) -> None:
     serve_job(int(argv[1]), int(argv[2]))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    main(sys.argv)

@@ -325,7 +325,7 @@ def _user(sock, harness):
     except BaseException as exc:
         os.write(2, f"runnerd: the job's process could not start: {exc}\n".encode())
         os._exit(125)
-    harness._run_user_code(send, int(job["max_figures"]))  # exits
+    harness.run_user_code(send, int(job["max_figures"]))  # exits
 
 
 def _job_init(zygote_sock, harness):
@@ -366,7 +366,7 @@ def _job_init(zygote_sock, harness):
 
 def _reap(user, harness, report):
     """Wait for U (as the cold cage's init does); then end every other process of the job; its status."""
-    code = harness._init(user, report)
+    code = harness.reap(user, report)
     # Whatever U left behind (a daemon, a stray child) dies before the host
     # collects the job's files.
     try:
@@ -380,11 +380,7 @@ def _reap(user, harness, report):
             break
         except InterruptedError:
             continue
-    for fd in harness._REPORT_FDS:
-        try:
-            os.close(fd)  # the host sees the report's EOF now
-        except OSError:
-            pass
+    harness.close_reports()
     return code
 
 

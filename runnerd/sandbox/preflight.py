@@ -15,17 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..config import Config, default_policy_path
 from ..errors import RunnerdError
+from ..result import Outcome
+from . import policy as policy_mod
+from . import sandbox_env
+from .cgroup_detect import detect
+from .cgroups import JOB_PREFIX, CgroupLimits, Cgroups
+from .host import check_traversable
+from .job import JobSpec
+from .nsjail import locate_nsjail
+from .policy import Policy
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from .cage import Cage
-    from .cgroups import Cgroups
-    from .policy import Policy
-    from .warm import WarmCage
-
-from ..result import Outcome
-from .job import JobSpec
+    from .runner import Runner
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ def _expect(checks: list[Check], name: str, ok: bool, good: str, bad: str) -> No
     checks.append(Check(name, ok, good if ok else bad))
 
 
-async def probe(cage: Cage | WarmCage) -> list[Check]:
+async def probe(cage: Runner) -> list[Check]:
     """Run PROBE_CODE in a real cage and check what it saw."""
     result = await cage.run(JobSpec(code=PROBE_CODE, timeout=20.0))
     if result.outcome is not Outcome.OK:
@@ -175,13 +178,6 @@ class HostParts:
 
 def static_checks(config: Config, lock: Path) -> tuple[list[Check], HostParts]:
     """Host-side checks that need no cage, one line each, in the order a fix is needed."""
-    from ..config import default_policy_path
-    from . import policy as policy_mod
-    from . import sandbox_env
-    from .cgroups import JOB_PREFIX, CgroupLimits, detect
-    from .host import check_traversable
-    from .runtime import locate_nsjail
-
     checks: list[Check] = []
     parts = HostParts()
     checks.append(Check("root", os.geteuid() == 0, "running as root" if os.geteuid() == 0 else
@@ -256,7 +252,7 @@ def _imports_code(names: list[str]) -> str:
 IMPORT_PROBE_TIMEOUT_S = 180.0
 
 
-async def import_probe(cage: Cage | WarmCage, names: list[str]) -> Check:
+async def import_probe(cage: Runner, names: list[str]) -> Check:
     result = await cage.run(JobSpec(code=_imports_code(names), timeout=IMPORT_PROBE_TIMEOUT_S))
     ok = result.outcome is Outcome.OK and result.stdout.strip() == "ok"
     if ok:

