@@ -473,16 +473,18 @@ def test_nsjail_problems_leave_out_absent_optional_binds():
 
 
 def test_job_rlimits_from_the_policy_fields(tmp_path: Path):
-    fields = {"rlimit_cpu": ["120"], "rlimit_fsize": ["256"], "rlimit_stack_type": ["INF"], "rlimit_nofile": ["1024"]}
-    got = policy_mod.job_rlimits(fields, tmp_path)
-    assert got == {
-        "RLIMIT_CPU": 120, "RLIMIT_CORE": 0, "RLIMIT_FSIZE": 256 << 20,
-        "RLIMIT_NOFILE": 1024, "RLIMIT_STACK": policy_mod.RLIM_INFINITY,
-    }  # fmt: skip
-    with pytest.raises(PolicyError, match="rlimit_cpu_type: SOFT"):
-        policy_mod.job_rlimits({"rlimit_cpu_type": ["SOFT"]}, tmp_path)
-    with pytest.raises(PolicyError, match="rlimit_nofile must be a number"):
-        policy_mod.job_rlimits({"rlimit_nofile": ["lots"]}, tmp_path)
+    import resource
+
+    assert policy_mod.job_rlimits({"rlimit_cpu": ["120"]}, tmp_path) == {"RLIMIT_CPU": 120}
+    assert policy_mod.job_rlimits({}, tmp_path) == {"RLIMIT_CPU": 600}  # nsjail's default
+    assert policy_mod.job_rlimits({"rlimit_cpu_type": ["INF"]}, tmp_path) == {"RLIMIT_CPU": policy_mod.RLIM_INFINITY}
+    soft = resource.getrlimit(resource.RLIMIT_CPU)[0]
+    want = policy_mod.RLIM_INFINITY if soft == resource.RLIM_INFINITY else soft
+    assert policy_mod.job_rlimits({"rlimit_cpu_type": ["SOFT"]}, tmp_path) == {"RLIMIT_CPU": want}
+    with pytest.raises(PolicyError, match="rlimit_cpu_type: SOMETIMES is not one of"):
+        policy_mod.job_rlimits({"rlimit_cpu_type": ["SOMETIMES"]}, tmp_path)
+    with pytest.raises(PolicyError, match="rlimit_cpu must be a number"):
+        policy_mod.job_rlimits({"rlimit_cpu": ["lots"]}, tmp_path)
 
 
 def test_run_exchange_resends_after_silence_and_gives_up_at_the_deadline():

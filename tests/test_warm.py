@@ -17,10 +17,13 @@ import pytest
 
 from runnerd.client import Client, Finished, Output
 from runnerd.config import default_policy_path
+from runnerd.errors import PolicyError
 from runnerd.incage import zygote
 from runnerd.result import Reason, Result
 from runnerd.sandbox.job import make_job
+from runnerd.sandbox.policy import zygote_kafel
 from runnerd.sandbox.runtime import open_runtime
+from runnerd.sandbox.shape import LIFTED_FOR_ZYGOTES
 from runnerd.sandbox.warm import WarmCage
 from runnerd.sandbox.zygotes import Zygote
 
@@ -57,44 +60,39 @@ ENOSYS = zygote.RET_ERRNO | 38
 ALLOW = zygote.RET_ALLOW
 
 
+LIFTED = tuple(LIFTED_FOR_ZYGOTES)
+
+
 @pytest.mark.parametrize(
     "nr, args, expected",
     [
         (0, (), ALLOW),  # read
         (39, (), ALLOW),  # getpid
-        (101, (), EPERM),  # ptrace
-        (272, (0x10000000,), EPERM),  # unshare
-        (165, (), EPERM),  # mount
-        (321, (), EPERM),  # bpf
-        (425, (), EPERM),  # io_uring_setup
-        (435, (), ENOSYS),  # clone3
+        (272, (0x10000000,), EPERM),  # unshare: lifted for the zygote, refused again
+        (165, (), EPERM),  # mount: likewise
         (56, (0x3D0F00,), ALLOW),  # clone for a thread
         (56, (0x01200011,), ALLOW),  # clone for fork()
         (56, (0x10000000 | 17,), EPERM),  # clone with CLONE_NEWUSER
         (56, (0x00020000,), EPERM),  # clone with CLONE_NEWNS
-        (16, (1, 0x5412), EPERM),  # ioctl TIOCSTI
-        (16, (1, 0x541C), EPERM),  # ioctl TIOCLINUX
-        (16, (1, 0x5401), ALLOW),  # ioctl TCGETS
-        (41, (2, 1, 0), ALLOW),  # socket(AF_INET, SOCK_STREAM)
-        (41, (2, 3, 1), EPERM),  # socket(AF_INET, SOCK_RAW)
-        (41, (10, 3 | 0x80000, 58), EPERM),  # socket(AF_INET6, SOCK_RAW|SOCK_CLOEXEC)
-        (41, (10, 2, 0), ALLOW),  # socket(AF_INET6, SOCK_DGRAM)
-        (41, (16, 3, 0), ALLOW),  # socket(AF_NETLINK, SOCK_RAW): if_nameindex()
-        (41, (40, 1, 0), EPERM),  # AF_VSOCK
-        (41, (17, 3, 0), EPERM),  # AF_PACKET
+        (101, (), ALLOW),  # ptrace: the zygote's cage policy refuses it (test_the_zygotes_policy...)
         (0x40000000 | 39, (), ENOSYS),  # x32 getpid
         (0x40000000 | 521, (), ENOSYS),  # x32 ptrace
     ],
 )
-def test_the_childs_filter(nr, args, expected):
-    program = zygote.seccomp_program()
+def test_the_childs_filter_refuses_what_the_zygote_lifted(nr, args, expected):
+    program = zygote.seccomp_program(LIFTED)
     assert len(program) < 4096
     assert run_bpf(program, nr, tuple(args) + (0,) * (6 - len(args))) == expected
 
 
 def test_the_childs_filter_kills_other_architectures():
     i386 = 0x40000003
-    assert run_bpf(zygote.seccomp_program(), 20, arch=i386) == zygote.RET_KILL_PROCESS
+    assert run_bpf(zygote.seccomp_program(LIFTED), 20, arch=i386) == zygote.RET_KILL_PROCESS
+
+
+def test_the_zygote_refuses_to_start_with_a_lift_it_cannot_refuse_again():
+    with pytest.raises(ValueError, match="cannot refuse setns"):
+        zygote.seccomp_program((*LIFTED, "setns"))
 
 
 def _kafel_names(text: str) -> set[str]:
@@ -105,17 +103,27 @@ def _kafel_names(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z_0-9]+", block) if not w.isdigit()}
 
 
-def test_the_childs_filter_covers_the_default_policy():
-    names = _kafel_names((POLICIES / "default.kafel").read_text())
-    special = {"clone", "ioctl", "socket"}  # filtered on their arguments in both
-    assert names - special == set(zygote.DENY), names ^ set(zygote.DENY)
+def test_the_zygotes_policy_is_the_jobs_less_what_a_child_needs():
+    """Derived, not written twice: the job's kafel less LIFTED_FOR_ZYGOTES, everything else kept."""
+    default = (POLICIES / "default.kafel").read_text()
+    derived = zygote_kafel(default, POLICIES / "default.kafel")
+    assert _kafel_names(default) - _kafel_names(derived) == set(LIFTED)
+    assert _kafel_names(derived) < _kafel_names(default)
+    assert "ERRNO(38)" in derived and "clone3" in derived and "setns" in derived and "umount" in derived
+    assert set(LIFTED) == set(zygote.REFUSABLE)  # the in-cage filter can refuse each
 
 
-def test_the_zygote_policy_differs_only_by_what_a_child_needs():
-    default = _kafel_names((POLICIES / "default.kafel").read_text())
-    zyg = _kafel_names((POLICIES / "zygote.kafel").read_text())
-    assert default - zyg == {"unshare", "clone", "mount"}
-    assert zyg - default == set()
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (lambda t: t.replace("unshare, setns,", "setns,"), "finds it 0 times"),
+        (lambda t: t.replace("mount, umount,", "mount, umount, mount,"), "finds it 2 times"),
+    ],
+)
+def test_a_policy_warm_mode_cannot_derive_is_refused_by_name(edit, says, tmp_path):
+    text = edit((POLICIES / "default.kafel").read_text())
+    with pytest.raises(PolicyError, match=says):
+        zygote_kafel(text, tmp_path / "x.kafel")
 
 
 # ---------------------------------------------------------------- through a warm daemon
@@ -356,3 +364,80 @@ def test_only_a_zygote_death_nobody_asked_for_warns(cage_confirmed, caplog):
     gone = [r.getMessage() for r in caplog.records if "is gone" in r.getMessage()]
     assert victim.dead and len(gone) == 1, gone
     assert gone[0].startswith("full zygote 0 is gone")
+
+
+# ---------------------------------------------------------------- one cage shape, both modes
+
+SHAPE_SEEN = """
+import errno, json, os, resource
+def fs(path):
+    s = os.statvfs(path)
+    return [s.f_blocks * s.f_frsize, s.f_files]
+seen = {
+    "tmp": fs("/tmp"), "shm": fs("/dev/shm"), "home": os.environ["HOME"],
+    "home_writable": os.access(os.environ["HOME"], os.W_OK), "cwd": os.getcwd(),
+    "rlimits": {n: list(resource.getrlimit(getattr(resource, n)))
+                for n in ("RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_STACK", "RLIMIT_CORE", "RLIMIT_MEMLOCK")},
+}
+try:
+    os.getpriority(os.PRIO_PROCESS, 0)
+    seen["getpriority"] = "ok"
+except OSError as e:
+    seen["getpriority"] = errno.errorcode[e.errno]
+print(json.dumps(seen))
+"""
+
+# Every field of the cage's shape an operator sets in policies/, changed.
+POLICY_EDITS = (
+    ("size=67108864,nr_inodes=4096,mode=1777", "size=33554432,nr_inodes=2048,mode=1777"),  # /tmp
+    ("size=67108864,nr_inodes=1024,mode=1777", "size=16777216,nr_inodes=512,mode=1777"),  # /dev/shm
+    ('envar: "HOME=/home/user"', 'envar: "HOME=/home/sandbox"'),
+    ('envar: "MPLCONFIGDIR=/home/user/', 'envar: "MPLCONFIGDIR=/home/sandbox/'),
+    ("rlimit_cpu: 120 ", "rlimit_cpu: 90 "),
+    ("rlimit_fsize: 256 ", "rlimit_fsize: 64 "),
+    ("rlimit_nofile: 1024", "rlimit_nofile: 512"),
+    ("rlimit_stack: 8 ", "rlimit_stack: 16 "),
+    ("rlimit_memlock: 64 ", "rlimit_memlock: 128 "),
+    ("cgroup_pids_max: 64 ", "cgroup_pids_max: 40 "),
+)
+
+
+def test_an_edited_policy_shapes_cold_and_warm_cages_alike(cage_confirmed, state_dir, tmp_path):
+    cfg_text = (POLICIES / "default.cfg").read_text()
+    for old, new in POLICY_EDITS:
+        assert cfg_text.count(old) == 1, old
+        cfg_text = cfg_text.replace(old, new)
+    (tmp_path / "default.cfg").write_text(cfg_text)
+    kafel = (POLICIES / "default.kafel").read_text()
+    entry = "    ptrace, process_vm_readv,"
+    assert kafel.count(entry) == 1
+    (tmp_path / "default.kafel").write_text(kafel.replace(entry, "    ptrace, getpriority, process_vm_readv,"))
+
+    async def in_mode(mode: str) -> dict[str, dict]:
+        config = dataclasses.replace(
+            cage_confirmed.config, policy=tmp_path / "default.cfg", mode=mode, concurrency=1, warm_full_zygotes=1
+        )
+        rt = await open_runtime(config, probe=False)
+        try:
+            seen = {}
+            for name, code in (("shape", SHAPE_SEEN), ("children", LIVE_CHILDREN)):
+                r = await rt.runner.run(make_job(code, limits=config.limits), job_id=f"shape-{mode}-{name}")
+                assert r.ok, (mode, name, r)
+                seen[name] = r.stdout
+            return seen
+        finally:
+            await rt.aclose()
+
+    cold, warm = asyncio.run(in_mode("cold")), asyncio.run(in_mode("warm"))
+    assert cold == warm, (cold, warm)
+    import json
+
+    seen = json.loads(cold["shape"])
+    assert seen["tmp"] == [32 << 20, 2048] and seen["shm"] == [16 << 20, 512]
+    assert seen["home"] == "/home/sandbox" and seen["home_writable"] and seen["cwd"] == "/work"
+    assert seen["rlimits"] == {
+        "RLIMIT_CPU": [90, 90], "RLIMIT_FSIZE": [64 << 20, 64 << 20], "RLIMIT_NOFILE": [512, 512],
+        "RLIMIT_STACK": [16 << 20, 16 << 20], "RLIMIT_CORE": [0, 0], "RLIMIT_MEMLOCK": [128 << 10, 128 << 10],
+    }  # fmt: skip
+    assert seen["getpriority"] == "EPERM"  # a rule added to the kafel policy holds in both modes
+    assert int(cold["children"]) == 40 - 2  # cgroup_pids_max, less the job's init and main process

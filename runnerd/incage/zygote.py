@@ -4,15 +4,17 @@ A zygote imports numpy, pandas and Matplotlib once (and renders a first
 figure), then forks one child per job; a child is never reused. Each child,
 before any user code runs:
 
-* enters fresh user, mount, pid and ipc namespaces (uid 1000 maps to the
-  zygote's 1000; the pid namespace takes one more fork: G, its PID 1);
+* enters fresh user, mount, pid and ipc namespaces (the jailed uid maps to
+  itself; the pid namespace takes one more fork: G, its PID 1);
 * mounts its job's directory as /work, each input read-only over
-  /work/<name>, its own /home/user, /runnerd/figures and /runnerd/main.py,
-  new size-capped tmpfs /tmp and /dev/shm, a new read-only /proc, and covers
-  /spool (where every job's directory lives) with an empty read-only tmpfs;
-* sets rlimits and no_new_privs, drops every capability (bounding set
-  included), and stacks a seccomp filter on the cage's that refuses
-  namespace creation, mounts and everything the default policy refuses;
+  /work/<name>, its own home, figures dir and code, fresh the policy's
+  tmpfs mounts (/tmp, /dev/shm), a new read-only /proc, and covers /spool
+  (where every job's directory lives) with an empty read-only tmpfs: all as
+  the host's SHAPE says;
+* sets the policy's rlimits and no_new_privs, drops every capability
+  (bounding set included), and stacks a seccomp filter on the cage's that
+  refuses again what the zygote's policy lifted from the job's (namespace
+  creation, mounts) and the x32 range: a job is under the job's policy;
 * reseeds Python's and numpy's random state (a fork copies them).
 
 The child is prepared *before* its job arrives (moved into the job's
@@ -61,7 +63,10 @@ import time
 
 HARNESS_PATH = "/runnerd/harness.py"
 SPOOL = "/spool"
-JAIL_UID = 1000
+# The cage's shape, from the host (argv[4], runnerd/sandbox/shape.py): the
+# jailed uid, where the job's directory, home, figures and code go, the
+# policy's tmpfs mounts and the job's rlimits. Nothing here repeats them.
+SHAPE: dict = {}
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -100,31 +105,21 @@ def _bind(source, target, flags):
 # ---------------------------------------------------------------- seccomp
 
 
-# The syscalls policies/default.kafel refuses with EPERM (x86_64 numbers);
-# tests/test_warm.py checks that every name in the kafel file is here.
-DENY = {
-    "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "process_madvise": 440,
-    "pidfd_getfd": 438, "kcmp": 312, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
-    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "keyctl": 250,
-    "add_key": 248, "request_key": 249, "unshare": 272, "setns": 308, "mount": 165, "umount": 166,
-    "pivot_root": 155, "chroot": 161, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-    "move_mount": 429, "open_tree": 428, "mount_setattr": 442, "open_by_handle_at": 304,
-    "name_to_handle_at": 303, "kexec_load": 246, "kexec_file_load": 320, "init_module": 175,
-    "finit_module": 313, "delete_module": 176, "reboot": 169, "swapon": 167, "swapoff": 168,
-    "acct": 163, "syslog": 103, "quotactl": 179, "lookup_dcookie": 212, "settimeofday": 164,
-    "clock_settime": 227, "clock_adjtime": 305, "adjtimex": 159, "iopl": 172, "ioperm": 173,
-    "vhangup": 153, "uselib": 134,
-}  # fmt: skip
-NR_CLONE, NR_IOCTL, NR_SOCKET, NR_CLONE3 = 56, 16, 41, 435
+# The child's own filter, stacked on the zygote's cage policy (the job's
+# policy with a few calls lifted so that a child can build its job's cage:
+# runnerd/sandbox/policy.py, LIFTED_FOR_ZYGOTES): it refuses those calls
+# again, as the job's policy does, and the x32 range, which kafel cannot
+# express. The host names the lifted calls in SHAPE["lifted"]; a name this
+# filter cannot refuse stops the zygote at start-up (x86_64 numbers).
+NR_UNSHARE, NR_MOUNT, NR_CLONE = 272, 165, 56
 CLONE_NAMESPACE_FLAGS = 0x7E020000
-TIOCSTI, TIOCLINUX = 0x5412, 0x541C
-AF_INET, AF_INET6, AF_PACKET, AF_VSOCK, SOCK_RAW = 2, 10, 17, 40, 3
+REFUSABLE = ("unshare", "mount", "clone")
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
 EPERM, ENOSYS = 1, 38
 
 # classic BPF
-_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K, _AND_K = 0x20, 0x15, 0x35, 0x45, 0x06, 0x54
+_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
 RET_ALLOW, RET_KILL_PROCESS, RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
 _OFF_NR, _OFF_ARCH = 0, 4
 
@@ -133,8 +128,14 @@ def _arg(i):  # the low 32 bits of args[i] in struct seccomp_data (little endian
     return 16 + 8 * i
 
 
-def seccomp_program():
-    """The filter as (code, jt, jf, k) tuples: the default deny list, plus what the zygote's cage allows."""
+def seccomp_program(lifted):
+    """The child's filter as (code, jt, jf, k) tuples.
+
+    The *lifted* calls refused (EPERM), the x32 range too (ENOSYS), other ABIs killed.
+    """
+    unknown = sorted(set(lifted) - set(REFUSABLE))
+    if unknown:
+        raise ValueError(f"the zygote cannot refuse {', '.join(unknown)} in its children")
     p = []
 
     def stmt(code, k):
@@ -150,44 +151,16 @@ def seccomp_program():
     stmt(_LD_W_ABS, _OFF_NR)
     jump(_JGE_K, X32_SYSCALL_BIT, 0, 1)
     p.append(errno_(ENOSYS))  # the whole x32 range, as a range
-    for nr in sorted(DENY.values()):
-        jump(_JEQ_K, nr, 0, 1)
+    for name, nr in (("unshare", NR_UNSHARE), ("mount", NR_MOUNT)):
+        if name in lifted:
+            jump(_JEQ_K, nr, 0, 1)
+            p.append(errno_(EPERM))
+    if "clone" in lifted:  # refuse namespace flags (args[0])
+        jump(_JEQ_K, NR_CLONE, 0, 4)
+        stmt(_LD_W_ABS, _arg(0))
+        jump(_JSET_K, CLONE_NAMESPACE_FLAGS, 0, 1)
         p.append(errno_(EPERM))
-    jump(_JEQ_K, NR_CLONE3, 0, 1)
-    p.append(errno_(ENOSYS))
-    # clone: refuse namespace flags (args[0])
-    jump(_JEQ_K, NR_CLONE, 0, 4)
-    stmt(_LD_W_ABS, _arg(0))
-    jump(_JSET_K, CLONE_NAMESPACE_FLAGS, 0, 1)
-    p.append(errno_(EPERM))
-    stmt(_RET_K, RET_ALLOW)
-    # ioctl: refuse TIOCSTI and TIOCLINUX (args[1])
-    jump(_JEQ_K, NR_IOCTL, 0, 5)
-    stmt(_LD_W_ABS, _arg(1))
-    jump(_JEQ_K, TIOCSTI, 1, 0)
-    jump(_JEQ_K, TIOCLINUX, 0, 1)
-    p.append(errno_(EPERM))
-    stmt(_RET_K, RET_ALLOW)
-    # socket: refuse AF_VSOCK, AF_PACKET, and raw IP (args[0], args[1])
-    #   s0 JEQ socket        else -> s10 (allow)
-    #   s1 LD family
-    #   s2 JEQ AF_VSOCK      -> s9 (deny)
-    #   s3 JEQ AF_PACKET     -> s9 (deny)
-    #   s4 JEQ AF_INET       -> s6 (check the type)
-    #   s5 JEQ AF_INET6      -> s6, else -> s10 (allow)
-    #   s6 LD type; s7 AND 0xf
-    #   s8 JEQ SOCK_RAW      -> s9 (deny), else -> s10 (allow)
-    #   s9 RET EPERM; s10 RET ALLOW
-    jump(_JEQ_K, NR_SOCKET, 0, 9)
-    stmt(_LD_W_ABS, _arg(0))
-    jump(_JEQ_K, AF_VSOCK, 6, 0)
-    jump(_JEQ_K, AF_PACKET, 5, 0)
-    jump(_JEQ_K, AF_INET, 1, 0)
-    jump(_JEQ_K, AF_INET6, 0, 4)
-    stmt(_LD_W_ABS, _arg(1))
-    stmt(_AND_K, 0xF)
-    jump(_JEQ_K, SOCK_RAW, 0, 1)
-    p.append(errno_(EPERM))
+        stmt(_RET_K, RET_ALLOW)
     stmt(_RET_K, RET_ALLOW)
     return p
 
@@ -201,7 +174,7 @@ _COMPILED: list[object] = []  # (buffer, fprog), built once in the zygote and in
 
 def _compiled_filter():
     if not _COMPILED:
-        program = seccomp_program()
+        program = seccomp_program(SHAPE["lifted"])
         raw = b"".join(struct.pack("<HBBI", *ins) for ins in program)
         buf = ctypes.create_string_buffer(raw, len(raw))
         _COMPILED.append((buf, _SockFprog(len(program), ctypes.cast(buf, ctypes.c_void_p))))
@@ -264,36 +237,34 @@ def _enter_namespaces():
     _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
     with open("/proc/self/setgroups", "w") as fh:
         fh.write("deny")
+    uid = SHAPE["uid"]
     with open("/proc/self/uid_map", "w") as fh:
-        fh.write(f"{JAIL_UID} {JAIL_UID} 1")
+        fh.write(f"{uid} {uid} 1")
     with open("/proc/self/gid_map", "w") as fh:
-        fh.write(f"{JAIL_UID} {JAIL_UID} 1")
+        fh.write(f"{uid} {uid} 1")
 
 
 def _mount_job(job):
     """This job's view of the file system (G is root-capable in the job's user namespace)."""
     d = os.path.join(SPOOL, job["dir"])
     safe = MS_NOSUID | MS_NODEV | MS_NOEXEC
-    _bind(os.path.join(d, "work"), "/work", safe)
+    _bind(os.path.join(d, "work"), SHAPE["work"], safe)
     for index, name in enumerate(job["inputs"]):
-        _bind(os.path.join(d, "in", str(index)), os.path.join("/work", name), safe | MS_RDONLY)
-    _bind(os.path.join(d, "home"), "/home/user", safe)
-    _bind(os.path.join(d, "figures"), "/runnerd/figures", safe)
-    _bind(os.path.join(d, "main.py"), "/runnerd/main.py", safe | MS_RDONLY)
-    _mount("tmpfs", "/tmp", "tmpfs", safe, "size=67108864,nr_inodes=4096,mode=1777")
-    _mount("tmpfs", "/dev/shm", "tmpfs", safe, "size=67108864,nr_inodes=1024,mode=1777")
+        _bind(os.path.join(d, "in", str(index)), os.path.join(SHAPE["work"], name), safe | MS_RDONLY)
+    _bind(os.path.join(d, "home"), SHAPE["home"], safe)
+    _bind(os.path.join(d, "figures"), SHAPE["figures"], safe)
+    _bind(os.path.join(d, "main.py"), SHAPE["code"], safe | MS_RDONLY)
+    for t in SHAPE["tmpfs"]:  # the policy's /tmp and /dev/shm, fresh for this job
+        flags = (MS_NOSUID if t["nosuid"] else 0) | (MS_NODEV if t["nodev"] else 0) | (MS_NOEXEC if t["noexec"] else 0)
+        _mount("tmpfs", t["dst"], "tmpfs", flags, t["options"] or None)
     # Every job's directory lives under /spool: cover it (the cage's own
     # mount cannot be unmounted from a less privileged namespace).
     _mount("tmpfs", SPOOL, "tmpfs", safe | MS_RDONLY, "size=4096,nr_inodes=2,mode=0555")
 
 
-# The job's rlimits from the policy ({resource name: value, -1 for none}), given by the host.
-JOB_RLIMITS: dict[str, int] = {}
-
-
 def _lock_down():
     """Job limits, no capabilities, no new privileges, the stacked seccomp filter."""
-    for name, value in JOB_RLIMITS.items():
+    for name, value in SHAPE["rlimits"].items():
         value = resource.RLIM_INFINITY if value < 0 else value
         resource.setrlimit(getattr(resource, name), (value, value))
     drop_privileges()
@@ -319,7 +290,7 @@ def _user(sock, harness):
         os.dup2(fds[1], 2)
         os.close(fds[0])
         os.close(fds[1])
-        os.chdir("/work")
+        os.chdir(SHAPE["work"])
         _reseed()
         send = harness.reporter(fds[2])
     except BaseException as exc:
@@ -496,7 +467,7 @@ def main(argv):
 
     ctl = socket.socket(fileno=int(argv[1]))
     kind = argv[3] if len(argv) > 3 else "full"
-    JOB_RLIMITS.update(json.loads(argv[4]) if len(argv) > 4 else {})
+    SHAPE.update(json.loads(argv[4]))
     harness, ms = _warm(kind, argv[2])
     send_msg(ctl, {"event": "warm", "ms": round(ms, 1), "kind": kind})
     nxt = None  # the child for the next job

@@ -43,13 +43,14 @@ from .output import StreamCapture
 from .policy import Policy, nsjail_problems
 from .runner import build_result, sandbox_failure
 from .sandbox_env import MPLCONFIG
+from .shape import INCAGE_DIR, CageShape
 from .supervise import Execution, OnOutput, capped, supervise, watch_exit
 from .workspace import MplConfig, Workspace
 
 log = logging.getLogger(__name__)
 
 
-HARNESS_IN_CAGE = "/runnerd/harness.py"
+HARNESS_IN_CAGE = f"{INCAGE_DIR}/harness.py"
 
 # nsjail itself stays in a cold job's cgroup, as the cage's parent, for the
 # whole job: it is moved in before it forks, so nothing of the cage escapes
@@ -67,16 +68,17 @@ def cold_cgroup_limits(policy_limits: CgroupLimits) -> CgroupLimits:
 
 def job_config(policy: Policy, ws: Workspace, *, uid: int, env: Path, harness_dir: Path) -> str:
     """The policy's text plus this job's uid map and mounts (repeated fields, appended)."""
+    shape = CageShape.of(policy)
     lines = ["", "# ---- added by runnerd for this job ----", *pb_idmaps(uid)]
     lines.append(pb_bind(env, str(env), noexec=False))
-    lines.append(pb_bind(ws.work, "/work", rw=True))
+    lines.append(pb_bind(ws.work, shape.work, rw=True))
     for index, name in enumerate(ws.input_names):
-        lines.append(pb_bind(ws.inputs / str(index), f"/work/{name}"))
-    lines.append(pb_bind(ws.home, "/home/user", rw=True))
-    lines.append(pb_bind(ws.figures, "/runnerd/figures", rw=True))
-    lines.append(pb_bind(ws.code_file, "/runnerd/main.py"))
+        lines.append(pb_bind(ws.inputs / str(index), f"{shape.work}/{name}"))
+    lines.append(pb_bind(ws.home, shape.home, rw=True))
+    lines.append(pb_bind(ws.figures, shape.figures, rw=True))
+    lines.append(pb_bind(ws.code_file, shape.code))
     for name in incage.COLD_FILES:
-        lines.append(pb_bind(harness_dir / name, f"/runnerd/{name}"))
+        lines.append(pb_bind(harness_dir / name, f"{INCAGE_DIR}/{name}"))
     return policy.cfg_text + "\n".join(lines) + "\n"
 
 

@@ -20,9 +20,7 @@ from ..config import Config
 from ..errors import SandboxError
 from .cgroups import JobCgroup
 from .policy import NSJAIL_CGROUPS_OFF
-
-JAIL_UID = 1000
-
+from .shape import JAIL_UID
 
 MAX_LOG_BYTES = 256 << 10
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import tempfile
 from collections.abc import Mapping
@@ -30,11 +31,12 @@ from pathlib import Path
 
 from ..errors import PolicyError
 from .cgroups import CgroupLimits
+from .shape import JAIL_UID, LIFTED_FOR_ZYGOTES
 
 # Fields runnerd sets per job or relies on; a policy may not set them.
 _OWNED = {
-    "uidmap": "runnerd maps inside uid 1000 to uid_base + slot itself",
-    "gidmap": "runnerd maps inside gid 1000 to uid_base + slot itself",
+    "uidmap": f"runnerd maps inside uid {JAIL_UID} to uid_base + slot itself",
+    "gidmap": f"runnerd maps inside gid {JAIL_UID} to uid_base + slot itself",
     "exec_bin": "runnerd runs its harness",
     "log_fd": "runnerd reads nsjail's log on its own fd",
     "log_file": "runnerd reads nsjail's log on its own fd",
@@ -128,36 +130,108 @@ def _one_int(fields: Mapping[str, list[str]], name: str, path: Path) -> int:
     return value
 
 
-ZYGOTE_KAFEL = "zygote.kafel"
+def zygote_kafel(kafel_text: str, where: Path) -> str:
+    """The seccomp policy of a warm zygote's cage, derived from the job's: LIFTED_FOR_ZYGOTES taken out.
 
-# nsjail's rlimit fields a warm child sets itself (its zygote's cage must not
-# have them: a zygote lives for many jobs, and RLIMIT_CPU counts its own CPU
-# time across all of them). Name -> (the resource's name in Python's
-# `resource` module, bytes per unit of nsjail's value, nsjail's default).
-JOB_RLIMITS: dict[str, tuple[str, int, int]] = {
-    "rlimit_cpu": ("RLIMIT_CPU", 1, 600),
-    "rlimit_core": ("RLIMIT_CORE", 1 << 20, 0),
-    "rlimit_fsize": ("RLIMIT_FSIZE", 1 << 20, 1),
-    "rlimit_nofile": ("RLIMIT_NOFILE", 1, 32),
-    "rlimit_stack": ("RLIMIT_STACK", 1 << 20, 8),
+    PolicyError when an entry is not in the policy once, in the form the
+    shipped default.kafel has it (``unshare,``, ``mount,`` and
+    ``clone(flags) { ... },`` in the EPERM list).
+    """
+    # Comments blanked to the same length: a name in a comment is not an entry.
+    blanked = re.sub(r"/\*.*?\*/|//[^\n]*", lambda m: " " * len(m.group(0)), kafel_text, flags=re.S)
+    spans = []
+    for name, form in LIFTED_FOR_ZYGOTES.items():
+        found = list(re.finditer(form, blanked))
+        if len(found) != 1:
+            raise PolicyError(
+                f"{where}: warm mode lifts {name} from this policy for its zygotes, and finds it "
+                f"{len(found)} times; keep it once, as `{name}` is in the shipped default.kafel's EPERM list"
+            )
+        spans.append(found[0].span())
+    text = kafel_text
+    for start, end in sorted(spans, reverse=True):
+        text = text[:start] + text[end:]
+    return text
+
+
+@dataclass(frozen=True)
+class Tmpfs:
+    """A tmpfs the policy mounts in every cage (/tmp, /dev/shm): a warm child mounts it afresh per job."""
+
+    dst: str
+    options: str  # the mount's data: size=...,nr_inodes=...,mode=...
+    nosuid: bool
+    nodev: bool
+    noexec: bool
+
+
+def mount_blocks(text: str) -> list[dict[str, str]]:
+    """The fields of each top-level ``mount { ... }`` of a protobuf text config (the last value of each)."""
+    blanked = re.sub(r"#[^\n]*", lambda m: " " * len(m.group(0)), text)
+    blocks = []
+    for m in re.finditer(r"(?m)^\s*mount\s*:?\s*\{", blanked):
+        end = blanked.find("}", m.end())
+        if end < 0:
+            raise PolicyError(f"unbalanced '{{' in a mount block at offset {m.start()}")
+        fields = {k: v for k, v in _BLOCK_FIELD.findall(text[m.end() : end])}
+        blocks.append({k: v[1:-1] if v[:1] in "\"'" else v for k, v in fields.items()})
+    return blocks
+
+
+_BLOCK_FIELD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|[^\s#{};,]+)")
+
+
+def tmpfs_mounts(text: str, where: Path) -> tuple[Tmpfs, ...]:
+    found = []
+    for block in mount_blocks(text):
+        if block.get("fstype") != "tmpfs":
+            continue
+        if "dst" not in block:
+            raise PolicyError(f"{where}: a tmpfs mount without dst")
+        found.append(
+            Tmpfs(
+                dst=block["dst"],
+                options=block.get("options", ""),
+                nosuid=block.get("nosuid", "false") == "true",
+                nodev=block.get("nodev", "false") == "true",
+                noexec=block.get("noexec", "false") == "true",
+            )
+        )
+    return tuple(found)
+
+
+# The rlimits a warm child sets itself. A zygote's cage gets every rlimit of
+# the policy from nsjail, as a cold cage does, and its children inherit
+# them, but for RLIMIT_CPU: a zygote lives for many jobs and the limit counts
+# its own CPU time across all of them, so its cage has none, and each child
+# sets the job's. Name -> (the resource's name in Python's `resource`
+# module, nsjail's default value and type).
+JOB_RLIMITS: dict[str, tuple[str, int, str]] = {
+    "rlimit_cpu": ("RLIMIT_CPU", 600, "VALUE"),
 }
 RLIM_INFINITY = -1
 
 
 def job_rlimits(fields: Mapping[str, tuple[str, ...]] | Mapping[str, list[str]], path: Path) -> dict[str, int]:
-    """The rlimits of a job under this policy, by `resource` name, in the kernel's units (-1: none).
+    """What a warm child sets of the job's rlimits (JOB_RLIMITS), by `resource` name (-1: none).
 
-    A ``<name>_type`` of INF means no limit; SOFT/HARD (the current one) is
-    refused: a warm child could only guess what nsjail would have inherited.
+    As nsjail reads them: a ``<name>_type`` of INF is no limit, SOFT or HARD
+    the current soft or hard limit of the process that starts nsjail (this
+    one), VALUE (nsjail's default for these) the given value.
     """
     limits: dict[str, int] = {}
-    for name, (resource_name, unit, default) in JOB_RLIMITS.items():
-        kind = (fields.get(f"{name}_type") or ("VALUE",))[-1]
+    for name, (resource_name, default, default_kind) in JOB_RLIMITS.items():
+        kind = (fields.get(f"{name}_type") or (default_kind,))[-1]
+        if kind in ("SOFT", "HARD"):
+            soft, hard = resource.getrlimit(getattr(resource, resource_name))
+            current = soft if kind == "SOFT" else hard
+            limits[resource_name] = RLIM_INFINITY if current == resource.RLIM_INFINITY else current
+            continue
         if kind == "INF":
             limits[resource_name] = RLIM_INFINITY
             continue
         if kind != "VALUE":
-            raise PolicyError(f"{path}: {name}_type: {kind} is not supported by runnerd (give a value, or INF)")
+            raise PolicyError(f"{path}: {name}_type: {kind} is not one of VALUE, SOFT, HARD, INF")
         given = fields.get(name)
         try:
             value = int(given[-1], 0) if given else default
@@ -165,7 +239,7 @@ def job_rlimits(fields: Mapping[str, tuple[str, ...]] | Mapping[str, list[str]],
             raise PolicyError(f"{path}: {name} must be a number, got {given[-1] if given else ''!r}") from None
         if value < 0:
             raise PolicyError(f"{path}: {name} must not be negative, got {value}")
-        limits[resource_name] = value * unit
+        limits[resource_name] = value
     return limits
 
 
@@ -179,12 +253,24 @@ class Policy:
     fields: Mapping[str, tuple[str, ...]]
     # What each job's process gets (warm children set these themselves).
     rlimits: Mapping[str, int]
-    # The warm mode's zygote cage policy (zygote.kafel beside the config), if present.
-    zygote_kafel_text: str | None = None
+    # The tmpfs mounts of every cage (warm children mount them afresh).
+    tmpfs: tuple[Tmpfs, ...] = ()
 
     @property
     def cwd(self) -> str:
         return self.fields.get("cwd", ("/",))[-1]
+
+    @property
+    def home(self) -> str:
+        """The job's HOME, from the policy's environment."""
+        for value in reversed(self.fields.get("envar", ())):
+            if value.startswith("HOME="):
+                return value[len("HOME=") :]
+        return "/home/user"
+
+    def zygote_kafel_text(self) -> str:
+        """The seccomp policy of a warm zygote's cage (:func:`zygote_kafel`); PolicyError if it cannot be derived."""
+        return zygote_kafel(self.kafel_text, self.kafel_path)
 
 
 def load(path: Path) -> Policy:
@@ -219,7 +305,6 @@ def load(path: Path) -> Policy:
         pids=_one_int(raw, "cgroup_pids_max", path),
         cpu_ms_per_sec=_one_int(raw, "cgroup_cpu_ms_per_sec", path),
     )
-    zygote = path.parent / ZYGOTE_KAFEL
     return Policy(
         path=path,
         cfg_text=cfg_text,
@@ -228,7 +313,7 @@ def load(path: Path) -> Policy:
         limits=limits,
         fields={k: tuple(v) for k, v in raw.items()},
         rlimits=job_rlimits(raw, path),
-        zygote_kafel_text=zygote.read_text() if zygote.is_file() else None,
+        tmpfs=tmpfs_mounts(cfg_text, path),
     )
 
 
@@ -256,13 +341,9 @@ def check_with_nsjail(policy: Policy, nsjail: Path, *, zygote: bool = False) -> 
 
     Runs ``/usr/bin/true`` in a throw-away cage (about 20 ms): nsjail only
     compiles the seccomp policy on the way to running something. With
-    *zygote*, the warm mode's zygote.kafel is compiled instead.
+    *zygote*, the warm mode's zygote policy (derived from it) is compiled instead.
     """
-    kafel_text = policy.kafel_text
-    if zygote:
-        if policy.zygote_kafel_text is None:
-            raise PolicyError(f"warm mode needs {policy.path.parent / ZYGOTE_KAFEL} beside the policy")
-        kafel_text = policy.zygote_kafel_text
+    kafel_text = policy.zygote_kafel_text() if zygote else policy.kafel_text
     with tempfile.TemporaryDirectory(prefix="runnerd-policy-") as scratch:
         os.chmod(scratch, 0o755)
         cfg_r, cfg_w = os.pipe()
@@ -276,7 +357,7 @@ def check_with_nsjail(policy: Policy, nsjail: Path, *, zygote: bool = False) -> 
         argv = [
             str(nsjail), "--config", f"/dev/fd/{cfg_r}", "--seccomp_policy", f"/dev/fd/{kafel_r}",
             "--log_fd", "2", "--quiet", *NSJAIL_CGROUPS_OFF,
-            "--user", "1000:65534:1", "--group", "1000:65534:1",
+            "--user", f"{JAIL_UID}:65534:1", "--group", f"{JAIL_UID}:65534:1",
             "--bindmount_ro", f"{scratch}:/work", "--time_limit", "10",
             "--", "/usr/bin/true",
         ]  # fmt: skip
@@ -291,7 +372,7 @@ def check_with_nsjail(policy: Policy, nsjail: Path, *, zygote: bool = False) -> 
             os.close(cfg_r)
             os.close(kafel_r)
     if proc.returncode != 0:
-        which = policy.path.parent / ZYGOTE_KAFEL if zygote else policy.path
+        which = f"{policy.kafel_path} as warm mode derives it for zygotes" if zygote else policy.path
         raise PolicyError(
             f"nsjail rejects the policy {which}: {nsjail_problems(proc.stderr) or proc.stderr.strip()[-500:]}"
         )

@@ -26,6 +26,7 @@ from .host import check_traversable
 from .job import JobSpec
 from .nsjail import locate_nsjail
 from .policy import Policy
+from .shape import JAIL_UID, LIFTED_FOR_ZYGOTES
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -121,8 +122,8 @@ async def probe(cage: Runner) -> list[Check]:
     outside = uid_map[1] if len(uid_map) == 3 else "?"
     _expect(
         checks, "jailed user",
-        seen.get("uid") == 1000 and outside not in ("0", "?") and uid_map[2:] == ["1"],
-        f"uid 1000 inside = unprivileged uid {outside} outside, mapped alone",
+        seen.get("uid") == JAIL_UID and outside not in ("0", "?") and uid_map[2:] == ["1"],
+        f"uid {JAIL_UID} inside = unprivileged uid {outside} outside, mapped alone",
         f"uid {seen.get('uid')}, uid_map {uid_map}: the jailed user must not be, or reach, host root",
     )  # fmt: skip
     _expect(
@@ -226,7 +227,7 @@ def static_checks(config: Config, lock: Path) -> tuple[list[Check], HostParts]:
             compiled = policy.kafel_path.name
             if config.mode == "warm":
                 policy_mod.check_with_nsjail(policy, parts.nsjail, zygote=True)
-                compiled += f" and {policy_mod.ZYGOTE_KAFEL}"
+                compiled += f" and the zygotes' policy derived from it (less {', '.join(LIFTED_FOR_ZYGOTES)})"
             parts.policy = policy
             checks.append(Check("policy", True, f"{policy.path}: nsjail parses it, kafel compiles {compiled}"))
         except RunnerdError as exc:

@@ -80,8 +80,9 @@ async def open_runtime(
     cage = Cage(config, parts.policy, host, parts.nsjail)
     runner: Runner = cage
     if config.mode == "warm":
-        assert parts.policy.zygote_kafel_text is not None  # checked by the static checks
-        runner = WarmCage(config, parts.policy, parts.policy.zygote_kafel_text, host, parts.nsjail, config.concurrency)
+        runner = WarmCage(
+            config, parts.policy, parts.policy.zygote_kafel_text(), host, parts.nsjail, config.concurrency
+        )
         try:
             await runner.start()
         except BaseException:

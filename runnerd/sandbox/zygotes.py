@@ -1,7 +1,7 @@
 """One zygote, host side: its cage, its control socket, its spool, and each job it runs.
 
 A :class:`Zygote` starts ``incage/zygote.py`` in an nsjail cage of its own
-(the policy with ``zygote.kafel``), keeps its next child armed (prepared in
+(the job's policy less what a child lifts: policy.zygote_kafel), keeps its next child armed (prepared in
 fresh namespaces, already in the cgroup of the job it will run), and runs
 one job at a time: the job's directory written into the spool, the job and
 three fresh pipes sent over the control socket, the job supervised like a
@@ -35,12 +35,13 @@ from .output import StreamCapture
 from .policy import Policy, nsjail_problems
 from .runner import build_result, sandbox_failure
 from .sandbox_env import MPLCONFIG
+from .shape import INCAGE_DIR, CageShape
 from .supervise import OnOutput, capped, read_pipe, supervise, watch_exit
 from .workspace import MplConfig, Workspace, job_size, mount_tmpfs, resize_tmpfs
 
 log = logging.getLogger(__name__)
 
-ZYGOTE_IN_CAGE = "/runnerd/zygote.py"
+ZYGOTE_IN_CAGE = f"{INCAGE_DIR}/zygote.py"
 
 
 PLACEHOLDER = ".main.py"
@@ -96,6 +97,7 @@ class Zygote:
         self.kind = kind
         self.config = config
         self.policy = policy
+        self.shape = CageShape.of(policy)
         self.kafel = kafel
         self.host = host
         self.nsjail = nsjail
@@ -127,17 +129,18 @@ class Zygote:
         lines = ["", "# ---- added by runnerd for a warm zygote ----", *pb_idmaps(uid)]
         lines.append(pb_bind(self.env, str(self.env), noexec=False))
         for name in incage.FILES:
-            lines.append(pb_bind(self.config.harness_dir / name, f"/runnerd/{name}"))
+            lines.append(pb_bind(self.config.harness_dir / name, f"{INCAGE_DIR}/{name}"))
         lines.append(pb_bind(spool, "/spool", rw=True))
         tmpfs = (
             'mount {{ dst: "{dst}" fstype: "tmpfs" rw: true options: "{opts}" nosuid: true nodev: true noexec: true }}'
         )
-        lines.append(tmpfs.format(dst="/work", opts="size=1048576,nr_inodes=64,mode=0755"))
-        lines.append(tmpfs.format(dst="/home/user", opts="size=8388608,nr_inodes=256,mode=0755"))
-        lines.append(tmpfs.format(dst="/runnerd/figures", opts="size=4096,nr_inodes=4,mode=0755"))
-        # The mount point of each job's code (zygote._mount_job). A real file:
-        # nsjail's src_content files are deleted, and nothing mounts on those.
-        lines.append(pb_bind(spool / PLACEHOLDER, "/runnerd/main.py"))
+        # Mount points for each job's own binds (zygote._mount_job), nothing more.
+        lines.append(tmpfs.format(dst=self.shape.work, opts="size=1048576,nr_inodes=64,mode=0755"))
+        lines.append(tmpfs.format(dst=self.shape.home, opts="size=8388608,nr_inodes=256,mode=0755"))
+        lines.append(tmpfs.format(dst=self.shape.figures, opts="size=4096,nr_inodes=4,mode=0755"))
+        # The mount point of each job's code. A real file: nsjail's
+        # src_content files are deleted, and nothing mounts on those.
+        lines.append(pb_bind(spool / PLACEHOLDER, self.shape.code))
         return self.policy.cfg_text + "\n".join(lines) + "\n"
 
     async def start(self) -> None:
@@ -167,7 +170,7 @@ class Zygote:
                 args=("--time_limit", "0", "--proc_rw", "--rlimit_cpu", "inf"),
                 command=[str(self.env / "bin" / "python3"), "-I", "-B", "-u", ZYGOTE_IN_CAGE,
                          str(theirs.fileno()), str(self.env / MPLCONFIG), self.kind,
-                         json.dumps(dict(self.policy.rlimits))],  # fmt: skip
+                         self.shape.for_zygote()],  # fmt: skip
                 stdout=err_w, stderr=err_w, log_w=log_w, pass_fds=(theirs.fileno(),),
             )  # fmt: skip
         finally:
