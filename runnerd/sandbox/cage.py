@@ -34,14 +34,13 @@ from .. import incage
 from ..config import Config
 from ..errors import SandboxError
 from ..result import Reason, Result
-from .artifacts import collect
 from .cgroups import CgroupLimits, JobCgroup
 from .host import HostState, SlotLease
 from .job import JobSpec
 from .nsjail import MAX_LOG_BYTES, nsjail_fault, nsjail_status, pb_bind, pb_idmaps, spawn_nsjail
 from .output import StreamCapture
 from .policy import Policy, nsjail_problems
-from .runner import build_result, sandbox_failure
+from .runner import execute_and_collect, sandbox_failure
 from .sandbox_env import MPLCONFIG
 from .shape import INCAGE_DIR, CageShape
 from .supervise import Execution, OnOutput, capped, supervise, watch_exit
@@ -135,13 +134,11 @@ class Cage:
                 scratch_inodes=limits.scratch_inodes, mplconfig=self.mplconfig,
             )  # fmt: skip
             cg = self.host.cgroups.create(name, cold_cgroup_limits(self.policy.limits))
-            out = StreamCapture("stdout", limits.max_output_bytes)
-            err = StreamCapture("stderr", limits.max_output_bytes)
-            ex = await self._execute(job, ws, cg, lease.uid, out, err, on_output, stop)
-            collected = await asyncio.to_thread(
-                collect, ws.work, ws.figures, exclude=frozenset(ws.input_names), limits=limits
-            )
-            result = build_result(ex, out, err, collected, policy=self.policy, config=self.config, job_id=label)
+            uid, job_ws, job_cg = lease.uid, ws, cg
+            result = await execute_and_collect(
+                lambda out, err: self._execute(job, job_ws, job_cg, uid, out, err, on_output, stop),
+                ws, config=self.config, policy=self.policy, label=label,
+            )  # fmt: skip
         except SandboxError as exc:
             result = sandbox_failure(label, exc)
         finally:

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from ..config import Config
 from ..result import Observation, Outcome, Reason, Result, Usage, decide
-from .artifacts import Collected
+from .artifacts import Collected, collect
 from .job import JobSpec
 from .output import StreamCapture
 from .policy import Policy
 from .report import error_from_report, exit_status, small_int
 from .supervise import Execution, OnOutput
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,29 @@ class Runner(Protocol):
     async def close(self, grace: float = 0.0) -> None:
         """Stop taking jobs; wait up to *grace* s for running ones, then end them."""
         ...
+
+
+async def execute_and_collect(
+    execute: Callable[[StreamCapture, StreamCapture], Awaitable[Execution]],
+    ws: Workspace,
+    *,
+    config: Config,
+    policy: Policy,
+    label: str,
+) -> Result:
+    """The per-job skeleton every runner shares: captures, execute, collect the outputs, the result.
+
+    *execute* runs the job with the two captures and returns once every
+    process of the job is dead (its cgroup's counters read): only then are
+    the outputs collected from *ws*, so nothing the job ran can touch them.
+    A SandboxError goes to the caller, who owns the cage (see sandbox_failure).
+    """
+    limits = config.limits
+    out = StreamCapture("stdout", limits.max_output_bytes)
+    err = StreamCapture("stderr", limits.max_output_bytes)
+    ex = await execute(out, err)
+    collected = await asyncio.to_thread(collect, ws.work, ws.figures, exclude=frozenset(ws.input_names), limits=limits)
+    return build_result(ex, out, err, collected, policy=policy, config=config, job_id=label)
 
 
 def build_result(

@@ -26,17 +26,16 @@ from .. import incage
 from ..config import Config
 from ..errors import SandboxError
 from ..result import Reason, Result
-from .artifacts import collect
 from .cgroups import CgroupLimits, JobCgroup
 from .host import HostState, SlotLease
 from .job import JobSpec
 from .nsjail import MAX_LOG_BYTES, pb_bind, pb_idmaps, spawn_nsjail
 from .output import StreamCapture
 from .policy import Policy, nsjail_problems
-from .runner import build_result, sandbox_failure
+from .runner import execute_and_collect, sandbox_failure
 from .sandbox_env import MPLCONFIG
 from .shape import INCAGE_DIR, CageShape
-from .supervise import OnOutput, capped, read_pipe, supervise, watch_exit
+from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
 from .workspace import MplConfig, Workspace, job_size, mount_tmpfs, resize_tmpfs
 
 log = logging.getLogger(__name__)
@@ -345,18 +344,11 @@ class Zygote:
                 mplconfig=MplConfig(), mount=False,
             )  # fmt: skip
             ws = make_ws() if job.files_bytes < INLINE_BYTES else await asyncio.to_thread(make_ws)
-            out = StreamCapture("stdout", limits.max_output_bytes)
-            err = StreamCapture("stderr", limits.max_output_bytes)
-            ex = await self._execute(job, name, ws, cg, out, err, on_output, stop)
-            if ex.cage_fault:
-                # No G reaped the job: its processes may outlive the zygote for a
-                # moment. None may run while the outputs are collected.
-                await asyncio.to_thread(cg.kill)
-            ex.stats = cg.stats()  # a few small reads
-            collected = await asyncio.to_thread(
-                collect, ws.work, ws.figures, exclude=frozenset(ws.input_names), limits=limits
-            )
-            return build_result(ex, out, err, collected, policy=self.policy, config=self.config, job_id=label)
+            job_ws = ws
+            return await execute_and_collect(
+                lambda out, err: self._execute(job, name, job_ws, cg, out, err, on_output, stop),
+                ws, config=self.config, policy=self.policy, label=label,
+            )  # fmt: skip
         except NotHandedOver:
             raise
         except SandboxError as exc:
@@ -375,7 +367,7 @@ class Zygote:
     async def _execute(
         self, job: JobSpec, name: str, ws: Workspace, cg: JobCgroup, out: StreamCapture, err: StreamCapture,
         on_output: OnOutput | None, stop: asyncio.Future[Reason] | None,
-    ) -> Any:  # fmt: skip
+    ) -> Execution:  # fmt: skip
         loop = asyncio.get_running_loop()
         assert self.ctl is not None
         out_r, out_w = os.pipe()
@@ -453,6 +445,11 @@ class Zygote:
             # G could not set the job up (zygote.py); it said why on its own
             # stderr, which is the zygote's, not the job's.
             ex.problem = self.diagnostics()
+        if ex.cage_fault:
+            # No G reaped the job: its processes may outlive the zygote for a
+            # moment. None may run while the outputs are collected.
+            await asyncio.to_thread(cg.kill)
+        ex.stats = cg.stats()  # a few small reads
         return ex
 
 
