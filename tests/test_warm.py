@@ -18,7 +18,7 @@ import pytest
 from runnerd.client import Client, Finished, Output
 from runnerd.config import default_policy_path
 from runnerd.errors import PolicyError
-from runnerd.incage import zygote
+from runnerd.incage import lockdown
 from runnerd.result import Reason, Result
 from runnerd.sandbox.job import make_job
 from runnerd.sandbox.policy import zygote_kafel
@@ -35,8 +35,8 @@ POLICIES = default_policy_path().parent
 # ---------------------------------------------------------------- the stacked filter
 
 
-def run_bpf(program, nr: int, args=(0, 0, 0, 0, 0, 0), arch: int = zygote.AUDIT_ARCH_X86_64) -> int:
-    """Evaluate a classic BPF seccomp program (the opcodes zygote.py uses) on one syscall."""
+def run_bpf(program, nr: int, args=(0, 0, 0, 0, 0, 0), arch: int = lockdown.AUDIT_ARCH_X86_64) -> int:
+    """Evaluate a classic BPF seccomp program (the opcodes lockdown.py uses) on one syscall."""
     data = struct.pack("<iIQ6Q", nr, arch, 0, *args)
     acc, pc = 0, 0
     while True:
@@ -55,9 +55,9 @@ def run_bpf(program, nr: int, args=(0, 0, 0, 0, 0, 0), arch: int = zygote.AUDIT_
         pc += 1
 
 
-EPERM = zygote.RET_ERRNO | 1
-ENOSYS = zygote.RET_ERRNO | 38
-ALLOW = zygote.RET_ALLOW
+EPERM = lockdown.RET_ERRNO | 1
+ENOSYS = lockdown.RET_ERRNO | 38
+ALLOW = lockdown.RET_ALLOW
 
 
 LIFTED = tuple(LIFTED_FOR_ZYGOTES)
@@ -80,19 +80,19 @@ LIFTED = tuple(LIFTED_FOR_ZYGOTES)
     ],
 )
 def test_the_childs_filter_refuses_what_the_zygote_lifted(nr, args, expected):
-    program = zygote.seccomp_program(LIFTED)
+    program = lockdown.seccomp_program(LIFTED)
     assert len(program) < 4096
     assert run_bpf(program, nr, tuple(args) + (0,) * (6 - len(args))) == expected
 
 
 def test_the_childs_filter_kills_other_architectures():
     i386 = 0x40000003
-    assert run_bpf(zygote.seccomp_program(LIFTED), 20, arch=i386) == zygote.RET_KILL_PROCESS
+    assert run_bpf(lockdown.seccomp_program(LIFTED), 20, arch=i386) == lockdown.RET_KILL_PROCESS
 
 
 def test_the_zygote_refuses_to_start_with_a_lift_it_cannot_refuse_again():
     with pytest.raises(ValueError, match="cannot refuse setns"):
-        zygote.seccomp_program((*LIFTED, "setns"))
+        lockdown.seccomp_program((*LIFTED, "setns"))
 
 
 def _kafel_names(text: str) -> set[str]:
@@ -110,7 +110,7 @@ def test_the_zygotes_policy_is_the_jobs_less_what_a_child_needs():
     assert _kafel_names(default) - _kafel_names(derived) == set(LIFTED)
     assert _kafel_names(derived) < _kafel_names(default)
     assert "ERRNO(38)" in derived and "clone3" in derived and "setns" in derived and "umount" in derived
-    assert set(LIFTED) == set(zygote.REFUSABLE)  # the in-cage filter can refuse each
+    assert set(LIFTED) == set(lockdown.REFUSABLE)  # the in-cage filter can refuse each
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,6 @@ the inline Matplotlib backend. Nothing here imports runnerd's host code.
 from pathlib import Path
 
 DIR = Path(__file__).resolve().parent
-# Bound into every cold cage; a zygote's cage also gets zygote.py.
+# Bound into every cold cage; a zygote's cage also gets zygote.py and lockdown.py.
 COLD_FILES = ("harness.py", "runnerd_inline.py")
-FILES = (*COLD_FILES, "zygote.py")
+FILES = (*COLD_FILES, "zygote.py", "lockdown.py")

@@ -61,7 +61,6 @@ import struct
 import sys
 import time
 
-HARNESS_PATH = "/runnerd/harness.py"
 SPOOL = "/spool"
 # The cage's shape, from the host (argv[4], runnerd/sandbox/shape.py): the
 # jailed uid, where the job's directory, home, figures and code go, the
@@ -74,22 +73,24 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND = 32, 4096
-PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECCOMP = 38, 24, 22
-PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
-SECCOMP_MODE_FILTER = 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _check(ret, what):
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+def _sibling(name):
+    """Another in-cage file, loaded by its path: -I keeps this file's folder off sys.path."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"runnerd_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+lockdown = _sibling("lockdown")
 
 
 def _mount(source, target, fstype, flags, data=None):
-    _check(
-        _libc.mount(
+    lockdown.check(
+        lockdown.libc.mount(
             source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
             ctypes.c_ulong(flags), data.encode() if data else None,
         ),
@@ -100,100 +101,6 @@ def _mount(source, target, fstype, flags, data=None):
 def _bind(source, target, flags):
     _mount(source, target, None, MS_BIND)
     _mount(None, target, None, MS_BIND | MS_REMOUNT | flags)
-
-
-# ---------------------------------------------------------------- seccomp
-
-
-# The child's own filter, stacked on the zygote's cage policy (the job's
-# policy with a few calls lifted so that a child can build its job's cage:
-# runnerd/sandbox/policy.py, LIFTED_FOR_ZYGOTES): it refuses those calls
-# again, as the job's policy does, and the x32 range, which kafel cannot
-# express. The host names the lifted calls in SHAPE["lifted"]; a name this
-# filter cannot refuse stops the zygote at start-up (x86_64 numbers).
-NR_UNSHARE, NR_MOUNT, NR_CLONE = 272, 165, 56
-CLONE_NAMESPACE_FLAGS = 0x7E020000
-REFUSABLE = ("unshare", "mount", "clone")
-AUDIT_ARCH_X86_64 = 0xC000003E
-X32_SYSCALL_BIT = 0x40000000
-EPERM, ENOSYS = 1, 38
-
-# classic BPF
-_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
-RET_ALLOW, RET_KILL_PROCESS, RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
-_OFF_NR, _OFF_ARCH = 0, 4
-
-
-def _arg(i):  # the low 32 bits of args[i] in struct seccomp_data (little endian)
-    return 16 + 8 * i
-
-
-def seccomp_program(lifted):
-    """The child's filter as (code, jt, jf, k) tuples.
-
-    The *lifted* calls refused (EPERM), the x32 range too (ENOSYS), other ABIs killed.
-    """
-    unknown = sorted(set(lifted) - set(REFUSABLE))
-    if unknown:
-        raise ValueError(f"the zygote cannot refuse {', '.join(unknown)} in its children")
-    p = []
-
-    def stmt(code, k):
-        p.append((code, 0, 0, k))
-
-    def jump(code, k, jt, jf):
-        p.append((code, jt, jf, k))
-
-    errno_ = lambda e: (_RET_K, 0, 0, RET_ERRNO | e)  # noqa: E731
-    stmt(_LD_W_ABS, _OFF_ARCH)
-    jump(_JEQ_K, AUDIT_ARCH_X86_64, 1, 0)
-    stmt(_RET_K, RET_KILL_PROCESS)  # i386 (int 0x80) and any other ABI
-    stmt(_LD_W_ABS, _OFF_NR)
-    jump(_JGE_K, X32_SYSCALL_BIT, 0, 1)
-    p.append(errno_(ENOSYS))  # the whole x32 range, as a range
-    for name, nr in (("unshare", NR_UNSHARE), ("mount", NR_MOUNT)):
-        if name in lifted:
-            jump(_JEQ_K, nr, 0, 1)
-            p.append(errno_(EPERM))
-    if "clone" in lifted:  # refuse namespace flags (args[0])
-        jump(_JEQ_K, NR_CLONE, 0, 4)
-        stmt(_LD_W_ABS, _arg(0))
-        jump(_JSET_K, CLONE_NAMESPACE_FLAGS, 0, 1)
-        p.append(errno_(EPERM))
-        stmt(_RET_K, RET_ALLOW)
-    stmt(_RET_K, RET_ALLOW)
-    return p
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-
-_COMPILED: list[object] = []  # (buffer, fprog), built once in the zygote and inherited by every child
-
-
-def _compiled_filter():
-    if not _COMPILED:
-        program = seccomp_program(SHAPE["lifted"])
-        raw = b"".join(struct.pack("<HBBI", *ins) for ins in program)
-        buf = ctypes.create_string_buffer(raw, len(raw))
-        _COMPILED.append((buf, _SockFprog(len(program), ctypes.cast(buf, ctypes.c_void_p))))
-    return _COMPILED[0][1]
-
-
-def install_seccomp():
-    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(_compiled_filter()), 0, 0), "seccomp")
-
-
-def drop_privileges():
-    for cap in range(64):
-        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            break  # past CAP_LAST_CAP
-    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-    data = (ctypes.c_uint32 * 6)()
-    _check(_libc.capset(header, data), "capset")
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
 # ---------------------------------------------------------------- control socket
@@ -234,7 +141,7 @@ def recv_msg(sock, max_fds=0):
 
 
 def _enter_namespaces():
-    _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
+    lockdown.check(lockdown.libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
     with open("/proc/self/setgroups", "w") as fh:
         fh.write("deny")
     uid = SHAPE["uid"]
@@ -267,8 +174,8 @@ def _lock_down():
     for name, value in SHAPE["rlimits"].items():
         value = resource.RLIM_INFINITY if value < 0 else value
         resource.setrlimit(getattr(resource, name), (value, value))
-    drop_privileges()
-    install_seccomp()
+    lockdown.drop_privileges()
+    lockdown.install_seccomp(SHAPE["lifted"])
 
 
 def _reseed():
@@ -315,7 +222,7 @@ def _job_init(zygote_sock, harness):
             os._exit(0)  # the zygote is going away; U dies with this namespace
         _mount_job(job)
         # U could open /proc/1/fd/... of a dumpable PID 1: not of this one.
-        _check(_libc.prctl(4, 0, 0, 0, 0), "PR_SET_DUMPABLE")
+        lockdown.check(lockdown.libc.prctl(4, 0, 0, 0, 0), "PR_SET_DUMPABLE")
         _lock_down()
         harness.ignore_signals()
         report = harness.reporter(os.dup(fds[2]))
@@ -378,9 +285,9 @@ def _child(sock, harness):
 def _warm(kind, mplconfig_src):
     """Import the libraries children should find loaded; the full kind also draws a figure."""
     started = time.monotonic()
-    harness = _load_harness()
+    harness = _sibling("harness")
     harness.install_backend_finder()
-    _compiled_filter()
+    lockdown.compiled_filter(SHAPE["lifted"])  # built once here, inherited by every child
     # What every job's processes need anyway: loaded here, not per job.
     import atexit  # noqa: E401,F401
 
@@ -405,14 +312,6 @@ def _warm(kind, mplconfig_src):
     gc.collect()
     gc.freeze()
     return harness, (time.monotonic() - started) * 1000
-
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("runnerd_harness", HARNESS_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["runnerd_harness"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _status_of(waitstatus):

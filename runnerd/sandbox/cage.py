@@ -40,7 +40,7 @@ from .job import JobSpec
 from .nsjail import MAX_LOG_BYTES, nsjail_fault, nsjail_status, pb_bind, pb_idmaps, spawn_nsjail
 from .output import StreamCapture
 from .policy import Policy, nsjail_problems
-from .runner import execute_and_collect, sandbox_failure
+from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
 from .shape import INCAGE_DIR, CageShape
 from .supervise import Execution, OnOutput, capped, supervise, watch_exit
@@ -142,19 +142,8 @@ class Cage:
         except SandboxError as exc:
             result = sandbox_failure(label, exc)
         finally:
-            await asyncio.shield(asyncio.to_thread(self._teardown, cg, ws, lease))
+            await asyncio.shield(asyncio.to_thread(teardown, cg, ws, lease))
         return result
-
-    @staticmethod
-    def _teardown(cg: JobCgroup | None, ws: Workspace | None, lease: SlotLease | None) -> None:
-        if cg is not None:
-            if not cg.kill():
-                log.error("job cgroup %s: processes survived SIGKILL for 5 s", cg.name)
-            cg.remove()
-        if ws is not None:
-            ws.destroy()
-        if lease is not None:
-            lease.release()
 
     async def _execute(
         self,

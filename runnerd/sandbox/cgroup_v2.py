@@ -37,11 +37,7 @@ from .cgroups import (
 log = logging.getLogger(__name__)
 
 CGROUP2_SUPER_MAGIC = 0x63677270
-
-
 V2_CONTROLLERS = ("memory", "pids", "cpu")
-
-
 # The leaf a delegated daemon moves itself into (v2: no processes in inner nodes).
 SUPERVISOR = "supervisor"
 

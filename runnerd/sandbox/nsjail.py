@@ -23,11 +23,7 @@ from .policy import NSJAIL_CGROUPS_OFF
 from .shape import JAIL_UID
 
 MAX_LOG_BYTES = 256 << 10
-
-
 _EXIT_RE = re.compile(r"\) exited with status: (\d+)")
-
-
 _SIGNAL_RE = re.compile(r"\) terminated with signal: \S+ \((\d+)\)")
 
 

@@ -16,6 +16,8 @@ from typing import Protocol
 from ..config import Config
 from ..result import Observation, Outcome, Reason, Result, Usage, decide
 from .artifacts import Collected, collect
+from .cgroups import JobCgroup
+from .host import SlotLease
 from .job import JobSpec
 from .output import StreamCapture
 from .policy import Policy
@@ -147,3 +149,20 @@ def build_result(
 def sandbox_failure(job_id: str, exc: Exception) -> Result:
     log.error("job %s: sandbox error: %s", job_id, exc)
     return Result(outcome=Outcome.FAILED, reason=Reason.SANDBOX_ERROR, warnings=(f"sandbox error: {exc}",))
+
+
+def teardown(
+    cg: JobCgroup | None, ws: Workspace | None, lease: SlotLease | None = None, *, mounted: bool = True
+) -> None:
+    """After a job: kill what is left in its cgroup and remove it, remove its directory, free its slot.
+
+    *mounted* False for a job directory with no tmpfs of its own (a warm job's, in its zygote's spool).
+    """
+    if cg is not None:
+        if not cg.kill():
+            log.error("job cgroup %s: processes survived SIGKILL for 5 s", cg.name)
+        cg.remove()
+    if ws is not None:
+        ws.destroy(mounted=mounted)
+    if lease is not None:
+        lease.release()

@@ -23,15 +23,9 @@ from .report import MAX_REPORT_BYTES, Report, parse_report
 log = logging.getLogger(__name__)
 
 OnOutput = Callable[[str, bytes], None]
-
-
 # After the cage has died, how long its pipes may take to report EOF.
 PIPE_DRAIN_S = 2.0
-
-
 READ_CHUNK = 1 << 16
-
-
 # Past what the result keeps, how long a read that emptied a pipe waits for
 # more (see read_pipe): a print() loop writes 12 bytes per syscall, and
 # reading each as it comes kept the host as busy as the job. At most one

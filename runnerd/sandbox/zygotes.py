@@ -32,44 +32,23 @@ from .job import JobSpec
 from .nsjail import MAX_LOG_BYTES, pb_bind, pb_idmaps, spawn_nsjail
 from .output import StreamCapture
 from .policy import Policy, nsjail_problems
-from .runner import execute_and_collect, sandbox_failure
+from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
 from .shape import INCAGE_DIR, CageShape
+from .spool import PLACEHOLDER, SPOOL_BASE_BYTES, SPOOL_BASE_INODES, mount_spool
 from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
-from .workspace import MplConfig, Workspace, job_size, mount_tmpfs, resize_tmpfs
+from .workspace import MplConfig, Workspace, job_size, resize_tmpfs
 
 log = logging.getLogger(__name__)
 
 ZYGOTE_IN_CAGE = f"{INCAGE_DIR}/zygote.py"
-
-
-PLACEHOLDER = ".main.py"
-
-
-# What the spool holds besides the job: its root and the placeholder.
-SPOOL_BASE_BYTES = 64 << 10
-
-
-SPOOL_BASE_INODES = 4
-
-
 WARM_TIMEOUT_S = 180.0  # imports on a cold disk cache can take a while
-
-
 EVENT_TIMEOUT_S = 30.0  # a prepared child, an exit after a kill
-
-
 KILL_GRACE_S = 5.0
-
-
 # Inputs below this are written on the event loop itself.
 INLINE_BYTES = 1 << 20
-
-
 # The zygote itself: its interpreter, nsjail, and a child before it moves out.
 ZYGOTE_PIDS = 32
-
-
 NO_MESSAGE = "no message"
 
 
@@ -270,7 +249,7 @@ class Zygote:
             self.ctl.sendall(_frame({"op": "arm"}))
             await self._next("armed", EVENT_TIMEOUT_S)
         except (SandboxError, OSError) as exc:
-            await asyncio.to_thread(_drop_cgroup, cg)
+            await asyncio.to_thread(teardown, cg, None)
             if isinstance(exc, OSError):
                 self._gone(f"arming failed: {exc}")
                 raise ZygoteGone(f"zygote {self.index} is gone") from None
@@ -309,7 +288,7 @@ class Zygote:
         if self.ctl is not None:
             self.ctl.close()
         for cg in ([self.armed[1]] if self.armed else []) + ([self.cgroup] if self.cgroup else []):
-            await asyncio.to_thread(_drop_cgroup, cg)
+            await asyncio.to_thread(teardown, cg, None)
         self.armed = None
         if self.spool is not None:
             await asyncio.to_thread(Workspace(self.spool).destroy)
@@ -362,7 +341,7 @@ class Zygote:
         if self._leftover is not None:
             cg, ws = self._leftover
             self._leftover = None
-            await asyncio.shield(asyncio.to_thread(_teardown, cg, ws))
+            await asyncio.shield(asyncio.to_thread(functools.partial(teardown, cg, ws, mounted=False)))
 
     async def _execute(
         self, job: JobSpec, name: str, ws: Workspace, cg: JobCgroup, out: StreamCapture, err: StreamCapture,
@@ -451,27 +430,3 @@ class Zygote:
             await asyncio.to_thread(cg.kill)
         ex.stats = cg.stats()  # a few small reads
         return ex
-
-
-def mount_spool(path: Path, size: int, inodes: int) -> None:
-    try:
-        path.mkdir(mode=0o711)
-    except OSError as exc:
-        raise SandboxError(f"cannot create the zygote spool {path}: {exc.strerror}") from None
-    try:
-        mount_tmpfs(path, size, inodes)
-        (path / PLACEHOLDER).touch(mode=0o444)
-    except (SandboxError, OSError) as exc:
-        Workspace(path).destroy()
-        raise SandboxError(f"cannot prepare the zygote spool {path}: {exc}") from None
-
-
-def _drop_cgroup(cg: JobCgroup) -> None:
-    cg.kill()
-    cg.remove()
-
-
-def _teardown(cg: JobCgroup, ws: Workspace | None) -> None:
-    _drop_cgroup(cg)
-    if ws is not None:
-        ws.destroy(mounted=False)
