@@ -9,6 +9,7 @@ child's set-up (see runnerd/sandbox/shape.py, LIFTED_FOR_ZYGOTES).
 import ctypes
 import os
 import struct
+from collections.abc import Sequence
 
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECCOMP = 38, 24, 22
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
@@ -18,7 +19,7 @@ SECCOMP_MODE_FILTER = 2
 libc = ctypes.CDLL(None, use_errno=True)
 
 
-def check(ret, what):
+def check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
@@ -43,11 +44,11 @@ RET_ALLOW, RET_KILL_PROCESS, RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
 _OFF_NR, _OFF_ARCH = 0, 4
 
 
-def _arg(i):  # the low 32 bits of args[i] in struct seccomp_data (little endian)
+def _arg(i: int) -> int:  # the low 32 bits of args[i] in struct seccomp_data (little endian)
     return 16 + 8 * i
 
 
-def seccomp_program(lifted):
+def seccomp_program(lifted: Sequence[str]) -> list[tuple[int, int, int, int]]:
     """The child's filter as (code, jt, jf, k) tuples.
 
     The *lifted* calls refused (EPERM), the x32 range too (ENOSYS), other ABIs killed.
@@ -57,10 +58,10 @@ def seccomp_program(lifted):
         raise ValueError(f"the zygote cannot refuse {', '.join(unknown)} in its children")
     p = []
 
-    def stmt(code, k):
+    def stmt(code: int, k: int) -> None:
         p.append((code, 0, 0, k))
 
-    def jump(code, k, jt, jf):
+    def jump(code: int, k: int, jt: int, jf: int) -> None:
         p.append((code, jt, jf, k))
 
     errno_ = lambda e: (_RET_K, 0, 0, RET_ERRNO | e)  # noqa: E731
@@ -88,10 +89,12 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-_COMPILED: list[object] = []  # (buffer, fprog), built once in the zygote and inherited by every child
+_COMPILED: list[
+    tuple[ctypes.Array[ctypes.c_char], _SockFprog]
+] = []  # (buffer, fprog), built once in the zygote and inherited by every child
 
 
-def compiled_filter(lifted):
+def compiled_filter(lifted: Sequence[str]) -> _SockFprog:
     if not _COMPILED:
         program = seccomp_program(lifted)
         raw = b"".join(struct.pack("<HBBI", *ins) for ins in program)
@@ -100,11 +103,11 @@ def compiled_filter(lifted):
     return _COMPILED[0][1]
 
 
-def install_seccomp(lifted):
+def install_seccomp(lifted: Sequence[str]) -> None:
     check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(compiled_filter(lifted)), 0, 0), "seccomp")
 
 
-def drop_privileges():
+def drop_privileges() -> None:
     for cap in range(64):
         if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             break  # past CAP_LAST_CAP

@@ -60,12 +60,15 @@ import socket
 import struct
 import sys
 import time
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
 
 SPOOL = "/spool"
 # The cage's shape, from the host (argv[4], runnerd/sandbox/shape.py): the
 # jailed uid, where the job's directory, home, figures and code go, the
 # policy's tmpfs mounts and the job's rlimits. Nothing here repeats them.
-SHAPE: dict = {}
+SHAPE: dict[str, Any] = {}
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -75,10 +78,11 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND = 32, 4096
 
 
-def _sibling(name):
+def _sibling(name: str) -> types.ModuleType:
     """Another in-cage file, loaded by its path: -I keeps this file's folder off sys.path."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"runnerd_{name}", path)
+    assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -88,7 +92,7 @@ def _sibling(name):
 lockdown = _sibling("lockdown")
 
 
-def _mount(source, target, fstype, flags, data=None):
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     lockdown.check(
         lockdown.libc.mount(
             source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
@@ -98,7 +102,7 @@ def _mount(source, target, fstype, flags, data=None):
     )  # fmt: skip
 
 
-def _bind(source, target, flags):
+def _bind(source: str, target: str, flags: int) -> None:
     _mount(source, target, None, MS_BIND)
     _mount(None, target, None, MS_BIND | MS_REMOUNT | flags)
 
@@ -106,7 +110,7 @@ def _bind(source, target, flags):
 # ---------------------------------------------------------------- control socket
 
 
-def send_msg(sock, message, fds=()):
+def send_msg(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
     body = json.dumps(message).encode()
     frame = struct.pack(">I", len(body)) + body
     if fds:
@@ -115,7 +119,7 @@ def send_msg(sock, message, fds=()):
         sock.sendall(frame)
 
 
-def recv_msg(sock, max_fds=0):
+def recv_msg(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None, list[int]]:
     """One message and the fds that came with it; (None, []) at EOF."""
     head, fds = b"", []
     while len(head) < 4:
@@ -140,7 +144,7 @@ def recv_msg(sock, max_fds=0):
 # ---------------------------------------------------------------- the child
 
 
-def _enter_namespaces():
+def _enter_namespaces() -> None:
     lockdown.check(lockdown.libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
     with open("/proc/self/setgroups", "w") as fh:
         fh.write("deny")
@@ -151,7 +155,7 @@ def _enter_namespaces():
         fh.write(f"{uid} {uid} 1")
 
 
-def _mount_job(job):
+def _mount_job(job: dict[str, Any]) -> None:
     """This job's view of the file system (G is root-capable in the job's user namespace)."""
     d = os.path.join(SPOOL, job["dir"])
     safe = MS_NOSUID | MS_NODEV | MS_NOEXEC
@@ -169,7 +173,7 @@ def _mount_job(job):
     _mount("tmpfs", SPOOL, "tmpfs", safe | MS_RDONLY, "size=4096,nr_inodes=2,mode=0555")
 
 
-def _lock_down():
+def _lock_down() -> None:
     """Job limits, no capabilities, no new privileges, the stacked seccomp filter."""
     for name, value in SHAPE["rlimits"].items():
         value = resource.RLIM_INFINITY if value < 0 else value
@@ -178,14 +182,14 @@ def _lock_down():
     lockdown.install_seccomp(SHAPE["lifted"])
 
 
-def _reseed():
+def _reseed() -> None:
     random.seed()
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed()
 
 
-def _user(sock, harness):
+def _user(sock: socket.socket, harness: types.ModuleType) -> None:
     """U: the process that runs the user's code; made, and locked down, before its job. Never returns."""
     try:
         _lock_down()
@@ -206,7 +210,7 @@ def _user(sock, harness):
     harness.run_user_code(send, int(job["max_figures"]))  # exits
 
 
-def _job_init(zygote_sock, harness):
+def _job_init(zygote_sock: socket.socket, harness: types.ModuleType) -> None:
     """G: PID 1 of the job's pid namespace, made before its job. Never returns."""
     try:
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
@@ -242,7 +246,7 @@ def _job_init(zygote_sock, harness):
     os._exit(code)
 
 
-def _reap(user, harness, report):
+def _reap(user: int, harness: types.ModuleType, report: Callable[..., None]) -> int:
     """Wait for U (as the cold cage's init does); then end every other process of the job; its status."""
     code = harness.reap(user, report)
     # Whatever U left behind (a daemon, a stray child) dies before the host
@@ -262,7 +266,7 @@ def _reap(user, harness, report):
     return code
 
 
-def _child(sock, harness):
+def _child(sock: socket.socket, harness: types.ModuleType) -> None:
     """C: moved into its job's cgroup by the host first; makes the namespaces, forks G, leaves."""
     try:
         go, _ = recv_msg(sock)
@@ -282,7 +286,7 @@ def _child(sock, harness):
 # ---------------------------------------------------------------- the zygote
 
 
-def _warm(kind, mplconfig_src):
+def _warm(kind: str, mplconfig_src: str) -> tuple[types.ModuleType, float]:
     """Import the libraries children should find loaded; the full kind also draws a figure."""
     started = time.monotonic()
     harness = _sibling("harness")
@@ -314,7 +318,7 @@ def _warm(kind, mplconfig_src):
     return harness, (time.monotonic() - started) * 1000
 
 
-def _status_of(waitstatus):
+def _status_of(waitstatus: int) -> dict[str, Any]:
     if os.WIFSIGNALED(waitstatus):
         return {"event": "exit", "signal": os.WTERMSIG(waitstatus)}
     return {"event": "exit", "code": os.waitstatus_to_exitcode(waitstatus)}
@@ -323,7 +327,7 @@ def _status_of(waitstatus):
 class _Next:
     """The child being prepared for the next job: C, then (once armed) G."""
 
-    def __init__(self, harness):
+    def __init__(self, harness: types.ModuleType) -> None:
         self.sock, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.c = os.fork()
         if self.c == 0:
@@ -334,13 +338,13 @@ class _Next:
             os.closerange(keep + 1, 1 << 20)
             _child(child_end, harness)
         child_end.close()
-        self.g = None
+        self.g: int | None = None
 
-    def arm(self):
+    def arm(self) -> None:
         """C was moved into its job's cgroup: let it make the namespaces and G (and U)."""
         send_msg(self.sock, {"go": True})
 
-    def armed(self, zombies):
+    def armed(self, zombies: list[int]) -> None:
         """C's answer: G's pid. C leaves; G becomes the zygote's (the cage's init) child."""
         made, _ = recv_msg(self.sock)
         zombies.append(self.c)
@@ -348,7 +352,7 @@ class _Next:
             raise RuntimeError("the child could not prepare its job (its reason is above)")
         self.g = made["g"]
 
-    def discard(self):
+    def discard(self) -> None:
         self.sock.close()  # C or G sees EOF and exits
         if self.g is not None:
             try:
@@ -361,7 +365,7 @@ class _Next:
             pass
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     import selectors
 
     ctl = socket.socket(fileno=int(argv[1]))
@@ -369,9 +373,9 @@ def main(argv):
     SHAPE.update(json.loads(argv[4]))
     harness, ms = _warm(kind, argv[2])
     send_msg(ctl, {"event": "warm", "ms": round(ms, 1), "kind": kind})
-    nxt = None  # the child for the next job
-    running = None  # (g, socket) of the job running now
-    zombies = []
+    nxt: _Next | None = None  # the child for the next job
+    running: tuple[int, socket.socket] | None = None  # (g, socket) of the job running now
+    zombies: list[int] = []
     sel = selectors.DefaultSelector()
     sel.register(ctl, selectors.EVENT_READ, "ctl")
     try:
@@ -388,7 +392,7 @@ def main(argv):
                     if op == "arm" and nxt is not None and nxt.g is None:
                         nxt.arm()
                         sel.register(nxt.sock, selectors.EVENT_READ, "next")
-                    elif op == "run" and nxt is not None and nxt.g is not None and len(fds) == 3 and running is None:
+                    elif op == "run" and order and nxt and nxt.g is not None and len(fds) == 3 and running is None:
                         send_msg(nxt.sock, order, fds)
                         for fd in fds:
                             os.close(fd)
@@ -400,10 +404,12 @@ def main(argv):
                             os.close(fd)
                         return 0  # "quit", EOF, or an order out of turn
                 elif key.data == "next":
+                    assert nxt is not None  # its socket is registered only while it is the next child
                     sel.unregister(nxt.sock)
                     nxt.armed(zombies)
                     send_msg(ctl, {"event": "armed"})
                 else:
+                    assert running is not None  # its socket is registered only while it runs
                     g, sock = running
                     # G reports as soon as the job's processes are gone, before its own
                     # (slow, for a large process) teardown; a G that died says nothing.

@@ -42,7 +42,7 @@ from .output import StreamCapture
 from .policy import Policy, nsjail_problems
 from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
-from .shape import INCAGE_DIR, CageShape
+from .shape import INCAGE_DIR
 from .supervise import Execution, OnOutput, capped, supervise, watch_exit
 from .workspace import MplConfig, Workspace
 
@@ -67,7 +67,7 @@ def cold_cgroup_limits(policy_limits: CgroupLimits) -> CgroupLimits:
 
 def job_config(policy: Policy, ws: Workspace, *, uid: int, env: Path, harness_dir: Path) -> str:
     """The policy's text plus this job's uid map and mounts (repeated fields, appended)."""
-    shape = CageShape.of(policy)
+    shape = policy.shape()
     lines = ["", "# ---- added by runnerd for this job ----", *pb_idmaps(uid)]
     lines.append(pb_bind(env, str(env), noexec=False))
     lines.append(pb_bind(ws.work, shape.work, rw=True))

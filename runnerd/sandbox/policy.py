@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..errors import PolicyError
 from .cgroups import CgroupLimits
-from .shape import JAIL_UID, LIFTED_FOR_ZYGOTES
+from .shape import CODE, FIGURES, JAIL_UID, LIFTED_FOR_ZYGOTES, CageShape, Tmpfs
 
 # Fields runnerd sets per job or relies on; a policy may not set them.
 _OWNED = {
@@ -154,17 +154,6 @@ def zygote_kafel(kafel_text: str, where: Path) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class Tmpfs:
-    """A tmpfs the policy mounts in every cage (/tmp, /dev/shm): a warm child mounts it afresh per job."""
-
-    dst: str
-    options: str  # the mount's data: size=...,nr_inodes=...,mode=...
-    nosuid: bool
-    nodev: bool
-    noexec: bool
-
-
 def mount_blocks(text: str) -> list[dict[str, str]]:
     """The fields of each top-level ``mount { ... }`` of a protobuf text config (the last value of each)."""
     blanked = re.sub(r"#[^\n]*", lambda m: " " * len(m.group(0)), text)
@@ -267,6 +256,19 @@ class Policy:
             if value.startswith("HOME="):
                 return value[len("HOME=") :]
         return "/home/user"
+
+    def shape(self) -> CageShape:
+        """The cage a job gets under this policy, for both runners (:mod:`.shape`)."""
+        return CageShape(
+            jail_uid=JAIL_UID,
+            work=self.cwd,
+            home=self.home,
+            code=CODE,
+            figures=FIGURES,
+            tmpfs=self.tmpfs,
+            rlimits=dict(self.rlimits),
+            lifted=tuple(LIFTED_FOR_ZYGOTES),
+        )
 
     def zygote_kafel_text(self) -> str:
         """The seccomp policy of a warm zygote's cage (:func:`zygote_kafel`); PolicyError if it cannot be derived."""

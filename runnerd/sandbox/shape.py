@@ -4,8 +4,9 @@ What the operator decides lives in the policy (policies/): the tmpfs mounts
 and their sizes, the rlimits, the cgroup limits, HOME, the seccomp rules
 (a warm zygote's policy is derived from the same kafel file:
 :func:`~.policy.zygote_kafel`). What runnerd decides lives here: the
-jailed uid, and where the job's directory, code and figures appear. A cold
-job gets it all as nsjail config (:func:`~.cage.job_config`); a warm
+jailed uid, and where the job's directory, code and figures appear.
+:meth:`~.policy.Policy.shape` puts the two together. A cold job gets it all
+as nsjail config (:func:`~.cage.job_config`); a warm
 zygote gets it as JSON on its command line (:meth:`CageShape.for_zygote`)
 and mounts and sets the same for each child (incage/zygote.py).
 """
@@ -15,10 +16,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # policy.py imports this module's constants
-    from .policy import Policy, Tmpfs
 
 # The job's uid and gid inside its user namespace; runnerd maps it to an
 # unprivileged host uid of its own (uid_base + slot).
@@ -42,6 +39,17 @@ LIFTED_FOR_ZYGOTES = {
 
 
 @dataclass(frozen=True)
+class Tmpfs:
+    """A tmpfs the policy mounts in every cage (/tmp, /dev/shm): a warm child mounts it afresh per job."""
+
+    dst: str
+    options: str  # the mount's data: size=...,nr_inodes=...,mode=...
+    nosuid: bool
+    nodev: bool
+    noexec: bool
+
+
+@dataclass(frozen=True)
 class CageShape:
     jail_uid: int
     work: str  # the job's working directory, inputs read-only inside (the policy's cwd)
@@ -51,19 +59,6 @@ class CageShape:
     tmpfs: tuple[Tmpfs, ...]
     rlimits: Mapping[str, int]
     lifted: tuple[str, ...]  # what a zygote's policy lifts from the job's; each child refuses it again
-
-    @classmethod
-    def of(cls, policy: Policy) -> CageShape:
-        return cls(
-            jail_uid=JAIL_UID,
-            work=policy.cwd,
-            home=policy.home,
-            code=CODE,
-            figures=FIGURES,
-            tmpfs=policy.tmpfs,
-            rlimits=dict(policy.rlimits),
-            lifted=tuple(LIFTED_FOR_ZYGOTES),
-        )
 
     def for_zygote(self) -> str:
         """The shape as the zygote reads it (JSON; incage/zygote.py's SHAPE)."""

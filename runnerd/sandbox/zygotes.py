@@ -34,7 +34,7 @@ from .output import StreamCapture
 from .policy import Policy, nsjail_problems
 from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
-from .shape import INCAGE_DIR, CageShape
+from .shape import INCAGE_DIR
 from .spool import PLACEHOLDER, SPOOL_BASE_BYTES, SPOOL_BASE_INODES, mount_spool
 from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
 from .workspace import MplConfig, Workspace, job_size, resize_tmpfs
@@ -75,7 +75,7 @@ class Zygote:
         self.kind = kind
         self.config = config
         self.policy = policy
-        self.shape = CageShape.of(policy)
+        self.shape = policy.shape()
         self.kafel = kafel
         self.host = host
         self.nsjail = nsjail
