@@ -42,7 +42,7 @@ from .output import StreamCapture
 from .policy import Policy, nsjail_problems
 from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
-from .shape import INCAGE_DIR
+from .shape import INCAGE_DIR, CageShape
 from .supervise import Execution, OnOutput, capped, supervise, watch_exit
 from .workspace import MplConfig, Workspace
 
@@ -65,9 +65,8 @@ def cold_cgroup_limits(policy_limits: CgroupLimits) -> CgroupLimits:
     return dataclasses.replace(policy_limits, pids=policy_limits.pids + NSJAIL_TASKS)
 
 
-def job_config(policy: Policy, ws: Workspace, *, uid: int, env: Path, harness_dir: Path) -> str:
+def job_config(policy: Policy, shape: CageShape, ws: Workspace, *, uid: int, env: Path, harness_dir: Path) -> str:
     """The policy's text plus this job's uid map and mounts (repeated fields, appended)."""
-    shape = policy.shape()
     lines = ["", "# ---- added by runnerd for this job ----", *pb_idmaps(uid)]
     lines.append(pb_bind(env, str(env), noexec=False))
     lines.append(pb_bind(ws.work, shape.work, rw=True))
@@ -79,12 +78,6 @@ def job_config(policy: Policy, ws: Workspace, *, uid: int, env: Path, harness_di
     for name in incage.COLD_FILES:
         lines.append(pb_bind(harness_dir / name, f"{INCAGE_DIR}/{name}"))
     return policy.cfg_text + "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- what the cage reports
-
-
-# ---------------------------------------------------------------- shared by cold and warm
 
 
 # ---------------------------------------------------------------- the cold cage
@@ -100,6 +93,7 @@ class Cage:
         self.nsjail = nsjail
         self.env = config.sandbox_env
         self.mplconfig = MplConfig.load(self.env / MPLCONFIG)
+        self.shape = policy.shape()
 
     async def close(self, grace: float = 0.0) -> None:
         """Nothing to stop: cold cages live only as long as their job."""
@@ -164,7 +158,7 @@ class Cage:
         try:
             proc = spawn_nsjail(
                 self.nsjail,
-                job_config(self.policy, ws, uid=uid, env=self.env, harness_dir=self.config.harness_dir),
+                job_config(self.policy, self.shape, ws, uid=uid, env=self.env, harness_dir=self.config.harness_dir),
                 self.policy.kafel_text,
                 cg,
                 # A backstop: the host kills the cage at the deadline itself.

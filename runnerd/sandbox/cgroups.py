@@ -200,12 +200,3 @@ class Cgroups(ABC):
     @abstractmethod
     def release(self) -> None:
         """Remove the parent cgroup(s) this process made, when no job cgroup is left in them."""
-
-
-# ---------------------------------------------------------------- v1
-
-
-# ---------------------------------------------------------------- v2
-
-
-# ---------------------------------------------------------------- detection

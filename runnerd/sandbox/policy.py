@@ -72,6 +72,14 @@ _FORBIDDEN = {
 }
 
 
+# One ``name: value`` of a protobuf text config; the value quoted or bare.
+_FIELD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|[^\s#{};,]+)")
+
+
+def _unquote(value: str) -> str:
+    return value[1:-1] if value[:1] in "\"'" else value
+
+
 def scan_fields(text: str) -> dict[str, list[str]]:
     """Top-level fields of a protobuf text config: ``name: value`` (unquoted) and ``name { }`` ("{...}").
 
@@ -81,7 +89,6 @@ def scan_fields(text: str) -> dict[str, list[str]]:
     """
     fields: dict[str, list[str]] = {}
     i, n, depth = 0, len(text), 0
-    token = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|[^\s#{};,]+)")
     message = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*:?\s*(?=\{)")
     while i < n:
         c = text[i]
@@ -104,11 +111,8 @@ def scan_fields(text: str) -> dict[str, list[str]]:
         elif depth == 0 and (m := message.match(text, i)):
             fields.setdefault(m.group(1), []).append("{...}")
             i = m.end()
-        elif depth == 0 and (m := token.match(text, i)):
-            value = m.group(2)
-            if value[:1] in "\"'":
-                value = value[1:-1]
-            fields.setdefault(m.group(1), []).append(value)
+        elif depth == 0 and (m := _FIELD.match(text, i)):
+            fields.setdefault(m.group(1), []).append(_unquote(m.group(2)))
             i = m.end()
         else:
             i += 1
@@ -162,12 +166,8 @@ def mount_blocks(text: str) -> list[dict[str, str]]:
         end = blanked.find("}", m.end())
         if end < 0:
             raise PolicyError(f"unbalanced '{{' in a mount block at offset {m.start()}")
-        fields = {k: v for k, v in _BLOCK_FIELD.findall(text[m.end() : end])}
-        blocks.append({k: v[1:-1] if v[:1] in "\"'" else v for k, v in fields.items()})
+        blocks.append({k: _unquote(v) for k, v in _FIELD.findall(text[m.end() : end])})
     return blocks
-
-
-_BLOCK_FIELD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|[^\s#{};,]+)")
 
 
 def tmpfs_mounts(text: str, where: Path) -> tuple[Tmpfs, ...]:
