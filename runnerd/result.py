@@ -92,6 +92,36 @@ class Usage:
         )
 
 
+class SessionEnd(str, enum.Enum):
+    """How a session ended (docs/protocol.md): in a run's ``session``, NOT_FOUND messages and stats."""
+
+    CLOSED = "closed"  # the client closed it
+    IDLE_TIMEOUT = "idle_timeout"  # no run for its idle timeout
+    MAX_LIFETIME = "max_lifetime"  # open for the server's session_max_lifetime_s
+    MEMORY_LIMIT = "memory_limit"  # the out-of-memory killer ended its process
+    INTERRUPT_IGNORED = "interrupt_ignored"  # a run did not stop within the grace after its deadline or cancel
+    EXITED = "exited"  # its process ended (os._exit, a signal, ...)
+    SANDBOX_ERROR = "sandbox_error"  # its cage broke or was killed from outside
+    SHUTDOWN = "shutdown"  # the daemon stopped
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """What a session run's result says of its session."""
+
+    id: str
+    alive: bool
+    ended: SessionEnd | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "alive": self.alive, "ended": self.ended.value if self.ended else None}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> SessionState:
+        ended = m.get("ended")
+        return cls(id=str(m["id"]), alive=bool(m["alive"]), ended=SessionEnd(ended) if ended else None)
+
+
 @dataclass(frozen=True)
 class Result:
     outcome: Outcome
@@ -107,6 +137,9 @@ class Result:
     files: tuple[Artifact, ...] = ()
     usage: Usage = field(default_factory=Usage)
     warnings: tuple[str, ...] = ()
+    # The repr of a trailing bare expression (as a notebook cell shows it), capped; None if there was none.
+    value: str | None = None
+    session: SessionState | None = None  # for a run in a session
 
     @property
     def ok(self) -> bool:
@@ -132,6 +165,8 @@ class Result:
             "files": [a.to_wire() for a in self.files],
             "usage": self.usage.to_wire(),
             "warnings": list(self.warnings),
+            "value": self.value,
+            "session": self.session.to_wire() if self.session else None,
         }
 
     @classmethod
@@ -152,6 +187,8 @@ class Result:
                 files=tuple(Artifact.from_wire(a) for a in m.get("files", ())),
                 usage=Usage.from_wire(m.get("usage") or {}),
                 warnings=tuple(str(w) for w in m.get("warnings", ())),
+                value=str(m["value"]) if m.get("value") is not None else None,
+                session=SessionState.from_wire(m["session"]) if m.get("session") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ClientError(f"malformed result from the daemon: {exc!r}") from None
