@@ -67,6 +67,8 @@ class Limits:
     # (reason output_limit): past it the host only burns CPU reading.
     output_kill_bytes: int = _size(128 * MiB)
     max_figures: int = 32
+    # The repr of a trailing bare expression (``value``) is cut to this many characters.
+    max_value_chars: int = 8192
     max_artifact_files: int = 32
     max_artifact_bytes: int = _size(16 * MiB)
     max_artifacts_total_bytes: int = _size(64 * MiB)

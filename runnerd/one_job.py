@@ -56,6 +56,9 @@ def report(result: Result, out_dir: Path | None, streamed: bool) -> int:
         sys.stdout.flush()
         sys.stderr.write(result.stderr)
     err = sys.stderr
+    if result.value is not None:
+        # As `python -i` echoes an expression: after the output, on stdout.
+        print(result.value, flush=True)
     if result.error:
         where = f"line {result.error.lineno}: " if result.error.lineno else ""
         print(f"runnerd: error at {where}{result.error.type}: {result.error.message}", file=err)

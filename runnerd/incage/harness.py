@@ -23,6 +23,7 @@ The API the warm zygote uses (it loads this file by path): :func:`reporter`,
 (the job's process), :func:`reap` (its PID 1) and :func:`close_reports`.
 """
 
+import ast
 import builtins
 import faulthandler
 import importlib.util
@@ -42,6 +43,8 @@ BACKEND_PATH = "/runnerd/runnerd_inline.py"
 FILENAME = "main.py"
 MAX_MESSAGE = 8 * 1024
 MAX_TRACEBACK = 32 * 1024
+# The names the user's code is compiled under: main.py, and a session's cells (cell1.py, ...).
+USER_FILES = {FILENAME}
 _REPORT_FDS: list[int] = []
 
 
@@ -70,7 +73,7 @@ def _user_frames(te):
     inside a library (pandas raising KeyError from its index engine, then
     again for the user): it is dropped, as it only repeats the error.
     """
-    te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename == FILENAME])
+    te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename in USER_FILES])
     for attr in ("__cause__", "__context__"):
         chained = getattr(te, attr)
         if chained is None:
@@ -94,7 +97,7 @@ def describe(exc):
     lineno = None
     if te.stack:
         lineno = te.stack[-1].lineno
-    elif isinstance(exc, SyntaxError) and exc.filename == FILENAME:
+    elif isinstance(exc, SyntaxError) and exc.filename in USER_FILES:
         lineno = exc.lineno
     try:
         message = str(exc)
@@ -136,45 +139,85 @@ def install_backend_finder() -> None:
         sys.meta_path.append(_BackendFinder)
 
 
-def run_user_code(send: Callable[..., None], max_figures: int) -> NoReturn:
-    """Run the job's code in this (forked) process, then exit it (never returns)."""
+def _split_value(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:
+    """The code without its trailing bare expression, and that expression (as a notebook cell shows it)."""
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = tree.body[-1]
+        return ast.Module(body=tree.body[:-1], type_ignores=tree.type_ignores), ast.Expression(body=last.value)
+    return tree, None
+
+
+def _repr(value: object, cap: int) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # a user object whose __repr__ raises
+        text = f"<{_type_name(type(value))} object; repr() raised {_type_name(type(exc))}>"
+    return _cut(text, cap)
+
+
+def execute(source: str, filename: str, namespace: dict, max_value: int) -> tuple[int, dict | None, str | None]:
+    """Run *source* in *namespace*: (exit code, error record, the trailing expression's repr or None).
+
+    SystemExit follows Python's rules; any other exception is described
+    (and its traceback written to stderr), exit code 1.
+    """
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    USER_FILES.add(filename)
+    try:
+        tree = compile(source, filename, "exec", ast.PyCF_ONLY_AST, dont_inherit=True)
+        body, last = _split_value(tree)
+        exec(compile(body, filename, "exec", dont_inherit=True), namespace)
+        if last is None:
+            return 0, None, None
+        value = eval(compile(last, filename, "eval", dont_inherit=True), namespace)
+        return 0, None, None if value is None else _repr(value, max_value)
+    except SystemExit as exc:
+        return _exit_code(exc), None, None
+    except BaseException as exc:
+        error = describe(exc)
+        _write_stderr(error["traceback"])
+        return 1, error, None
+
+
+def fresh_main() -> types.ModuleType:
+    """A fresh __main__ without __file__: multiprocessing's spawn then treats it as interactive."""
+    module = types.ModuleType("__main__")
+    module.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = module
+    return module
+
+
+def prepare_user_process(max_figures: int) -> None:
+    """What the user's process needs before any of its code: faulthandler, the backend, argv, sys.path."""
     faulthandler.enable(file=sys.__stderr__ or sys.stderr)
-    with open(CODE_PATH, encoding="utf-8") as fh:
-        source = fh.read()
-    # Lines for tracebacks; mtime None keeps linecache.checkcache() from dropping it.
-    linecache.cache[FILENAME] = (len(source), None, source.splitlines(True), FILENAME)
     install_backend_finder()
     # Read by the backend; the host enforces the cap again on what it collects.
     os.environ["RUNNERD_MAX_FIGURES"] = str(max_figures)
     sys.argv = [FILENAME]
     sys.path.insert(0, os.getcwd())
 
-    # A fresh __main__ without __file__: multiprocessing's spawn then treats
-    # it as interactive instead of trying to re-run a main.py.
-    module = types.ModuleType("__main__")
-    module.__dict__["__builtins__"] = builtins
-    sys.modules["__main__"] = module
 
-    error = None
+def render_figures() -> tuple[int, int]:
+    """Render (and close) the Matplotlib figures still open: (rendered, dropped)."""
+    if "matplotlib.pyplot" not in sys.modules:
+        return 0, 0
     try:
-        code = compile(source, FILENAME, "exec", dont_inherit=True)
-        exec(code, module.__dict__)
-        exit_code = 0
-    except SystemExit as exc:
-        exit_code = _exit_code(exc)
+        backend = importlib.import_module(BACKEND_NAME)
+        return backend.render_open_figures(skip_saved=True)
     except BaseException as exc:
-        error = describe(exc)
-        _write_stderr(error["traceback"])
-        exit_code = 1
+        _write_stderr(f"runnerd: the open figures could not be rendered: {type(exc).__name__}: {exc}\n")
+        return 0, 0
 
-    rendered = dropped = 0
-    if "matplotlib.pyplot" in sys.modules:
-        try:
-            backend = importlib.import_module(BACKEND_NAME)
-            rendered, dropped = backend.render_open_figures(skip_saved=True)
-        except BaseException as exc:
-            _write_stderr(f"runnerd: the open figures could not be rendered: {type(exc).__name__}: {exc}\n")
-    send(event="end", exit_code=exit_code, error=error, figures=rendered, figures_dropped=dropped)
+
+def run_user_code(send: Callable[..., None], max_figures: int, max_value: int) -> NoReturn:
+    """Run the job's code in this (forked) process, then exit it (never returns)."""
+    with open(CODE_PATH, encoding="utf-8") as fh:
+        source = fh.read()
+    prepare_user_process(max_figures)
+    module = fresh_main()
+    exit_code, error, value = execute(source, FILENAME, module.__dict__, max_value)
+    rendered, dropped = render_figures()
+    send(event="end", exit_code=exit_code, error=error, figures=rendered, figures_dropped=dropped, value=value)
     _exit_like_python(exit_code, module)
 
 
@@ -264,7 +307,9 @@ def ignore_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def serve_job(report_fd: int, max_figures: int, before_user_code: Callable[[], None] | None = None) -> NoReturn:
+def serve_job(
+    report_fd: int, max_figures: int, max_value: int, before_user_code: Callable[[], None] | None = None
+) -> NoReturn:
     """Report "start", run the user's code in a child, reap as PID 1, exit with its status. Never returns."""
     send = reporter(report_fd)
 
@@ -273,7 +318,7 @@ def serve_job(report_fd: int, max_figures: int, before_user_code: Callable[[], N
     if child == 0:
         if before_user_code is not None:
             before_user_code()
-        run_user_code(send, max_figures)  # exits the process
+        run_user_code(send, max_figures, max_value)  # exits the process
     os._exit(reap(child, send))
 
 
@@ -287,7 +332,7 @@ def close_reports() -> None:
 
 
 def main(argv: list[str]) -> None:
-    serve_job(int(argv[1]), int(argv[2]))
+    serve_job(int(argv[1]), int(argv[2]), int(argv[3]))
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def _user(sock: socket.socket, harness: types.ModuleType) -> None:
     except BaseException as exc:
         os.write(2, f"runnerd: the job's process could not start: {exc}\n".encode())
         os._exit(125)
-    harness.run_user_code(send, int(job["max_figures"]))  # exits
+    harness.run_user_code(send, int(job["max_figures"]), int(job["max_value"]))  # exits
 
 
 def _job_init(zygote_sock: socket.socket, harness: types.ModuleType) -> None:

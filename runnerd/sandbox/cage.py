@@ -164,7 +164,7 @@ class Cage:
                 # A backstop: the host kills the cage at the deadline itself.
                 args=("--time_limit", str(math.ceil(job.timeout) + 5)),
                 command=[str(self.env / "bin" / "python3"), "-I", "-B", "-u", HARNESS_IN_CAGE,
-                         str(rep_w), str(self.config.limits.max_figures)],  # fmt: skip
+                         str(rep_w), str(self.config.limits.max_figures), str(self.config.limits.max_value_chars)],  # fmt: skip
                 stdout=out_w, stderr=err_w, log_w=log_w, pass_fds=(rep_w,),
             )  # fmt: skip
         except SandboxError:

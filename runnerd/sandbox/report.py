@@ -68,6 +68,12 @@ def error_from_report(end: dict[str, Any] | None) -> ErrorInfo | None:
     )
 
 
+def value_from_report(end: dict[str, Any] | None, cap: int) -> str | None:
+    """The trailing expression's repr the harness reported, capped again here (it is untrusted)."""
+    value = (end or {}).get("value")
+    return value[:cap] if isinstance(value, str) else None
+
+
 def exit_status(trusted: int | None, report: Report) -> int | None:
     """The job's exit: a code (>= 0), minus a signal number, or None if the cage was killed.
 

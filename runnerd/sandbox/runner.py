@@ -21,7 +21,7 @@ from .host import SlotLease
 from .job import JobSpec
 from .output import StreamCapture
 from .policy import Policy
-from .report import error_from_report, exit_status, small_int
+from .report import error_from_report, exit_status, small_int, value_from_report
 from .supervise import Execution, OnOutput
 from .workspace import Workspace
 
@@ -143,6 +143,7 @@ def build_result(
         files=tuple(collected.files),
         usage=Usage(wall_s=round(ex.wall_s, 4), cpu_s=round(ex.stats.cpu_s, 4), max_rss_bytes=ex.stats.peak_bytes),
         warnings=tuple(warnings),
+        value=value_from_report(report.end, config.limits.max_value_chars),
     )
 
 

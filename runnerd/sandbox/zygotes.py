@@ -357,6 +357,7 @@ class Zygote:
             "dir": name,
             "inputs": list(ws.input_names),
             "max_figures": self.config.limits.max_figures,
+            "max_value": self.config.limits.max_value_chars,
         }
         try:
             socket.send_fds(self.ctl, [_frame(message)], [out_w, err_w, rep_w])
