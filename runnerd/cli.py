@@ -254,6 +254,14 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repl(args: argparse.Namespace) -> int:
+    from .repl import main as repl_main
+
+    files = dict(read_inputs(args.file))
+    return repl_main(args.endpoint, _curve(args), files=files, idle_timeout=args.idle_timeout,
+                     figures=Path(args.figures), timeout=args.timeout)  # fmt: skip
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from .install import install
 
@@ -325,6 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_curve_flags(p)
     p.set_defaults(func=cmd_mcp, default_level="WARNING")
+
+    p = sub.add_parser("repl", help="a Python prompt into a sandbox session of a daemon (state lives across inputs)")
+    p.add_argument(
+        "--endpoint", default=None, help="the daemon (default: $RUNNERD_ENDPOINT, else the default ipc socket)"
+    )
+    p.add_argument(
+        "--file", action="append", default=[], metavar="PATH", help="an input file, readable by its name (repeatable)"
+    )
+    p.add_argument("--idle-timeout", type=float, default=None, metavar="S", help="end the session after S s idle")
+    p.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="wall clock of each run (default: the daemon's)"
+    )
+    p.add_argument(
+        "--figures", default="runnerd-figures", metavar="DIR", help="write figures here (default ./runnerd-figures)"
+    )
+    _add_curve_flags(p)
+    p.set_defaults(func=cmd_repl, default_level="WARNING")
 
     p = sub.add_parser("install", help="install as a systemd service (unit, config, group, socket dir, env)")
     p.add_argument("--root", default="/", help="write the files under this directory instead of /")

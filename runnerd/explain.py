@@ -9,7 +9,7 @@ handed to a model as its mistake.
 
 from __future__ import annotations
 
-from .result import Outcome, Reason, Result
+from .result import Outcome, Reason, Result, SessionEnd
 
 # Failures the code did not cause: a model that reads them as its own would
 # rewrite working code.
@@ -46,3 +46,31 @@ def what_happened(result: Result, timeout: float | None = None) -> str:
     if reason is Reason.SANDBOX_ERROR:
         return "The sandbox failed to run the code (not the code's fault)."
     return f"The code failed ({reason.value if reason else 'no reason given'})."
+
+
+# How a session ended, as the end of "The session ended: ...".
+SESSION_ENDS = {
+    SessionEnd.CLOSED: "it was closed",
+    SessionEnd.IDLE_TIMEOUT: "nothing ran in it for its idle timeout",
+    SessionEnd.MAX_LIFETIME: "it reached the longest a session may live",
+    SessionEnd.MEMORY_LIMIT: "its process used more memory than the sandbox allows and was killed",
+    SessionEnd.INTERRUPT_IGNORED: "the code did not stop soon enough after its deadline or cancel, so it was killed",
+    SessionEnd.EXITED: "its Python process ended (os._exit, a signal, ...)",
+    SessionEnd.SANDBOX_ERROR: "its sandbox broke (not the code's fault)",
+    SessionEnd.SHUTDOWN: "the sandbox service stopped (not the code's fault)",
+}
+
+
+def how_it_ended(ended: SessionEnd | None) -> str:
+    return SESSION_ENDS.get(ended, "for a reason not given") if ended else "for a reason not given"
+
+
+def session_note(result: Result) -> str:
+    """One sentence when this run ended its session (its variables are gone); empty otherwise."""
+    state = result.session
+    if state is None or state.alive:
+        return ""
+    return (
+        f"The session ended: {how_it_ended(state.ended)}. Its variables, imports and files are gone; "
+        "the next code runs in a new session and must redo what it needs."
+    )

@@ -11,6 +11,20 @@ history holds for a code-execution turn:
 client; :func:`genai_parts` gives ``google.genai.types.Part`` objects
 (``pip install 'runnerd[gemini]'``). As in Gemini, ``output`` is stdout when
 the code ran to the end, and the error text otherwise.
+
+A multi-turn conversation runs each turn's code in one session
+(:meth:`runnerd.client.Client.session`), so a turn sees what earlier turns
+defined; the parts of a session's run then read as a notebook cell does: the
+trailing expression's value after stdout, and a sentence when the run ended
+the session (before the next turn, ``session.ensure_open()`` starts a new
+one, as that sentence tells the model)::
+
+    with client.session() as s:
+        for code in codes_the_model_wrote:
+            s.ensure_open()
+            history.append(parts(code, s.run(code)))
+
+Results of one-off runs read as before.
 """
 
 from __future__ import annotations
@@ -18,18 +32,27 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from .explain import what_happened
+from .explain import session_note, what_happened
 from .result import Outcome, Result
 
 MAX_OUTPUT_CHARS = 64 * 1024
 
 
 def output_text(result: Result, timeout: float | None = None) -> str:
-    """What Gemini puts in ``codeExecutionResult.output``: stdout if OK, else the error text."""
-    if result.outcome is Outcome.OK:
-        return result.stdout[-MAX_OUTPUT_CHARS:]
+    """What Gemini puts in ``codeExecutionResult.output``: stdout if OK, else the error text.
+
+    For a run in a session, the value of a trailing expression follows
+    stdout, and a run that ended the session says so.
+    """
     pieces: list[str] = []
-    if result.outcome is Outcome.DEADLINE_EXCEEDED:
+    if result.outcome is Outcome.OK:
+        if result.session is None:
+            return result.stdout[-MAX_OUTPUT_CHARS:]
+        if result.stdout:
+            pieces.append(result.stdout)
+        if result.value is not None:
+            pieces.append(result.value)
+    elif result.outcome is Outcome.DEADLINE_EXCEEDED:
         if result.stdout:
             pieces.append(result.stdout)
         pieces.append(what_happened(result, timeout))
@@ -39,6 +62,9 @@ def output_text(result: Result, timeout: float | None = None) -> str:
         if result.stderr:
             pieces.append(result.stderr)
         pieces.append(what_happened(result, timeout))
+    note = session_note(result)
+    if note:
+        pieces.append(note)
     text = "".join(p if p.endswith("\n") else p + "\n" for p in pieces)
     return text[-MAX_OUTPUT_CHARS:]
 

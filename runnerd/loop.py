@@ -23,6 +23,20 @@ returns every attempt. A run that failed through no fault of the code
 model: it is run again, or :class:`~runnerd.errors.AttemptNotRun` says why
 not. :func:`arun_loop` is the asyncio flavour; its generator may be a plain
 function or a coroutine function.
+
+Given a ``session`` instead of a ``client``, every attempt runs in that one
+session, so an attempt (and the next task's, in a conversation of several
+``run_loop`` calls on one session) sees the variables earlier ones left::
+
+    with client.session(files={"sales.csv": data}) as s:
+        first = run_loop("Load the sales", generate, session=s)
+        second = run_loop("Plot them per region", generate, session=s)
+
+Input files go to the session once. When an attempt ends the session (it
+used too much memory, ended its process), the feedback says so and the next
+attempt runs in a new session (``session.ensure_open()``); when the cage broke
+the session, its state is lost and no rerun can bring it back:
+:class:`~runnerd.errors.AttemptNotRun`.
 """
 
 from __future__ import annotations
@@ -32,9 +46,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .client import AsyncClient, Client
+from .client import AsyncClient, AsyncSession, Client, Session
 from .errors import AttemptNotRun
-from .explain import not_the_codes_fault, what_happened
+from .explain import how_it_ended, not_the_codes_fault, session_note, what_happened
 from .result import Outcome, Reason, Result
 
 MAX_ATTEMPTS = 5
@@ -121,13 +135,18 @@ def feedback(result: Result, files: Mapping[str, bytes] | None = None, *, timeou
         parts.append("stderr (last lines):\n" + result.stderr[-STDERR_TAIL_CHARS:].rstrip())
     for warning in result.warnings[:5]:
         parts.append(f"Note: {warning}")
+    note = session_note(result)
+    if note:
+        parts.append(note)
     parts.append(manifest(files))
     return "\n\n".join(parts)
 
 
-def _check_attempts(max_attempts: int) -> None:
+def _check_attempts(max_attempts: int, client: object, session: object) -> None:
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+    if (client is None) == (session is None):
+        raise TypeError("give the loop a client or a session (not both)")
 
 
 def _record(
@@ -145,6 +164,11 @@ def _cage_fault(result: Result, tries: int, attempt: int) -> bool:
         return False
     if result.reason is Reason.CANCELLED:
         raise AttemptNotRun(f"attempt {attempt} was cancelled before it finished", result)
+    if result.session is not None and not result.session.alive:
+        # A rerun would start from an empty session: not the attempt the model wrote for.
+        raise AttemptNotRun(
+            f"attempt {attempt} did not run: its session ended ({how_it_ended(result.session.ended)})", result
+        )
     if tries > CAGE_RETRIES:
         raise AttemptNotRun(
             f"attempt {attempt} did not run: {result.reason.value if result.reason else '?'} "
@@ -158,25 +182,32 @@ def run_loop(
     task: str,
     generate: Generator,
     *,
-    client: Client,
+    client: Client | None = None,
+    session: Session | None = None,
     files: Mapping[str, bytes] | None = None,
     max_attempts: int = MAX_ATTEMPTS,
     timeout: float | None = None,
 ) -> LoopResult:
     """Generate and run code until it succeeds or *max_attempts* are used; every attempt is returned.
 
-    A run the cage broke (sandbox_error, shutdown) is run again, up to
-    CAGE_RETRIES times, and never counts as an attempt; past that, or for a
-    cancelled run, :class:`AttemptNotRun` is raised.
+    Runs go through *client*, or all into the open *session*. A run the
+    cage broke (sandbox_error, shutdown) is run again, up to CAGE_RETRIES
+    times, and never counts as an attempt; past that, for a cancelled run,
+    or when it ended the session, :class:`AttemptNotRun` is raised.
     """
-    _check_attempts(max_attempts)
+    _check_attempts(max_attempts, client, session)
     attempts: list[Attempt] = []
     while len(attempts) < max_attempts:
         code = generate(task, tuple(attempts))
         tries = 0
         while True:
             tries += 1
-            result = client.run(code, files=dict(files or {}), timeout=timeout)
+            if session is not None:
+                session.ensure_open()
+                result = session.run(code, files=session.new_files(files), timeout=timeout)
+            else:
+                assert client is not None
+                result = client.run(code, files=dict(files or {}), timeout=timeout)
             if not _cage_fault(result, tries, len(attempts) + 1):
                 break
         if _record(attempts, code, result, files, timeout):
@@ -188,13 +219,14 @@ async def arun_loop(
     task: str,
     generate: AsyncGenerator,
     *,
-    client: AsyncClient,
+    client: AsyncClient | None = None,
+    session: AsyncSession | None = None,
     files: Mapping[str, bytes] | None = None,
     max_attempts: int = MAX_ATTEMPTS,
     timeout: float | None = None,
 ) -> LoopResult:
     """The asyncio flavour of :func:`run_loop`; *generate* may return a str or an awaitable of one."""
-    _check_attempts(max_attempts)
+    _check_attempts(max_attempts, client, session)
     attempts: list[Attempt] = []
     while len(attempts) < max_attempts:
         produced: Any = generate(task, tuple(attempts))
@@ -202,7 +234,12 @@ async def arun_loop(
         tries = 0
         while True:
             tries += 1
-            result = await client.run(code, files=dict(files or {}), timeout=timeout)
+            if session is not None:
+                await session.ensure_open()
+                result = await session.run(code, files=session.new_files(files), timeout=timeout)
+            else:
+                assert client is not None
+                result = await client.run(code, files=dict(files or {}), timeout=timeout)
             if not _cage_fault(result, tries, len(attempts) + 1):
                 break
         if _record(attempts, code, result, files, timeout):

@@ -1,4 +1,4 @@
-"""``runnerd mcp``: a Model Context Protocol server with one tool, ``run_python``.
+"""``runnerd mcp``: a Model Context Protocol server with the tools ``run_python`` and ``reset_session``.
 
 (No ``from __future__ import annotations`` here: the SDK reads the tool's
 annotations at run time, and the mcp types are imported lazily, so they must
@@ -10,30 +10,53 @@ assistants, IDE agents) can use runnerd as its code-execution tool. The
 tool returns the output as text content and each figure as image content;
 a run that fails comes back as a tool error (``isError``) whose text holds
 the traceback, so the model can fix its code.
+
+Each MCP connection has one runnerd session, opened by its first
+``run_python``: successive calls share variables, imports and files, as
+cells of a notebook do, and a trailing expression's value is shown after
+the output. When the session ended (idle timeout, memory, ...) the next call
+opens a new one and its output says so; ``reset_session`` closes it so the
+next call starts fresh. The sessions are closed when the server stops; a
+connection that goes away leaves its session to the daemon's idle timeout.
 """
 
+import asyncio
 import base64
 import binascii
-from collections.abc import Mapping, Sequence
+import contextlib
+import weakref
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from .client import AsyncClient, resolve_endpoint
-from .errors import ClientError
-from .explain import what_happened
-from .result import Outcome, Result
+from .client import AsyncClient, AsyncSession, resolve_endpoint
+from .errors import ClientError, RemoteError
+from .explain import how_it_ended, session_note, what_happened
+from .result import Outcome, Result, SessionEnd
+from .server import protocol
 
 TOOL_DESCRIPTION = (
     "Run Python 3 code in a sandbox (no network, 30 s, numpy, pandas, matplotlib, scipy, scikit-learn, "
-    "tensorflow, sympy, opencv and more) and return what it printed, its error if any, and every "
-    "Matplotlib figure as an image. Input files are readable by their name from the working directory."
+    "tensorflow, sympy, opencv and more) and return what it printed, the value of a trailing expression "
+    "(as a notebook shows it), its error if any, and every Matplotlib figure as an image. Calls share one "
+    "Python session: variables, imports and files stay for later calls until reset_session, or until the "
+    "session ends (the output then says so). Input files are readable by their name from the working "
+    "directory; a file given once stays there."
 )
+RESET_DESCRIPTION = (
+    "Close the Python session that run_python calls share (its variables, imports and files); "
+    "the next run_python starts in a fresh one."
+)
+# At the server's end: how long closing the sessions may hold it up.
+CLOSE_AT_EXIT_S = 5.0
 
 
 def result_text(result: Result) -> str:
     """The text content of a tool result: stdout, stderr, the error, what else came out."""
     sections: list[str] = []
-    if result.stdout:
-        sections.append(result.stdout.rstrip("\n"))
+    # As the Python REPL shows them: the output, then the value on the next line.
+    shown = "\n".join(t.rstrip("\n") for t in (result.stdout, result.value) if t)
+    if shown:
+        sections.append(shown)
     if result.stderr_besides_error:
         sections.append("stderr:\n" + result.stderr.rstrip("\n"))
     if result.error is not None:
@@ -45,6 +68,9 @@ def result_text(result: Result) -> str:
         sections.append("files written: " + ", ".join(f"{f.name} ({len(f.data)} bytes)" for f in result.files))
     for warning in result.warnings:
         sections.append(f"note: {warning}")
+    note = session_note(result)
+    if note:
+        sections.append(note)
     return "\n\n".join(sections) or "(no output)"
 
 
@@ -64,21 +90,115 @@ def _decode_files(files: Sequence[Mapping[str, Any]] | None) -> dict[str, bytes]
     return decoded
 
 
-def build_server(endpoint: str | None = None, curve: Mapping[str, bytes] | None = None) -> Any:
-    """The MCPServer with its run_python tool, talking to the daemon at *endpoint*."""
+class SessionSlot:
+    """The runnerd session of one MCP connection: opened by its first run, anew after it ended.
+
+    Runs are taken one at a time (the daemon runs a session's runs in order
+    anyway, and they share the client's socket).
+    """
+
+    def __init__(self, endpoint: str, curve: Mapping[str, bytes] | None) -> None:
+        self.client = AsyncClient(endpoint, curve=curve)
+        self.session: AsyncSession | None = None
+        self.lock = asyncio.Lock()
+
+    async def run(self, code: str, inputs: dict[str, bytes], timeout: float | None) -> tuple[Result, list[str]]:
+        """Run *code* in the session: its result and what to tell the model about the session first."""
+        async with self.lock:
+            notes: list[str] = []
+            if self.session is None:
+                self.session = self.client.session()
+            session = self.session
+            ended = session.ended
+            if await session.ensure_open():
+                notes.append(_replaced(ended))
+            try:
+                return await session.run(code, files=_new_files(session, inputs), timeout=timeout), notes
+            except RemoteError as exc:
+                if exc.code != protocol.NOT_FOUND:
+                    raise
+            # It ended since the last call said it was alive (an idle timeout, most likely).
+            notes.append(_replaced(session.ended))
+            await session.reopen()
+            return await session.run(code, files=_new_files(session, inputs), timeout=timeout), notes
+
+    async def reset(self) -> str:
+        """Close the session (stopping a run under way); the next run opens a new one."""
+        session, self.session = self.session, None
+        if session is None or not session.opened:
+            return "There was no session; the next run_python starts a fresh one."
+        await session.close()
+        return f"Closed the session ({session.id}); the next run_python starts a fresh one."
+
+    async def aclose(self) -> None:
+        session, self.session = self.session, None
+        try:
+            if session is not None:
+                await session.close()
+        finally:
+            self.client.close()
+
+
+def _replaced(ended: SessionEnd | None) -> str:
+    return (
+        f"The previous session ended: {how_it_ended(ended)}. This code ran in a new session: "
+        "variables, imports and files from earlier calls are gone."
+    )
+
+
+def _new_files(session: AsyncSession, inputs: dict[str, bytes]) -> dict[str, bytes]:
+    # A model resends its files with each call; the session refuses a name it holds, so send only new ones.
     try:
-        from mcp.server.mcpserver import MCPServer
+        return session.new_files(inputs)
+    except ValueError as exc:
+        raise _BadFiles(f"{exc}: give the new data another name, or call reset_session first") from None
+
+
+class _BadFiles(Exception):
+    pass
+
+
+def build_server(endpoint: str | None = None, curve: Mapping[str, bytes] | None = None) -> Any:
+    """The MCPServer with its tools (run_python, reset_session), talking to the daemon at *endpoint*."""
+    try:
+        from mcp.server.mcpserver import Context, MCPServer
         from mcp.types import CallToolResult, ImageContent, TextContent
     except ImportError:  # pragma: no cover - depends on the extra
         raise ImportError("runnerd mcp needs the mcp package: pip install 'runnerd[mcp]'") from None
 
     address = resolve_endpoint(endpoint)
-    server = MCPServer("runnerd", instructions=TOOL_DESCRIPTION)
+    # Keyed by the connection's ServerSession: a connection's tools share a session, connections do not.
+    slots: weakref.WeakKeyDictionary[Any, SessionSlot] = weakref.WeakKeyDictionary()
+    every_slot: weakref.WeakSet[SessionSlot] = weakref.WeakSet()
+
+    def slot_of(ctx: Context) -> SessionSlot:
+        try:
+            key: Any = ctx.request_context.session
+        except ValueError:  # called outside a request (a direct call, in tests)
+            key = slot_of
+        slot = slots.get(key)
+        if slot is None:
+            slot = slots[key] = SessionSlot(address, curve)
+            every_slot.add(slot)
+        return slot
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[dict[str, Any]]:
+        try:
+            yield {}
+        finally:
+            # Else the sessions would hold their memory on the daemon until their idle timeout.
+            closing = [slot.aclose() for slot in list(every_slot)]
+            if closing:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), CLOSE_AT_EXIT_S)
+
+    server = MCPServer("runnerd", instructions=TOOL_DESCRIPTION, lifespan=lifespan)
 
     async def run_python(
-        code: str, files: list[dict[str, Any]] | None = None, timeout: float | None = None
+        code: str, ctx: Context, files: list[dict[str, Any]] | None = None, timeout: float | None = None
     ) -> CallToolResult:
-        """Run Python code in runnerd's sandbox.
+        """Run Python code in runnerd's sandbox, in the session earlier calls ran in.
 
         Args:
             code: the Python source to run.
@@ -90,19 +210,27 @@ def build_server(endpoint: str | None = None, curve: Mapping[str, bytes] | None 
             inputs = _decode_files(files)
         except ValueError as exc:
             return CallToolResult(content=[TextContent(text=f"bad files argument: {exc}")], is_error=True)
-        client = AsyncClient(address, curve=curve)
         try:
-            result = await client.run(code, files=inputs, timeout=timeout)
+            result, notes = await slot_of(ctx).run(code, inputs, timeout)
+        except _BadFiles as exc:
+            return CallToolResult(content=[TextContent(text=f"bad files argument: {exc}")], is_error=True)
         except ClientError as exc:
             return CallToolResult(content=[TextContent(text=f"runnerd: {exc}")], is_error=True)
-        finally:
-            client.close()
-        content: list[Any] = [TextContent(text=result_text(result))]
+        content: list[Any] = [TextContent(text="\n\n".join([*notes, result_text(result)]))]
         for figure in result.figures:
             content.append(ImageContent(data=base64.b64encode(figure.data).decode("ascii"), mime_type=figure.mime))
         return CallToolResult(content=content, is_error=result.outcome is not Outcome.OK)
 
+    async def reset_session(ctx: Context) -> CallToolResult:
+        """Close the session run_python calls share; the next call starts fresh."""
+        try:
+            text = await slot_of(ctx).reset()
+        except ClientError as exc:
+            return CallToolResult(content=[TextContent(text=f"runnerd: {exc}")], is_error=True)
+        return CallToolResult(content=[TextContent(text=text)], is_error=False)
+
     server.add_tool(run_python, name="run_python", description=TOOL_DESCRIPTION)
+    server.add_tool(reset_session, name="reset_session", description=RESET_DESCRIPTION)
     return server
 
 
