@@ -148,6 +148,22 @@ class Config:
     # Prometheus text endpoint; 0 is off.
     metrics_port: int = 0
     metrics_address: str = "127.0.0.1"
+    # Sessions (docs/protocol.md): how many may be open at once, and the
+    # memory they may use in all before an open is refused (BUSY).
+    max_sessions: int = 64
+    session_memory_budget: int = _size(4096 * MiB)
+    # A session ends after this long without a run (an open may ask for less,
+    # or more up to session_max_idle_timeout_s), and this long after it opened.
+    session_idle_timeout_s: float = 600.0
+    session_max_idle_timeout_s: float = 3600.0
+    session_max_lifetime_s: float = 3600.0
+    # After a run's deadline or cancel (KeyboardInterrupt), how long it may take
+    # to stop before the session is killed.
+    session_interrupt_grace_s: float = 2.0
+    # Runs of one session that may wait behind its running one; more get BUSY.
+    session_max_pending_runs: int = 8
+    # Warm mode: zygotes (numpy, pandas, Matplotlib loaded) that only start sessions.
+    warm_session_zygotes: int = 1
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -199,6 +215,20 @@ class Config:
             raise ConfigError(f'log_format: "text" or "json", got {self.log_format!r}')
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port: 0 (off) or a port number, got {self.metrics_port}")
+        if not 0 <= self.max_sessions <= 4096:
+            raise ConfigError(f"max_sessions: 0 (no sessions) to 4096, got {self.max_sessions}")
+        for name in ("session_idle_timeout_s", "session_max_idle_timeout_s", "session_max_lifetime_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name}: must be a positive number of seconds, got {value}")
+        if self.session_idle_timeout_s > self.session_max_idle_timeout_s:
+            raise ConfigError("session_idle_timeout_s is above session_max_idle_timeout_s")
+        if not math.isfinite(self.session_interrupt_grace_s) or self.session_interrupt_grace_s < 0:
+            raise ConfigError(f"session_interrupt_grace_s: must be >= 0, got {self.session_interrupt_grace_s}")
+        if not 0 <= self.session_max_pending_runs <= 1024:
+            raise ConfigError(f"session_max_pending_runs: 0 to 1024, got {self.session_max_pending_runs}")
+        if not 1 <= self.warm_session_zygotes <= 64:
+            raise ConfigError(f"warm_session_zygotes: 1 to 64, got {self.warm_session_zygotes}")
         floor = self.limits.max_files_bytes + self.limits.max_code_bytes
         if self.max_request_bytes < floor:
             raise ConfigError(

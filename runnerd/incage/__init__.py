@@ -10,5 +10,5 @@ from pathlib import Path
 
 DIR = Path(__file__).resolve().parent
 # Bound into every cold cage; a zygote's cage also gets zygote.py and lockdown.py.
-COLD_FILES = ("harness.py", "runnerd_inline.py")
+COLD_FILES = ("harness.py", "runnerd_inline.py", "session.py")
 FILES = (*COLD_FILES, "zygote.py", "lockdown.py")

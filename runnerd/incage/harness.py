@@ -165,6 +165,7 @@ def execute(source: str, filename: str, namespace: dict, max_value: int) -> tupl
     USER_FILES.add(filename)
     try:
         tree = compile(source, filename, "exec", ast.PyCF_ONLY_AST, dont_inherit=True)
+        assert isinstance(tree, ast.Module)
         body, last = _split_value(tree)
         exec(compile(body, filename, "exec", dont_inherit=True), namespace)
         if last is None:
@@ -285,20 +286,34 @@ def reap(child: int, send: Callable[..., None]) -> int:
         return code
 
 
-def reporter(report_fd: int) -> Callable[..., None]:
-    """A function that writes one JSON record per line to the report fd."""
-    os.set_inheritable(report_fd, False)
-    report = os.fdopen(report_fd, "w", encoding="utf-8")
-    _REPORT_FDS.append(report_fd)
+class Reporter:
+    """Writes one JSON record per line to a report fd; ``close()`` ends the report (a session's run)."""
 
-    def send(**record):
+    def __init__(self, report_fd: int) -> None:
+        os.set_inheritable(report_fd, False)
+        self.fd = report_fd
+        self.file = os.fdopen(report_fd, "w", encoding="utf-8")
+        _REPORT_FDS.append(report_fd)
+
+    def __call__(self, **record: object) -> None:
         try:
-            report.write(json.dumps(record) + "\n")
-            report.flush()
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         except (OSError, ValueError):
             pass  # the user's code closed or broke the fd; the host copes
 
-    return send
+    def close(self) -> None:
+        if self.fd in _REPORT_FDS:
+            _REPORT_FDS.remove(self.fd)
+        try:
+            self.file.close()
+        except OSError:
+            pass
+
+
+def reporter(report_fd: int) -> Reporter:
+    """A function that writes one JSON record per line to the report fd."""
+    return Reporter(report_fd)
 
 
 def ignore_signals() -> None:

@@ -80,5 +80,10 @@ def render_open_figures(skip_saved=False):
     return _state["rendered"], _state["dropped"]
 
 
+def reset():
+    """A new run of a session: its figures are numbered from 1 again (the host took the last run's)."""
+    _state.update(rendered=0, dropped=0)
+
+
 def show(*args, **kwargs):
     render_open_figures()

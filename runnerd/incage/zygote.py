@@ -30,7 +30,16 @@ JSON, file descriptors as SCM_RIGHTS.
     host -> zygote  {"op": "run", "dir": ..., "inputs": [...],   + fds [stdout, stderr, report]
                      "max_figures": 32}
     zygote -> host  {"event": "exit", "code": N} | {"event": "exit", "signal": S}
+    host -> zygote  {"op": "open", "dir": ..., "work": {size, inodes},   + fds [session control socket]
+                     "max_figures": 32, "max_value": 8192}
     host -> zygote  {"op": "quit"} (or closes the socket)
+
+"open" gives the armed child to a session (incage/session.py) instead of a
+job: G mounts fresh tmpfs at /work, home and figures (the session's own,
+sized by the host), the session's inputs read-only at /runnerd/inputs, and
+sends the host fds of /work and the figures dir; U runs the session's runs
+as they come over the session's socket. The zygote reaps G when the
+session ends, and serves no job meanwhile.
 
 The next child is prepared while a job runs, so "prepared", "arm" and
 "armed" interleave with a job's "run" and "exit".
@@ -57,11 +66,10 @@ import resource
 import shutil
 import signal
 import socket
-import struct
 import sys
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 SPOOL = "/spool"
@@ -72,16 +80,17 @@ SHAPE: dict[str, Any] = {}
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND = 32, 4096
 
 
-def _sibling(name: str) -> types.ModuleType:
-    """Another in-cage file, loaded by its path: -I keeps this file's folder off sys.path."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"runnerd_{name}", path)
+def _load_session() -> types.ModuleType:
+    """session.py, by its path (-I keeps this file's folder off sys.path); it loads the other in-cage files."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "session.py")
+    spec = importlib.util.spec_from_file_location("runnerd_session", path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -89,7 +98,9 @@ def _sibling(name: str) -> types.ModuleType:
     return module
 
 
-lockdown = _sibling("lockdown")
+session = _load_session()
+send_msg, recv_msg = session.send_msg, session.recv_msg
+lockdown = session.sibling("lockdown")
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -107,45 +118,14 @@ def _bind(source: str, target: str, flags: int) -> None:
     _mount(None, target, None, MS_BIND | MS_REMOUNT | flags)
 
 
-# ---------------------------------------------------------------- control socket
-
-
-def send_msg(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    body = json.dumps(message).encode()
-    frame = struct.pack(">I", len(body)) + body
-    if fds:
-        socket.send_fds(sock, [frame], list(fds))
-    else:
-        sock.sendall(frame)
-
-
-def recv_msg(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None, list[int]]:
-    """One message and the fds that came with it; (None, []) at EOF."""
-    head, fds = b"", []
-    while len(head) < 4:
-        if max_fds:
-            chunk, got, _, _ = socket.recv_fds(sock, 4 - len(head), max_fds)
-            fds.extend(got)
-        else:
-            chunk = sock.recv(4 - len(head))
-        if not chunk:
-            return None, fds
-        head += chunk
-    (size,) = struct.unpack(">I", head)
-    body = b""
-    while len(body) < size:
-        chunk = sock.recv(size - len(body))
-        if not chunk:
-            return None, fds
-        body += chunk
-    return json.loads(body), fds
-
-
 # ---------------------------------------------------------------- the child
 
 
 def _enter_namespaces() -> None:
-    lockdown.check(lockdown.libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
+    # Its own network namespace too: a session outlives the jobs of its zygote, and
+    # abstract unix sockets live in the network namespace.
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWNET
+    lockdown.check(lockdown.libc.unshare(flags), "unshare")
     with open("/proc/self/setgroups", "w") as fh:
         fh.write("deny")
     uid = SHAPE["uid"]
@@ -173,6 +153,26 @@ def _mount_job(job: dict[str, Any]) -> None:
     _mount("tmpfs", SPOOL, "tmpfs", safe | MS_RDONLY, "size=4096,nr_inodes=2,mode=0555")
 
 
+def _mount_session(job: dict[str, Any]) -> tuple[int, int]:
+    """A session's view of the file system: its own tmpfs for /work, home and figures; fds of /work and figures."""
+    d = os.path.join(SPOOL, job["dir"])
+    safe = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    uid = SHAPE["uid"]
+    work = job["work"]
+    _mount("tmpfs", SHAPE["work"], "tmpfs", safe, f"size={int(work['size'])},nr_inodes={int(work['inodes'])},mode=0755")
+    _mount("tmpfs", SHAPE["home"], "tmpfs", safe, "size=16777216,nr_inodes=1024,mode=0755")
+    _mount("tmpfs", SHAPE["figures"], "tmpfs", safe, f"size={int(work['figures'])},nr_inodes=256,mode=0755")
+    for path in (SHAPE["work"], SHAPE["home"], SHAPE["figures"]):
+        os.chown(path, uid, uid)
+    _bind(os.path.join(d, "inputs"), session.INPUTS, safe | MS_RDONLY)
+    for t in SHAPE["tmpfs"]:
+        flags = (MS_NOSUID if t["nosuid"] else 0) | (MS_NODEV if t["nodev"] else 0) | (MS_NOEXEC if t["noexec"] else 0)
+        _mount("tmpfs", t["dst"], "tmpfs", flags, t["options"] or None)
+    _mount("tmpfs", SPOOL, "tmpfs", safe | MS_RDONLY, "size=4096,nr_inodes=2,mode=0555")
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    return os.open(SHAPE["work"], flags), os.open(SHAPE["figures"], flags)
+
+
 def _lock_down() -> None:
     """Job limits, no capabilities, no new privileges, the stacked seccomp filter."""
     for name, value in SHAPE["rlimits"].items():
@@ -194,6 +194,11 @@ def _user(sock: socket.socket, harness: types.ModuleType) -> None:
     try:
         _lock_down()
         job, fds = recv_msg(sock, max_fds=3)
+        if job is not None and job.get("op") == "open" and len(fds) == 1:
+            sock.close()
+            os.chdir(SHAPE["work"])
+            _reseed()
+            session.serve_runs(socket.socket(fileno=fds[0]), harness, int(job["max_figures"]), int(job["max_value"]))
         if job is None or len(fds) != 3:
             os._exit(0)
         sock.close()
@@ -222,6 +227,8 @@ def _job_init(zygote_sock: socket.socket, harness: types.ModuleType) -> None:
             _user(u_end, harness)
         u_end.close()
         job, fds = recv_msg(zygote_sock, max_fds=3)
+        if job is not None and job.get("op") == "open" and len(fds) == 1:
+            _session_init(zygote_sock, g_end, user, job, fds[0], harness)
         if job is None or len(fds) != 3:
             os._exit(0)  # the zygote is going away; U dies with this namespace
         _mount_job(job)
@@ -239,6 +246,33 @@ def _job_init(zygote_sock: socket.socket, harness: types.ModuleType) -> None:
         os.write(2, f"runnerd: the job's sandbox could not be set up: {exc}\n".encode())
         os._exit(125)
     code = _reap(user, harness, report)
+    try:
+        send_msg(zygote_sock, {"status": code})
+    except OSError:
+        pass
+    os._exit(code)
+
+
+def _session_init(
+    zygote_sock: socket.socket, g_end: socket.socket, user: int, job: dict[str, Any], ctl_fd: int,
+    harness: types.ModuleType,
+) -> None:  # fmt: skip
+    """G of a session: its mounts, the fds of /work and figures to the host, U started; reaps. Never returns."""
+    ctl = socket.socket(fileno=ctl_fd)
+    try:
+        work_fd, figures_fd = _mount_session(job)
+        lockdown.check(lockdown.libc.prctl(4, 0, 0, 0, 0), "PR_SET_DUMPABLE")
+        _lock_down()
+        harness.ignore_signals()
+        send_msg(ctl, {"event": "mounted"}, [work_fd, figures_fd])
+        os.close(work_fd)
+        os.close(figures_fd)
+        send_msg(g_end, job, [ctl_fd])
+        g_end.close()
+    except BaseException as exc:
+        os.write(2, f"runnerd: the session's sandbox could not be set up: {exc}\n".encode())
+        os._exit(125)
+    code = session.reap_session(user, ctl, harness)
     try:
         send_msg(zygote_sock, {"status": code})
     except OSError:
@@ -289,7 +323,7 @@ def _child(sock: socket.socket, harness: types.ModuleType) -> None:
 def _warm(kind: str, mplconfig_src: str) -> tuple[types.ModuleType, float]:
     """Import the libraries children should find loaded; the full kind also draws a figure."""
     started = time.monotonic()
-    harness = _sibling("harness")
+    harness = session.sibling("harness")
     harness.install_backend_finder()
     lockdown.compiled_filter(SHAPE["lifted"])  # built once here, inherited by every child
     # What every job's processes need anyway: loaded here, not per job.
@@ -392,6 +426,12 @@ def main(argv: list[str]) -> int:
                     if op == "arm" and nxt is not None and nxt.g is None:
                         nxt.arm()
                         sel.register(nxt.sock, selectors.EVENT_READ, "next")
+                    elif op == "open" and order and nxt and nxt.g is not None and len(fds) == 1 and running is None:
+                        # The child is the session's now: the zygote only reaps its G when it ends.
+                        send_msg(nxt.sock, order, fds)
+                        os.close(fds[0])
+                        sel.register(nxt.sock, selectors.EVENT_READ, ("session", nxt.g))
+                        nxt = None
                     elif op == "run" and order and nxt and nxt.g is not None and len(fds) == 3 and running is None:
                         send_msg(nxt.sock, order, fds)
                         for fd in fds:
@@ -408,6 +448,12 @@ def main(argv: list[str]) -> int:
                     sel.unregister(nxt.sock)
                     nxt.armed(zombies)
                     send_msg(ctl, {"event": "armed"})
+                elif isinstance(key.data, tuple):  # a session's G: its status, or EOF, as it ends
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    sel.unregister(sock)
+                    sock.close()
+                    zombies.append(key.data[1])
                 else:
                     assert running is not None  # its socket is registered only while it runs
                     g, sock = running

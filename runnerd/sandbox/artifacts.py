@@ -128,8 +128,14 @@ class Collected:
     dropped: bool = False
 
 
-def _walk(root: Path, exclude: frozenset[str], warnings: Warnings) -> list[tuple[str, Path]]:
-    """(relative name, path) of the regular files under *root*, sorted, links and specials skipped."""
+def _walk(
+    root: Path, exclude: frozenset[str], warnings: Warnings, skip: frozenset[str] = frozenset()
+) -> list[tuple[str, Path]]:
+    """(relative name, path) of the regular files under *root*, sorted, links and specials skipped.
+
+    *exclude*: top-level names not looked at (the inputs); *skip*: relative
+    paths of files left out (a session's files this run did not change).
+    """
     found: list[tuple[str, Path]] = []
     stack: list[tuple[Path, str, int]] = [(root, "", 0)]
     seen = 0
@@ -161,7 +167,10 @@ def _walk(root: Path, exclude: frozenset[str], warnings: Warnings) -> list[tuple
                 else:
                     stack.append((Path(entry.path), relative + "/", depth + 1))
             elif stat.S_ISREG(st.st_mode):
-                found.append((relative, Path(entry.path)))
+                if relative not in skip:
+                    found.append((relative, Path(entry.path)))
+            elif relative in skip:
+                continue
             elif stat.S_ISLNK(st.st_mode):
                 warnings.odd(f"skipped {_display_name(relative)}: a symbolic link (links are never followed)", LINK)
             else:
@@ -254,11 +263,16 @@ class _Budget:
         self.total += len(data)
 
 
-def collect(work: Path, figures_dir: Path, *, exclude: frozenset[str], limits: Limits) -> Collected:
-    """Figures and files from the job's working dir, then the figures the harness rendered."""
+def collect(
+    work: Path, figures_dir: Path, *, exclude: frozenset[str], limits: Limits, skip: frozenset[str] = frozenset()
+) -> Collected:
+    """Figures and files from the job's working dir, then the figures the harness rendered.
+
+    *skip*: files under *work* to leave out (a session's, unchanged by this run).
+    """
     out = Collected()
     budget = _Budget(limits, out)
-    for relative, path in _walk(work, exclude, out.warnings):
+    for relative, path in _walk(work, exclude, out.warnings, skip):
         budget.take(relative, path, rendered=False)
     # Names the harness chose (figure_001.png, ...): sorted is the order shown.
     for relative, path in _walk(figures_dir, frozenset(), out.warnings):

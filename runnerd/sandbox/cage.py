@@ -28,6 +28,8 @@ import logging
 import math
 import os
 import signal
+import socket
+import subprocess
 from pathlib import Path
 
 from .. import incage
@@ -36,20 +38,22 @@ from ..errors import SandboxError
 from ..result import Reason, Result
 from .cgroups import CgroupLimits, JobCgroup
 from .host import HostState, SlotLease
-from .job import JobSpec
+from .job import InputFile, JobSpec
 from .nsjail import MAX_LOG_BYTES, nsjail_fault, nsjail_status, pb_bind, pb_idmaps, spawn_nsjail
 from .output import StreamCapture
 from .policy import Policy, nsjail_problems
 from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
-from .shape import INCAGE_DIR, CageShape
-from .supervise import Execution, OnOutput, capped, supervise, watch_exit
+from .session import Session, SessionCage, start_session
+from .shape import INCAGE_DIR, SESSION_INPUTS, CageShape
+from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
 from .workspace import MplConfig, Workspace
 
 log = logging.getLogger(__name__)
 
 
 HARNESS_IN_CAGE = f"{INCAGE_DIR}/harness.py"
+SESSION_IN_CAGE = f"{INCAGE_DIR}/session.py"
 
 # nsjail itself stays in a cold job's cgroup, as the cage's parent, for the
 # whole job: it is moved in before it forks, so nothing of the cage escapes
@@ -65,8 +69,14 @@ def cold_cgroup_limits(policy_limits: CgroupLimits) -> CgroupLimits:
     return dataclasses.replace(policy_limits, pids=policy_limits.pids + NSJAIL_TASKS)
 
 
-def job_config(policy: Policy, shape: CageShape, ws: Workspace, *, uid: int, env: Path, harness_dir: Path) -> str:
-    """The policy's text plus this job's uid map and mounts (repeated fields, appended)."""
+def job_config(
+    policy: Policy, shape: CageShape, ws: Workspace, *, uid: int, env: Path, harness_dir: Path, session: bool = False
+) -> str:
+    """The policy's text plus this job's uid map and mounts (repeated fields, appended).
+
+    A *session*'s inputs come and go as a directory, read-only at
+    /runnerd/inputs (incage/session.py links each into /work), and it has no code file.
+    """
     lines = ["", "# ---- added by runnerd for this job ----", *pb_idmaps(uid)]
     lines.append(pb_bind(env, str(env), noexec=False))
     lines.append(pb_bind(ws.work, shape.work, rw=True))
@@ -74,7 +84,10 @@ def job_config(policy: Policy, shape: CageShape, ws: Workspace, *, uid: int, env
         lines.append(pb_bind(ws.inputs / str(index), f"{shape.work}/{name}"))
     lines.append(pb_bind(ws.home, shape.home, rw=True))
     lines.append(pb_bind(ws.figures, shape.figures, rw=True))
-    lines.append(pb_bind(ws.code_file, shape.code))
+    if session:
+        lines.append(pb_bind(ws.inputs, SESSION_INPUTS))
+    else:
+        lines.append(pb_bind(ws.code_file, shape.code))
     for name in incage.COLD_FILES:
         lines.append(pb_bind(harness_dir / name, f"{INCAGE_DIR}/{name}"))
     return policy.cfg_text + "\n".join(lines) + "\n"
@@ -97,6 +110,73 @@ class Cage:
 
     async def close(self, grace: float = 0.0) -> None:
         """Nothing to stop: cold cages live only as long as their job."""
+
+    async def open_session(self, session_id: str, files: tuple[InputFile, ...]) -> Session:
+        """A session in a cage of its own: nsjail running incage/session.py until the session ends."""
+        name = self.host.new_job_name()
+        limits = self.config.limits
+        lease = self.host.lease_slot()
+        ws: Workspace | None = None
+        cg: JobCgroup | None = None
+        proc: subprocess.Popen[bytes] | None = None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        said = bytearray()
+        nsjail_log = bytearray()
+
+        async def end() -> None:
+            # nsjail is in the session's cgroup: killing the cgroup (thawed first) ends it too.
+            if cg is not None:
+                await asyncio.to_thread(cg.kill)
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                await asyncio.to_thread(proc.wait)
+            await asyncio.to_thread(teardown, cg, ws, lease)
+
+        def diagnostics() -> str:
+            problems = nsjail_problems(nsjail_log.decode("utf-8", "replace"))
+            return "; ".join(p for p in (problems, said.decode("utf-8", "replace").strip()[-1500:]) if p)
+
+        try:
+            ws = await asyncio.to_thread(
+                Workspace.create, self.config.jobs_dir, name, JobSpec(code=""),
+                uid=lease.uid, gid=lease.uid, scratch_bytes=limits.scratch_bytes + limits.max_files_bytes,
+                scratch_inodes=limits.scratch_inodes + limits.max_files, mplconfig=self.mplconfig,
+            )  # fmt: skip
+            os.chmod(ws.inputs, 0o755)
+            cg = self.host.cgroups.create(name, cold_cgroup_limits(self.policy.limits), freezer=True)
+            out_r, out_w = os.pipe()
+            log_r, log_w = os.pipe()
+            config = job_config(
+                self.policy, self.shape, ws, uid=lease.uid, env=self.env, harness_dir=self.config.harness_dir,
+                session=True,
+            )  # fmt: skip
+            try:
+                proc = spawn_nsjail(
+                    self.nsjail, config, self.policy.kafel_text, cg,
+                    # The host ends a session: no time limit of nsjail's own.
+                    args=("--time_limit", "0"),
+                    command=[str(self.env / "bin" / "python3"), "-I", "-B", "-u", SESSION_IN_CAGE,
+                             str(theirs.fileno()), str(limits.max_figures), str(limits.max_value_chars)],
+                    stdout=out_w, stderr=out_w, log_w=log_w, pass_fds=(theirs.fileno(),),
+                )  # fmt: skip
+            finally:
+                os.close(out_w)
+                os.close(log_w)
+                theirs.close()
+            loop = asyncio.get_running_loop()
+            read_pipe(loop, out_r, capped(said, MAX_LOG_BYTES))
+            read_pipe(loop, log_r, capped(nsjail_log, MAX_LOG_BYTES))
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            cage = SessionCage(
+                cgroup=cg, ctl=ours, work_fd=os.open(ws.work, flags), figures_fd=os.open(ws.figures, flags),
+                inputs=ws.inputs, end=end, diagnostics=diagnostics,
+            )  # fmt: skip
+        except BaseException:
+            ours.close()
+            await end()
+            raise
+        return await start_session(session_id, cage, self.config, self.policy, files)
 
     async def run(
         self,
@@ -151,6 +231,7 @@ class Cage:
         stop: asyncio.Future[Reason] | None,
     ) -> Execution:
         loop = asyncio.get_running_loop()
+        limits = self.config.limits
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         log_r, log_w = os.pipe()
@@ -164,7 +245,7 @@ class Cage:
                 # A backstop: the host kills the cage at the deadline itself.
                 args=("--time_limit", str(math.ceil(job.timeout) + 5)),
                 command=[str(self.env / "bin" / "python3"), "-I", "-B", "-u", HARNESS_IN_CAGE,
-                         str(rep_w), str(self.config.limits.max_figures), str(self.config.limits.max_value_chars)],  # fmt: skip
+                         str(rep_w), str(limits.max_figures), str(limits.max_value_chars)],  # fmt: skip
                 stdout=out_w, stderr=err_w, log_w=log_w, pass_fds=(rep_w,),
             )  # fmt: skip
         except SandboxError:

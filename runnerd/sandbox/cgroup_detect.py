@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import SandboxError
-from .cgroup_v1 import V1_CONTROLLERS, CgroupsV1
+from .cgroup_v1 import FREEZER, V1_CONTROLLERS, CgroupsV1
 from .cgroup_v2 import CgroupsV2, delegated_unit, systemd_delegated
 from .cgroups import Cgroups, read_text
 
@@ -47,7 +47,7 @@ def detect(
         if fstype == "cgroup2" and point == Path("/sys/fs/cgroup"):
             v2_mount = point
         elif fstype == "cgroup":
-            for controller in V1_CONTROLLERS:
+            for controller in (*V1_CONTROLLERS, FREEZER):
                 if controller in options:
                     v1.setdefault(controller, point)
     if v2_mount is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import SandboxError
 from .cgroups import (
     CPU_PERIOD_US,
+    FREEZE_TIMEOUT_S,
     JOB_PREFIX,
     CgroupLimits,
     Cgroups,
@@ -24,10 +25,13 @@ from .cgroups import (
     rmdir_cgroup,
     rmdir_if_empty,
     to_int,
+    wait_for,
     write_value,
 )
 
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+# Joined by sessions only (a job never needs freezing), when the host mounts it.
+FREEZER = "freezer"
 
 
 class JobCgroupV1(JobCgroup):
@@ -55,7 +59,21 @@ class JobCgroupV1(JobCgroup):
         return [int(p) for p in read_text(self.dirs["pids"] / "cgroup.procs").split() if p.isdigit()]
 
     def kill(self) -> bool:
+        # A v1 frozen task does not die of SIGKILL until it is thawed.
+        self.thaw()
         return kill_until_empty([d / "cgroup.procs" for d in self._unique_dirs()])
+
+    def freeze(self) -> bool:
+        state = self.dirs["freezer"] / "freezer.state"
+        write_value(state, "FROZEN")
+        return wait_for(lambda: read_text(state).strip() == "FROZEN", FREEZE_TIMEOUT_S)
+
+    def thaw(self) -> None:
+        if "freezer" in self.dirs:
+            write_value(self.dirs["freezer"] / "freezer.state", "THAWED")
+
+    def memory_bytes(self) -> int:
+        return to_int(read_text(self.dirs["memory"] / "memory.usage_in_bytes"))
 
     def remove(self) -> bool:
         return all([rmdir_cgroup(d) for d in self._unique_dirs()])
@@ -94,12 +112,20 @@ class CgroupsV1(Cgroups):
                 # Without hierarchy the job's limit would not cover the processes nsjail forks.
                 write_value(parent / "memory.use_hierarchy", "1")
 
-    def create(self, name: str, limits: CgroupLimits, *, quota: bool = True) -> JobCgroup:
+    def create(self, name: str, limits: CgroupLimits, *, quota: bool = True, freezer: bool = False) -> JobCgroup:
         dirs: dict[str, Path] = {}
         made: list[Path] = []
+        parents = self._parents()
+        if freezer:
+            if FREEZER not in self.mounts:
+                raise SandboxError("cgroup v1: the freezer controller is not mounted; sessions need it")
+            parents[FREEZER] = self.mounts[FREEZER] / self.parent
+            if not parents[FREEZER].is_dir():
+                mkdir_job(parents[FREEZER], lambda: None)
+                self._made.add(parents[FREEZER])
         try:
-            for controller, parent in self._parents().items():
-                if not quota and controller == "cpu" and parent != self._parents()["cpuacct"]:
+            for controller, parent in parents.items():
+                if not quota and controller == "cpu" and parent != parents["cpuacct"]:
                     continue
                 d = parent / name
                 if d not in made:
@@ -133,4 +159,10 @@ class CgroupsV1(Cgroups):
                 names.update(e.name for e in os.scandir(parent) if e.is_dir() and e.name.startswith(prefix))
             except OSError:
                 continue
-        return [JobCgroupV1(n, {c: p / n for c, p in self._parents().items()}) for n in sorted(names)]
+        parents = self._parents()
+        if FREEZER in self.mounts:
+            parents[FREEZER] = self.mounts[FREEZER] / self.parent
+        return [
+            JobCgroupV1(n, {c: p / n for c, p in parents.items() if (p / n).is_dir() or c in V1_CONTROLLERS})
+            for n in sorted(names)
+        ]

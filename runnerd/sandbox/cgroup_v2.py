@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import SandboxError
 from .cgroups import (
     CPU_PERIOD_US,
+    FREEZE_TIMEOUT_S,
     JOB_PREFIX,
     CgroupLimits,
     Cgroups,
@@ -31,6 +32,7 @@ from .cgroups import (
     rmdir_cgroup,
     rmdir_if_empty,
     to_int,
+    wait_for,
     write_value,
 )
 
@@ -49,6 +51,16 @@ class JobCgroupV2(JobCgroup):
 
     def attach(self, pid: int) -> None:
         write_value(self.path / "cgroup.procs", str(pid))
+
+    def freeze(self) -> bool:
+        write_value(self.path / "cgroup.freeze", "1")
+        return wait_for(lambda: keyed(read_text(self.path / "cgroup.events"), "frozen") == 1, FREEZE_TIMEOUT_S)
+
+    def thaw(self) -> None:
+        write_value(self.path / "cgroup.freeze", "0")
+
+    def memory_bytes(self) -> int:
+        return to_int(read_text(self.path / "memory.current"))
 
     def stats(self) -> CgroupStats:
         peak = to_int(read_text(self.path / "memory.peak"))
@@ -136,7 +148,7 @@ class CgroupsV2(Cgroups):
         if self._made_parent and rmdir_if_empty(self.parent):
             self._made_parent = False
 
-    def create(self, name: str, limits: CgroupLimits, *, quota: bool = True) -> JobCgroup:
+    def create(self, name: str, limits: CgroupLimits, *, quota: bool = True, freezer: bool = False) -> JobCgroup:
         # One hierarchy: the CPU quota costs nothing more to set here.
         path = self.jobs / name
         try:

@@ -38,6 +38,8 @@ from ..errors import SandboxError
 log = logging.getLogger(__name__)
 
 JOB_PREFIX = "job-"
+# How long freezing a session's processes may take before it counts as failed.
+FREEZE_TIMEOUT_S = 5.0
 CPU_PERIOD_US = 100_000
 
 
@@ -134,6 +136,18 @@ def kill_until_empty(procs_files: list[Path], timeout: float = 5.0) -> bool:
         time.sleep(0.005)
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll *predicate* (a cgroup file's state: the kernel has no event for it here) until true or *timeout*."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+    return True
+
+
 def rmdir_if_empty(path: Path) -> bool:
     """rmdir a parent cgroup unless something (a job cgroup, another runnerd) still uses it."""
     try:
@@ -176,6 +190,17 @@ class JobCgroup(ABC):
     def remove(self) -> bool:
         """Remove the cgroup (after kill); False if the kernel still holds it."""
 
+    @abstractmethod
+    def freeze(self) -> bool:
+        """Stop every process inside (a session between runs); True once all are frozen."""
+
+    @abstractmethod
+    def thaw(self) -> None: ...
+
+    @abstractmethod
+    def memory_bytes(self) -> int:
+        """The memory charged to the cgroup now."""
+
 
 class Cgroups(ABC):
     version: int
@@ -185,10 +210,11 @@ class Cgroups(ABC):
         """Make the parent cgroup(s) ready; SandboxError naming what is missing."""
 
     @abstractmethod
-    def create(self, name: str, limits: CgroupLimits, *, quota: bool = True) -> JobCgroup:
+    def create(self, name: str, limits: CgroupLimits, *, quota: bool = True, freezer: bool = False) -> JobCgroup:
         """A job cgroup with *limits*; ``quota=False`` leaves the CPU quota out
         (cgroup v1: one hierarchy fewer to make, join and remove; the process
-        keeps its parent's CPU cgroup and quota). CPU time is counted either way."""
+        keeps its parent's CPU cgroup and quota). CPU time is counted either way.
+        ``freezer`` (a session's): v1 joins the freezer hierarchy too; v2 always can."""
 
     @abstractmethod
     def existing(self, prefix: str = JOB_PREFIX) -> list[JobCgroup]:

@@ -11,19 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..config import Config
 from ..result import Observation, Outcome, Reason, Result, Usage, decide
 from .artifacts import Collected, collect
 from .cgroups import JobCgroup
 from .host import SlotLease
-from .job import JobSpec
+from .job import InputFile, JobSpec
 from .output import StreamCapture
 from .policy import Policy
 from .report import error_from_report, exit_status, small_int, value_from_report
 from .supervise import Execution, OnOutput
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .session import Session
 
 log = logging.getLogger(__name__)
 
@@ -53,26 +56,44 @@ class Runner(Protocol):
         ...
 
 
+class SessionRunner(Runner, Protocol):
+    """A runner that also opens sessions (the cold cage, the warm pool); a session is a Runner itself."""
+
+    async def open_session(self, session_id: str, files: tuple[InputFile, ...]) -> Session:
+        """A ready session; SandboxError if its cage could not be made."""
+        ...
+
+
 async def execute_and_collect(
     execute: Callable[[StreamCapture, StreamCapture], Awaitable[Execution]],
-    ws: Workspace,
+    ws: Workspace | None,
     *,
     config: Config,
     policy: Policy,
     label: str,
+    outputs: Callable[[], Collected] | None = None,
 ) -> Result:
     """The per-job skeleton every runner shares: captures, execute, collect the outputs, the result.
 
     *execute* runs the job with the two captures and returns once every
-    process of the job is dead (its cgroup's counters read): only then are
-    the outputs collected from *ws*, so nothing the job ran can touch them.
+    process of the job is dead (its cgroup's counters read), or frozen (a
+    session's): only then are the outputs collected, from *ws* or by
+    *outputs*, so nothing the job ran can touch them.
     A SandboxError goes to the caller, who owns the cage (see sandbox_failure).
     """
     limits = config.limits
     out = StreamCapture("stdout", limits.max_output_bytes)
     err = StreamCapture("stderr", limits.max_output_bytes)
     ex = await execute(out, err)
-    collected = await asyncio.to_thread(collect, ws.work, ws.figures, exclude=frozenset(ws.input_names), limits=limits)
+    if outputs is None:
+        assert ws is not None
+        work, figures, exclude = ws.work, ws.figures, frozenset(ws.input_names)
+
+        def outputs() -> Collected:
+            return collect(work, figures, exclude=exclude, limits=limits)
+
+    # Small (a session's print): a thread hop would cost more than the walk.
+    collected = outputs() if ws is None else await asyncio.to_thread(outputs)
     return build_result(ex, out, err, collected, policy=policy, config=config, job_id=label)
 
 

@@ -21,8 +21,10 @@ from ..errors import PolicyError, SandboxError
 from . import preflight
 from .cage import Cage
 from .host import HostState
+from .job import InputFile
 from .policy import Policy
-from .runner import Runner
+from .runner import SessionRunner
+from .session import Session
 from .warm import WarmCage
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class Runtime:
     cage: Cage
     nsjail: Path
     # What runs jobs: the cold cage, or the warm pool (mode = "warm").
-    runner: Runner
+    runner: SessionRunner
     checks: list[preflight.Check] = field(default_factory=list)
 
     async def probe(self, import_check: tuple[str, ...] = ()) -> list[preflight.Check]:
@@ -45,6 +47,10 @@ class Runtime:
         if import_check:
             found.append(await preflight.import_probe(self.runner, list(import_check)))
         return found
+
+    async def open_session(self, session_id: str, files: tuple[InputFile, ...]) -> Session:
+        """A new session from this runtime's cages (cold: its own nsjail; warm: a session zygote's child)."""
+        return await self.runner.open_session(session_id, files)
 
     def close(self) -> None:
         """Release the host state (the cold path has nothing else); see aclose for the warm pool."""
@@ -78,7 +84,7 @@ async def open_runtime(
     host = HostState(config, parts.cgroups)
     host.prepare()
     cage = Cage(config, parts.policy, host, parts.nsjail)
-    runner: Runner = cage
+    runner: SessionRunner = cage
     if config.mode == "warm":
         runner = WarmCage(
             config, parts.policy, parts.policy.zygote_kafel_text(), host, parts.nsjail, config.concurrency

@@ -24,6 +24,8 @@ JAIL_UID = 1000
 INCAGE_DIR = "/runnerd"
 CODE = f"{INCAGE_DIR}/main.py"
 FIGURES = f"{INCAGE_DIR}/figures"
+# A session's input files, read-only (incage/session.py links each into /work).
+SESSION_INPUTS = f"{INCAGE_DIR}/inputs"
 
 # What a warm zygote's child must still do under its zygote's seccomp
 # policy to build its job's cage (fresh user, mount, pid and ipc namespaces;

@@ -31,6 +31,8 @@ READ_CHUNK = 1 << 16
 # reading each as it comes kept the host as busy as the job. At most one
 # pipe buffer (64 KiB) per pause: 64 MB/s still go through.
 PACE_S = 0.001
+# At most this many reads of READ_CHUNK when a pipe is drained without waiting for its EOF.
+DRAIN_READS = 64
 
 
 @dataclass
@@ -61,11 +63,15 @@ async def supervise(
     output_kill_bytes: int,
     on_output: OnOutput | None,
     stop: asyncio.Future[Reason] | None,
+    drain_s: float = PIPE_DRAIN_S,
+    before_drain: Callable[[], None] | None = None,
 ) -> Execution:
     """Pump a running cage's pipes until it ends, enforcing the deadline, stop and output limit.
 
-    *exited* resolves when the cage is gone; *kill* ends it (and must make
-    *exited* resolve). Takes ownership of the read fds.
+    *exited* resolves when the cage is gone (or a session's run is done);
+    *kill* ends it (and must make *exited* resolve). Then *before_drain*
+    (a session freezes itself), and the pipes get *drain_s* to reach EOF;
+    what is in them past that is read at once. Takes ownership of the read fds.
     """
     loop = asyncio.get_running_loop()
     ex = Execution()
@@ -114,9 +120,11 @@ async def supervise(
             await asyncio.shield(kill())
             await asyncio.shield(exited)
         ex.wall_s = time.monotonic() - started
+        if before_drain is not None:
+            before_drain()
         pending = [f for f in eofs if not f.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=PIPE_DRAIN_S)
+        if pending and drain_s > 0:
+            await asyncio.wait(pending, timeout=drain_s)
         for f in eofs:
             if not f.done():
                 f.cancel()  # closes the fd (see read_pipe)
@@ -151,6 +159,18 @@ def read_pipe(
         loop.remove_reader(fd)
         os.close(fd)
 
+    def drain() -> None:
+        """What the pipe holds now (its writers are dead or frozen), then close it."""
+        for _ in range(DRAIN_READS):
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except OSError:
+                break
+            if not data:
+                break
+            sink(data)
+        close()
+
     def resume() -> None:
         nonlocal paused
         paused = None
@@ -175,7 +195,7 @@ def read_pipe(
             eof.set_result(None)
 
     loop.add_reader(fd, readable)
-    eof.add_done_callback(lambda f: close() if f.cancelled() else None)
+    eof.add_done_callback(lambda f: drain() if f.cancelled() else None)
     return eof
 
 

@@ -42,9 +42,10 @@ from ..config import Config
 from ..errors import SandboxError
 from ..result import Reason, Result
 from .host import HostState
-from .job import JobSpec
+from .job import InputFile, JobSpec
 from .policy import Policy
 from .runner import sandbox_failure
+from .session import Session
 from .supervise import OnOutput
 from .zygotes import NotHandedOver, Zygote, ZygoteGone
 
@@ -106,7 +107,12 @@ class WarmCage:
 
         # Light zygotes cost a few MiB: twice as many keep one armed for every
         # slot while the last one's next child is still being prepared.
-        self.pools = {"full": _Pool("full", min(full, size), make), "light": _Pool("light", 2 * size, make)}
+        self.pools = {
+            "full": _Pool("full", min(full, size), make),
+            "light": _Pool("light", 2 * size, make),
+            # Sessions fork from zygotes of their own: an open never waits for a job to end.
+            "session": _Pool("session", config.warm_session_zygotes if config.max_sessions else 0, make),
+        }
         self._recycling: set[asyncio.Task[None]] = set()
         self._closing = False
         self.busy = 0
@@ -126,9 +132,10 @@ class WarmCage:
             for z in pool.zygotes:
                 pool.ready.put_nowait(z)
         log.info(
-            "warm pools: %d full and %d light zygote(s) ready in %.1f s",
+            "warm pools: %d full, %d light and %d session zygote(s) ready in %.1f s",
             len(self.pools["full"].zygotes),
             len(self.pools["light"].zygotes),
+            len(self.pools["session"].zygotes),
             time.monotonic() - started,
         )
 
@@ -162,6 +169,28 @@ class WarmCage:
                 continue  # nothing ran: the job goes to another zygote
             finally:
                 self.busy -= 1
+                self._start_recycle(pool, zygote)
+
+    async def open_session(self, session_id: str, files: tuple[InputFile, ...]) -> Session:
+        """A session from a session zygote's armed child; SandboxError if none is ready in time."""
+        pool = self.pools["session"]
+        if not pool.zygotes:
+            raise SandboxError("sessions are off (max_sessions = 0)")
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            try:
+                zygote = await asyncio.wait_for(pool.ready.get(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                why = "; ".join(z.diagnostics() for z in pool.zygotes if z.dead) or "all busy recovering"
+                raise SandboxError(f"no session zygote became ready in {READY_TIMEOUT_S:.0f} s ({why})") from None
+            if zygote.dead:
+                self._start_recycle(pool, zygote)
+                continue
+            try:
+                return await zygote.open_session(session_id, files)
+            except ZygoteGone:
+                continue  # nothing of the session started: try the next (or the replaced) zygote
+            finally:
                 self._start_recycle(pool, zygote)
 
     def _start_recycle(self, pool: _Pool, zygote: Zygote) -> None:

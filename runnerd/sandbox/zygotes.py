@@ -28,13 +28,14 @@ from ..errors import SandboxError
 from ..result import Reason, Result
 from .cgroups import CgroupLimits, JobCgroup
 from .host import HostState, SlotLease
-from .job import JobSpec
+from .job import InputFile, JobSpec
 from .nsjail import MAX_LOG_BYTES, pb_bind, pb_idmaps, spawn_nsjail
 from .output import StreamCapture
 from .policy import Policy, nsjail_problems
 from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
-from .shape import INCAGE_DIR
+from .session import Session, SessionCage, start_session
+from .shape import INCAGE_DIR, SESSION_INPUTS
 from .spool import PLACEHOLDER, SPOOL_BASE_BYTES, SPOOL_BASE_INODES, mount_spool
 from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
 from .workspace import MplConfig, Workspace, job_size, resize_tmpfs
@@ -72,7 +73,9 @@ class Zygote:
         self, index: int, config: Config, policy: Policy, kafel: str, host: HostState, nsjail: Path, kind: str = "full"
     ) -> None:  # fmt: skip
         self.index = index
-        self.kind = kind
+        # "session": a full zygote whose children go to sessions, not jobs.
+        self.for_sessions = kind == "session"
+        self.kind = "full" if self.for_sessions else kind
         self.config = config
         self.policy = policy
         self.shape = policy.shape()
@@ -116,6 +119,7 @@ class Zygote:
         lines.append(tmpfs.format(dst=self.shape.work, opts="size=1048576,nr_inodes=64,mode=0755"))
         lines.append(tmpfs.format(dst=self.shape.home, opts="size=8388608,nr_inodes=256,mode=0755"))
         lines.append(tmpfs.format(dst=self.shape.figures, opts="size=4096,nr_inodes=4,mode=0755"))
+        lines.append(tmpfs.format(dst=SESSION_INPUTS, opts="size=4096,nr_inodes=4,mode=0755"))
         # The mount point of each job's code. A real file: nsjail's
         # src_content files are deleted, and nothing mounts on those.
         lines.append(pb_bind(spool / PLACEHOLDER, self.shape.code))
@@ -132,11 +136,14 @@ class Zygote:
         )
         lim = self.config.limits
         self.spool = self.config.jobs_dir / name
-        await asyncio.to_thread(
-            mount_spool, self.spool,
-            lim.scratch_bytes + lim.max_files_bytes + lim.max_code_bytes + (8 << 20),
-            lim.scratch_inodes + lim.max_files + 64,
-        )  # fmt: skip
+        if self.for_sessions:
+            # Only the sessions' inputs (the host writes them; a session cannot): a cap, not a reservation.
+            size = self.config.max_sessions * (lim.max_files_bytes + SPOOL_BASE_BYTES) + (8 << 20)
+            inodes = self.config.max_sessions * (lim.max_files + 4) + 64
+        else:
+            size = lim.scratch_bytes + lim.max_files_bytes + lim.max_code_bytes + (8 << 20)
+            inodes = lim.scratch_inodes + lim.max_files + 64
+        await asyncio.to_thread(mount_spool, self.spool, size, inodes)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         err_r, err_w = os.pipe()
         log_r, log_w = os.pipe()
@@ -242,7 +249,11 @@ class Zygote:
         name = self.host.new_job_name()
         # The job's own memory, pids (and CPU-time) cgroup; its CPU quota is
         # its zygote's (one job at a time), which saves a v1 hierarchy per job.
-        cg = await asyncio.to_thread(functools.partial(self.host.cgroups.create, name, self.policy.limits, quota=False))
+        cg = await asyncio.to_thread(
+            functools.partial(
+                self.host.cgroups.create, name, self.policy.limits, quota=False, freezer=self.for_sessions
+            )
+        )
         try:
             await asyncio.to_thread(cg.attach, child)
             assert self.ctl is not None
@@ -297,6 +308,49 @@ class Zygote:
             self.lease.release()
             self.lease = None
         self.dead = True
+
+    # ------------------------------------------------------------ a session
+
+    async def open_session(self, session_id: str, files: tuple[InputFile, ...]) -> Session:
+        """Give the armed child to a session (its own tmpfs /work, home, figures; incage/session.py)."""
+        assert self.armed is not None and self.ctl is not None and self.spool is not None
+        name, cg = self.armed
+        self.armed = None
+        lim = self.config.limits
+        session_dir = self.spool / name
+        inputs = session_dir / "inputs"
+
+        async def end() -> None:
+            await asyncio.to_thread(teardown, cg, Workspace(session_dir), mounted=False)
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            session_dir.mkdir(mode=0o711)
+            inputs.mkdir(mode=0o755)
+            order = {
+                "op": "open",
+                "dir": name,
+                "work": {
+                    "size": lim.scratch_bytes,
+                    "inodes": lim.scratch_inodes,
+                    "figures": lim.max_artifacts_total_bytes + (1 << 20),
+                },
+                "max_figures": lim.max_figures,
+                "max_value": lim.max_value_chars,
+            }
+            socket.send_fds(self.ctl, [_frame(order)], [theirs.fileno()])
+        except OSError as exc:
+            ours.close()
+            await end()
+            self._gone(f"giving it a session failed: {exc}")
+            raise ZygoteGone(f"zygote {self.index} is gone") from None
+        finally:
+            theirs.close()
+        self.arming = asyncio.create_task(self.arm(), name=f"runnerd-arm-session-{self.index}")
+        cage = SessionCage(
+            cgroup=cg, ctl=ours, work_fd=-1, figures_fd=-1, inputs=inputs, end=end, diagnostics=self.diagnostics
+        )
+        return await start_session(session_id, cage, self.config, self.policy, files)
 
     # ------------------------------------------------------------ a job
 

@@ -40,12 +40,15 @@ from .. import config as config_mod
 from ..config import Config
 from ..errors import RunnerdError
 from ..result import Reason
+from ..sandbox.job import InputFile
 from ..sandbox.runtime import Runtime, open_runtime
+from ..sandbox.session import Session
 from .frontend import Frontend
 from .metrics import Metrics
 from .protocol import BUSY
 from .scheduler import Scheduler
 from .sdnotify import Notifier
+from .sessions import SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class Daemon:
         self.overrides = dict(overrides or {})
         self.runtime: Runtime | None = None
         self.scheduler: Scheduler | None = None
+        self.sessions: SessionManager | None = None
         self.frontend: Frontend | None = None
         self.metrics: Metrics | None = None
         self.notifier = Notifier()
@@ -93,6 +97,11 @@ class Daemon:
             return "starting"
         return f"{s.running}/{s.concurrency} running, {s.queued} queued, {s.done} done"
 
+    async def _open_session(self, session_id: str, files: tuple[InputFile, ...]) -> Session:
+        # The runtime of the moment: after a reload, new sessions come from the new one.
+        assert self.runtime is not None
+        return await self.runtime.open_session(session_id, files)
+
     def _on_signal(self, signum: int) -> None:
         self._signals.put_nowait(signum)
 
@@ -104,16 +113,23 @@ class Daemon:
         ctx = zmq.asyncio.Context()
         tasks: list[asyncio.Task[Any]] = []
         try:
+            sessions = self.sessions = SessionManager(cfg, self._open_session)
             sched = self.scheduler = Scheduler(
                 self.runtime.runner.run,
                 concurrency=cfg.concurrency,
                 queue_size=cfg.queue_size,
                 retention_s=cfg.retention_s,
                 retention_max_bytes=cfg.retention_max_bytes,
+                sessions=sessions,
             )
             if cfg.metrics_port:
-                self.metrics = Metrics(running=lambda: sched.running, queued=lambda: sched.queued)
+                self.metrics = Metrics(
+                    running=lambda: sched.running,
+                    queued=lambda: sched.queued,
+                    sessions_open=lambda: sessions.open_count,
+                )
                 sched.on_finish = self.metrics.job_finished
+                sessions.metrics = self.metrics
             self.frontend = Frontend(cfg, sched, ctx, info=self.info, metrics=self.metrics)
             self.frontend.open()
             if self.metrics is not None:
@@ -123,6 +139,7 @@ class Daemon:
                 loop.add_signal_handler(sig, self._on_signal, sig)
             tasks = [
                 asyncio.create_task(self.frontend.serve(), name="runnerd-frontend"),
+                asyncio.create_task(sessions.sweep_forever(), name="runnerd-sessions"),
                 asyncio.create_task(sched.evict_forever(), name="runnerd-evict"),
                 asyncio.create_task(self._report_status(), name="runnerd-status"),
             ]
@@ -205,6 +222,8 @@ class Daemon:
         retire = asyncio.create_task(previous.aclose(grace=new.limits.max_timeout + 10))
         self._retiring.add(retire)
         retire.add_done_callback(self._retiring.discard)
+        if self.sessions is not None:
+            self.sessions.config = new
         if self.metrics is not None:
             self.metrics.reloads.labels("ok").inc()
         logging.getLogger().setLevel(new.log_level.upper())
@@ -248,4 +267,6 @@ class Daemon:
             _event("killing", "stopping %d job(s) still running (reason shutdown)", sched.stop_running(Reason.SHUTDOWN))
             while sched.running:
                 await asyncio.sleep(0.02)
+        if self.sessions is not None:
+            await self.sessions.shutdown()
         await asyncio.sleep(FLUSH_S)

@@ -32,7 +32,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from ..config import Config
 from ..errors import ConfigError, RunnerdError
 from . import protocol
-from .protocol import CancelRequest, PingRequest, ProtocolError, RunRequest, StatsRequest
+from .protocol import CancelRequest, CloseRequest, OpenRequest, PingRequest, ProtocolError, RunRequest, StatsRequest
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -236,6 +236,14 @@ class Frontend:
             self.scheduler.submit(req, (ep.address, identity), send)
         elif isinstance(req, CancelRequest):
             self.scheduler.cancel(req.id, send)
+        elif isinstance(req, (OpenRequest, CloseRequest)):
+            sessions = self.scheduler.sessions
+            if sessions is None:
+                raise ProtocolError(protocol.BAD_REQUEST, "this server has no sessions")
+            if isinstance(req, OpenRequest):
+                sessions.open(req, send)
+            else:
+                sessions.close(req, send)
         elif isinstance(req, PingRequest):
             send(protocol.reply(req.id, "pong", **self.info()))
         elif isinstance(req, StatsRequest):

@@ -22,7 +22,9 @@ _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
-    def __init__(self, running: Callable[[], float], queued: Callable[[], float]) -> None:
+    def __init__(
+        self, running: Callable[[], float], queued: Callable[[], float], sessions_open: Callable[[], float]
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.jobs = Counter("runnerd_jobs", "Jobs finished, by outcome and reason", ["outcome", "reason"], registry=r)
@@ -35,6 +37,11 @@ class Metrics:
         self.reloads = Counter("runnerd_reloads", "SIGHUP reloads, by result", ["result"], registry=r)
         Gauge("runnerd_jobs_running", "Jobs in a cage now", registry=r).set_function(running)
         Gauge("runnerd_jobs_queued", "Jobs waiting for a slot", registry=r).set_function(queued)
+        Gauge("runnerd_sessions_open", "Sessions open now", registry=r).set_function(sessions_open)
+        self.sessions_opened = Counter("runnerd_sessions_opened", "Sessions opened", registry=r)
+        self.sessions_ended = Counter(
+            "runnerd_sessions_ended", "Sessions ended, by reason (closed is a client's close)", ["reason"], registry=r
+        )
         self._server: Any = None  # the WSGI server start_http_server made
 
     def job_finished(self, result: Result, latency_s: float) -> None:

@@ -14,6 +14,7 @@ frame holds.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import msgpack
 from ..config import Limits
 from ..errors import JobRejected
 from ..result import Result
-from ..sandbox.job import JobSpec, make_job
+from ..sandbox.job import InputFile, JobSpec, make_job
 
 VERSION = 1
 
@@ -37,9 +38,11 @@ INTERNAL = "INTERNAL"
 ERROR_CODES = (BAD_REQUEST, TOO_LARGE, BUSY, UNSUPPORTED_VERSION, NOT_FOUND, INTERNAL)
 
 ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-OPS = ("run", "cancel", "ping", "stats")
+OPS = ("run", "cancel", "ping", "stats", "open", "close")
 _FIELDS = {
-    "run": {"v", "op", "id", "code", "files", "timeout", "stream"},
+    "run": {"v", "op", "id", "code", "files", "timeout", "stream", "session"},
+    "open": {"v", "op", "id", "session", "files", "idle_timeout"},
+    "close": {"v", "op", "id", "session"},
     "cancel": {"v", "op", "id"},
     "ping": {"v", "op", "id"},
     "stats": {"v", "op", "id"},
@@ -62,6 +65,22 @@ class RunRequest:
     job: JobSpec
     stream: bool
     digest: str  # what the job is, to tell a resend from a clash of ids
+    session: str | None = None  # the session it runs in; None for a one-off job
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    id: str
+    session: str
+    files: tuple[InputFile, ...]
+    idle_timeout: float | None  # None: the server's default
+    digest: str  # what the session is, to tell a resend from a clash of session ids
+
+
+@dataclass(frozen=True)
+class CloseRequest:
+    id: str
+    session: str
 
 
 @dataclass(frozen=True)
@@ -79,7 +98,7 @@ class StatsRequest:
     id: str
 
 
-Request = RunRequest | CancelRequest | PingRequest | StatsRequest
+Request = RunRequest | CancelRequest | PingRequest | StatsRequest | OpenRequest | CloseRequest
 
 
 def _unpack(frame: bytes, max_bytes: int) -> Any:
@@ -97,8 +116,9 @@ def _unpack(frame: bytes, max_bytes: int) -> Any:
         raise ProtocolError(BAD_REQUEST, f"frame is not valid msgpack: {exc}") from None
 
 
-def _job_digest(code: str, files: list[tuple[str, bytes]], timeout: Any) -> str:
+def _job_digest(code: str, files: list[tuple[str, bytes]], timeout: Any, session: str | None = None) -> str:
     h = hashlib.sha256()
+    h.update(f"{session}\0".encode() if session is not None else b"")
     h.update(code.encode("utf-8", "surrogatepass"))
     for name, data in files:
         h.update(b"\0" + name.encode("utf-8", "surrogatepass") + b"\0" + hashlib.sha256(data).digest())
@@ -145,9 +165,48 @@ def _check(msg: dict[str, Any], limits: Limits, request_id: str | None) -> Reque
         return PingRequest(request_id)
     if op == "stats":
         return StatsRequest(request_id)
+    session = _session_id(msg) if op != "run" or msg.get("session") is not None else None
+    if op == "close":
+        assert session is not None
+        return CloseRequest(request_id, session)
+    files = _files(msg, limits)
+    if op == "open":
+        assert session is not None
+        idle = msg.get("idle_timeout")
+        if idle is not None:
+            if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not math.isfinite(idle) or idle <= 0:
+                raise ProtocolError(BAD_REQUEST, f"idle_timeout must be a positive number of seconds, got {idle!r}")
+            idle = float(idle)
+        try:
+            spec = make_job("", files, None, limits=limits)
+        except JobRejected as exc:
+            raise ProtocolError(exc.code, str(exc)) from None
+        digest = _job_digest("", [(f.name, f.data) for f in spec.files], idle, session)
+        return OpenRequest(request_id, session, spec.files, idle, digest)
 
     if "code" not in msg:
         raise ProtocolError(BAD_REQUEST, "missing field 'code'")
+    stream = msg.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ProtocolError(BAD_REQUEST, f"stream must be true or false, got {stream!r}")
+    try:
+        job = make_job(msg["code"], files, msg.get("timeout"), limits=limits)
+    except JobRejected as exc:
+        raise ProtocolError(exc.code, str(exc)) from None
+    digest = _job_digest(job.code, [(f.name, f.data) for f in job.files], msg.get("timeout"), session)
+    return RunRequest(id=request_id, job=job, stream=stream, digest=digest, session=session)
+
+
+def _session_id(msg: dict[str, Any]) -> str:
+    session = msg.get("session")
+    if session is None:
+        raise ProtocolError(BAD_REQUEST, f"missing field 'session' (the session id) in a {msg['op']} request")
+    if not isinstance(session, str) or not ID_RE.match(session):
+        raise ProtocolError(BAD_REQUEST, "session must be a string of 1-128 characters from [A-Za-z0-9._:-]")
+    return session
+
+
+def _files(msg: dict[str, Any], limits: Limits) -> list[tuple[Any, Any]]:
     files_raw = msg.get("files", [])
     if not isinstance(files_raw, list):
         raise ProtocolError(BAD_REQUEST, f"files must be a list of {{name, data}} maps, got {type(files_raw).__name__}")
@@ -161,15 +220,7 @@ def _check(msg: dict[str, Any], limits: Limits, request_id: str | None) -> Reque
         if extra or "name" not in f or "data" not in f:
             raise ProtocolError(BAD_REQUEST, f"files[{index}] must have exactly the fields name and data")
         files.append((f["name"], f["data"]))
-    stream = msg.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ProtocolError(BAD_REQUEST, f"stream must be true or false, got {stream!r}")
-    try:
-        job = make_job(msg["code"], files, msg.get("timeout"), limits=limits)
-    except JobRejected as exc:
-        raise ProtocolError(exc.code, str(exc)) from None
-    digest = _job_digest(job.code, [(f.name, f.data) for f in job.files], msg.get("timeout"))
-    return RunRequest(id=request_id, job=job, stream=stream, digest=digest)
+    return files
 
 
 # ---------------------------------------------------------------- replies

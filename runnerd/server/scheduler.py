@@ -29,10 +29,13 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
-from ..result import Outcome, Reason, Result
+from ..errors import JobRejected
+from ..result import Outcome, Reason, Result, SessionEnd
 from ..sandbox.job import JobSpec
+from ..sandbox.session import Session
 from . import protocol
 from .protocol import ProtocolError, RunRequest
+from .sessions import SessionManager, SessionRecord, safe_send
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class JobRecord:
     accepted_at: float = field(default_factory=time.monotonic)
     finished_at: float = 0.0
     size: int = 0
+    session: str | None = None  # the session it runs in
 
     def chunk_frame(self, stream: str, offset: int, data: bytes) -> bytes:
         return protocol.reply(self.id, stream, data=data, offset=offset)
@@ -97,8 +101,12 @@ class Scheduler:
         queue_size: int,
         retention_s: float,
         retention_max_bytes: int,
+        sessions: SessionManager | None = None,
     ) -> None:
         self.runner = runner
+        self.sessions = sessions
+        if sessions is not None:
+            sessions.on_session_end = self._session_ended
         self.concurrency = concurrency
         self.queue_size = queue_size
         self.retention_s = retention_s
@@ -166,21 +174,56 @@ class Scheduler:
                 protocol.BUSY,
                 f"{self.running} jobs running and {self.queued} queued (queue_size {self.queue_size}); retry later",
             )
-        record = JobRecord(id=req.id, digest=req.digest, spec=req.job)
+        session = self._admit_to_session(req) if req.session is not None else None
+        record = JobRecord(id=req.id, digest=req.digest, spec=req.job, session=req.session)
         self.jobs[req.id] = record
         self.queued += 1
         self._subscribe(record, peer, Subscriber(send, req.stream), replay=False)
-        self._queue.put_nowait(record)
+        if session is None:
+            self._queue.put_nowait(record)
+        elif session.busy:
+            session.pending.append(record)  # its turn comes when the session's current run ends
+        else:
+            session.current = record
+            self._queue.put_nowait(record)
+
+    def _admit_to_session(self, req: RunRequest) -> SessionRecord:
+        """The session a run goes to; ProtocolError (NOT_FOUND, BUSY, BAD_REQUEST) if it cannot take it."""
+        if self.sessions is None:
+            raise ProtocolError(protocol.NOT_FOUND, "this server has no sessions")
+        assert req.session is not None
+        record = self.sessions.live(req.session)
+        limit = self.sessions.config.session_max_pending_runs
+        if record.busy and len(record.pending) >= limit:
+            raise ProtocolError(
+                protocol.BUSY,
+                f"session {req.session!r} has a run going and {len(record.pending)} waiting, the limit "
+                f"(session_max_pending_runs {limit}); wait for a result",
+            )
+        if record.session is not None:
+            names = [f.name for r in record.pending if r.spec for f in r.spec.files]
+            if record.current is not None and record.current.spec is not None:
+                names += [f.name for f in record.current.spec.files]
+            for f in req.job.files:
+                if f.name in names:
+                    raise ProtocolError(
+                        protocol.BAD_REQUEST, f"session {req.session!r} already has an input file {f.name!r}"
+                    )
+            try:
+                record.session.check_inputs(req.job.files)
+            except JobRejected as exc:
+                raise ProtocolError(exc.code, str(exc)) from None
+        return record
 
     def _subscribe(self, record: JobRecord, peer: Hashable, sub: Subscriber, *, replay: bool) -> None:
         known = peer in record.subscribers
         record.subscribers[peer] = sub
-        _safe(sub.send, protocol.reply(record.id, "accepted", state=record.state.value, duplicate=replay))
+        safe_send(sub.send, protocol.reply(record.id, "accepted", state=record.state.value, duplicate=replay))
         if replay and not known and sub.stream:
             for stream, offset, data in record.chunks:
-                _safe(sub.send, record.chunk_frame(stream, offset, data))
+                safe_send(sub.send, record.chunk_frame(stream, offset, data))
         if record.result is not None:
-            _safe(sub.send, protocol.result_reply(record.id, record.result))
+            safe_send(sub.send, protocol.result_reply(record.id, record.result))
 
     def cancel(self, job_id: str, send: Send) -> None:
         """Cancel a queued or running job; NOT_FOUND if there is none with that id."""
@@ -188,9 +231,10 @@ class Scheduler:
         if record is None or record.state is State.DONE:
             why = "has already finished" if record else "is not queued or running"
             raise ProtocolError(protocol.NOT_FOUND, f"no job to cancel: {job_id!r} {why}")
-        _safe(send, protocol.reply(job_id, "cancelling", state=record.state.value))
+        safe_send(send, protocol.reply(job_id, "cancelling", state=record.state.value))
         if record.state is State.QUEUED:
             self.queued -= 1
+            self._drop_from_session(record)
             self._finish(record, Result(outcome=Outcome.FAILED, reason=Reason.CANCELLED), wall_s=0.0)
         elif record.stop is not None and not record.stop.done():
             record.stop.set_result(Reason.CANCELLED)
@@ -201,11 +245,12 @@ class Scheduler:
         for record in list(self.jobs.values()):
             if record.state is State.QUEUED:
                 self.queued -= 1
+                self._drop_from_session(record)
                 record.state = State.DONE
                 del self.jobs[record.id]
                 frame = protocol.error_reply(record.id, code, message)
                 for sub in record.subscribers.values():
-                    _safe(sub.send, frame)
+                    safe_send(sub.send, frame)
                 count += 1
         return count
 
@@ -229,6 +274,12 @@ class Scheduler:
                 self._idle.discard(slot)
             if record.state is not State.QUEUED:
                 continue  # cancelled while it waited
+            runner = self.runner
+            if record.session is not None:
+                session = self._session_of(record)
+                if session is None:
+                    continue  # the session ended while the run waited: answered NOT_FOUND
+                runner = session.run
             self.queued -= 1
             self.running += 1
             record.state = State.RUNNING
@@ -236,7 +287,7 @@ class Scheduler:
             started = time.monotonic()
             assert record.spec is not None  # dropped only when the job ends
             try:
-                result = await self.runner(
+                result = await runner(
                     record.spec,
                     on_output=lambda s, d, r=record: self._output(r, s, d),
                     stop=record.stop,
@@ -245,6 +296,12 @@ class Scheduler:
             except asyncio.CancelledError:
                 self.running -= 1
                 raise
+            except JobRejected as exc:
+                # A session's run refused before anything ran (an input name its /work has).
+                self.running -= 1
+                self._refuse(record, exc.code, str(exc))
+                self._next_in_session(record)
+                continue
             except Exception:
                 log.exception("job %s: the runner failed", record.id)
                 result = Result(
@@ -252,7 +309,72 @@ class Scheduler:
                 )
             self.running -= 1
             self._finish(record, result, wall_s=time.monotonic() - started)
+            self._next_in_session(record)
         self._workers.pop(slot, None)
+
+    # ------------------------------------------------------------ sessions' runs
+
+    def _session_of(self, record: JobRecord) -> Session | None:
+        """The live session a queued run goes to; None (the run answered NOT_FOUND) if it ended."""
+        assert self.sessions is not None and record.session is not None
+        srec = self.sessions.records.get(record.session)
+        if srec is not None and srec.ended is None and srec.session is not None:
+            return srec.session
+        self.queued -= 1
+        message = self.sessions.how_it_ended(srec) if srec and srec.ended else f"no session {record.session!r}"
+        self._refuse(record, protocol.NOT_FOUND, message)
+        return None
+
+    def _refuse(self, record: JobRecord, code: str, message: str) -> None:
+        """Answer a run that did not run with an error, and forget it (the id is free again)."""
+        record.state = State.DONE
+        self.jobs.pop(record.id, None)
+        frame = protocol.error_reply(record.id, code, message)
+        for sub in record.subscribers.values():
+            safe_send(sub.send, frame)
+
+    def _next_in_session(self, record: JobRecord) -> None:
+        """A session's run ended: its next waiting run (if any) goes to the queue; the idle clock restarts."""
+        if record.session is None or self.sessions is None:
+            return
+        srec = self.sessions.records.get(record.session)
+        if srec is None or srec.current is not record:
+            return
+        srec.last_active = time.monotonic()
+        srec.current = None
+        while srec.pending:
+            nxt = srec.pending.popleft()
+            if nxt.state is State.QUEUED:
+                srec.current = nxt
+                self._queue.put_nowait(nxt)
+                return
+        if srec.expiring and srec.ended is None:
+            self.sessions.end(srec, SessionEnd.MAX_LIFETIME)
+
+    def _drop_from_session(self, record: JobRecord) -> None:
+        if record.session is None or self.sessions is None:
+            return
+        srec = self.sessions.records.get(record.session)
+        if srec is None:
+            return
+        if record in srec.pending:
+            srec.pending.remove(record)
+        elif srec.current is record:
+            self._next_in_session(record)
+
+    def _session_ended(self, srec: SessionRecord) -> None:
+        """A session ended: its waiting runs are answered NOT_FOUND; a running one is cancelled (closed)."""
+        assert self.sessions is not None
+        message = self.sessions.how_it_ended(srec)
+        while srec.pending:
+            record = srec.pending.popleft()
+            if record.state is State.QUEUED:
+                self.queued -= 1
+                self._refuse(record, protocol.NOT_FOUND, message)
+        current = srec.current
+        if current is not None and current.state is State.RUNNING and current.stop is not None:
+            if not current.stop.done() and srec.ended is SessionEnd.CLOSED:
+                current.stop.set_result(Reason.CANCELLED)
 
     def _output(self, record: JobRecord, stream: str, data: bytes) -> None:
         offset = record.offsets[stream]
@@ -263,7 +385,7 @@ class Scheduler:
         for sub in list(record.subscribers.values()):
             if sub.stream:
                 frame = frame or record.chunk_frame(stream, offset, data)
-                _safe(sub.send, frame)
+                safe_send(sub.send, frame)
 
     def _finish(self, record: JobRecord, result: Result, *, wall_s: float) -> None:
         record.state = State.DONE
@@ -296,7 +418,7 @@ class Scheduler:
                 log.exception("the job-finished hook failed")
         frame = protocol.result_reply(record.id, result)
         for sub in list(record.subscribers.values()):
-            _safe(sub.send, frame)
+            safe_send(sub.send, frame)
         self._finished.append(record.id)
         self._retained_bytes += record.size
         self.evict()
@@ -328,6 +450,7 @@ class Scheduler:
 
     def stats(self) -> dict[str, object]:
         return {
+            **({"sessions": self.sessions.stats()} if self.sessions is not None else {}),
             "running": self.running,
             "queued": self.queued,
             "done": self.done,
@@ -341,10 +464,3 @@ class Scheduler:
             "run_ms": percentiles_ms(list(self._run_wall)),
             "uptime_s": round(time.monotonic() - self._started, 1),
         }
-
-
-def _safe(send: Send, frame: bytes) -> None:
-    try:
-        send(frame)
-    except Exception:  # a transport's problem never reaches the scheduler
-        log.exception("dropping a reply: the send failed")

@@ -1,0 +1,485 @@
+"""Sessions, host side: one cage that keeps its interpreter between runs; the third :class:`~.runner.Runner`.
+
+A session's cage is made from the same shape as a job's, by the cold cage
+(:meth:`~.cage.Cage.open_session`: nsjail running incage/session.py) or by
+a warm zygote (:meth:`~.zygotes.Zygote.open_session`: an armed child given
+to the session). Either way the host ends up with a :class:`SessionCage`:
+the session's own cgroup (memory, pids, freezer), the control socket to
+its process, and directory fds of its /work and figures dir.
+
+Per run (:meth:`Session.run`): the run's inputs go into the session's
+read-only input dir, the cgroup is thawed, the run is sent with three fresh
+pipes and supervised like a job (:func:`~.supervise.supervise`); when the
+session says ``done`` the cgroup is frozen again, so nothing the session
+started runs or prints until its next run, and the outputs this run made
+or changed are collected while nothing can touch them. At the deadline or
+on cancel the run gets SIGINT (``KeyboardInterrupt``); a session that does
+not stop within ``session_interrupt_grace_s`` is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import JobRejected, SandboxError
+from ..result import Outcome, Reason, Result, SessionEnd, SessionState
+from .artifacts import Collected, collect
+from .cgroups import JobCgroup
+from .job import InputFile, JobSpec
+from .output import StreamCapture
+from .policy import Policy
+from .report import small_int
+from .runner import execute_and_collect
+from .supervise import Execution, OnOutput, supervise
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0  # a cold session's interpreter start, on a loaded host
+MAX_CONTROL_MESSAGE = 1 << 16
+# U is the first process its PID 1 forks.
+USER_NS_PID = "2"
+
+# A file's identity for "did this run make or change it".
+Snapshot = dict[str, tuple[int, int, int, int]]
+
+
+class SessionGone(SandboxError):
+    """The session's cage ended."""
+
+
+@dataclass
+class SessionCage:
+    """A started session's cage, cold or warm: what :class:`Session` drives."""
+
+    cgroup: JobCgroup
+    ctl: socket.socket  # the host's end of the session's control socket (non-blocking)
+    work_fd: int  # the session's /work and figures dir, as directory fds
+    figures_fd: int
+    inputs: Path  # host dir of the session's input files, bound read-only at /runnerd/inputs
+    end: Callable[[], Awaitable[None]]  # kill what is left and remove everything (idempotent)
+    diagnostics: Callable[[], str] = lambda: ""
+
+    @property
+    def work(self) -> Path:
+        return Path(f"/proc/self/fd/{self.work_fd}")
+
+    @property
+    def figures(self) -> Path:
+        return Path(f"/proc/self/fd/{self.figures_fd}")
+
+
+class Control:
+    """The host's reader of a session's control socket: framed JSON (incage/session.py), fds with "mounted"."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.closed = False
+        self._buffer = b""
+        self._fds: list[int] = []
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._readable)
+        self._loop = loop
+
+    def _readable(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 4)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, fds = b"", []
+        self._fds.extend(fds)
+        if not data:
+            self._eof()
+            return
+        self._buffer += data
+        while len(self._buffer) >= 4:
+            (size,) = struct.unpack(">I", self._buffer[:4])
+            if size > MAX_CONTROL_MESSAGE:
+                self._eof()  # the session broke the protocol: it is treated as gone
+                return
+            if len(self._buffer) < 4 + size:
+                break
+            body, self._buffer = self._buffer[4 : 4 + size], self._buffer[4 + size :]
+            try:
+                event = json.loads(body)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                if event.get("event") == "mounted":
+                    event["fds"], self._fds = self._fds, []
+                self.events.put_nowait(event)
+
+    def _eof(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._loop.remove_reader(self.sock.fileno())
+            self.events.put_nowait(None)
+
+    def take_fds(self) -> list[int]:
+        fds, self._fds = self._fds, []
+        return fds
+
+    async def next(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next event, None once the socket closed (it stays closed for later callers)."""
+        event = await asyncio.wait_for(self.events.get(), timeout)
+        if event is None:
+            self.events.put_nowait(None)
+        return event
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._loop.remove_reader(self.sock.fileno())
+        for fd in self.take_fds():
+            os.close(fd)
+        self.sock.close()
+
+
+def snapshot(work: Path) -> Snapshot:
+    """What /work holds now (every file, by path): the baseline "this run made or changed" is measured on."""
+    found: Snapshot = {}
+    stack = [(work, "")]
+    while stack and len(found) < 100_000:
+        directory, prefix = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            relative = prefix + entry.name
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((Path(entry.path), relative + "/"))
+            else:  # links and special files too: a warning about one is news only once
+                found[relative] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return found
+
+
+def write_inputs(inputs: Path, files: Iterable[InputFile]) -> None:
+    """The run's input files, root's and read-only, by their (checked, plain) names."""
+    for f in files:
+        fd = os.open(inputs / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
+        try:
+            view = memoryview(f.data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+
+@dataclass
+class _RunState:
+    done: asyncio.Future[None]
+    exit_event: dict[str, Any] | None = None
+
+
+@dataclass
+class Session:
+    """One open session: a Runner whose runs share one interpreter. Not thread-safe; one run at a time."""
+
+    id: str
+    cage: SessionCage
+    config: Config
+    policy: Policy
+    control: Control
+    user_pid: int  # U, as the host sees it (for SIGINT)
+    input_names: set[str] = field(default_factory=set)
+    unlinked: list[str] = field(default_factory=list)  # inputs the session has not linked into /work yet
+    input_bytes: int = 0
+    baseline: Snapshot = field(default_factory=dict)
+    ended: SessionEnd | None = None
+    runs: int = 0
+    on_end: Callable[[Session, SessionEnd], None] | None = None
+    _run: _RunState | None = None
+    _watch: asyncio.Task[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.ended is None
+
+    def start_watching(self) -> None:
+        """Between runs too: a session whose process ends (killed from outside) ends at once."""
+        self._watch = asyncio.create_task(self._watch_control(), name=f"runnerd-session-{self.id}")
+
+    async def _watch_control(self) -> None:
+        while True:
+            event = await self.control.next()
+            run = self._run
+            if event is None:
+                if run is not None and not run.done.done():
+                    run.done.set_result(None)
+                if self.ended is None:
+                    exit_event = run.exit_event if run else None
+                    await self._finish(self._end_reason(exit_event))
+                return
+            kind = event.get("event")
+            if kind == "exit" and run is not None:
+                run.exit_event = event
+            elif kind == "done" and run is not None and not run.done.done():
+                run.done.set_result(None)
+
+    def _end_reason(self, exit_event: dict[str, Any] | None) -> SessionEnd:
+        if self.cage.cgroup.stats().oom_kills:
+            return SessionEnd.MEMORY_LIMIT
+        return SessionEnd.EXITED if exit_event is not None else SessionEnd.SANDBOX_ERROR
+
+    async def _finish(self, reason: SessionEnd) -> None:
+        if self.ended is not None:
+            return
+        self.ended = reason
+        self.control.close()
+        if self._run is not None and not self._run.done.done():
+            self._run.done.set_result(None)  # the run in progress ends with the session
+        await self.cage.end()
+        for fd in (self.cage.work_fd, self.cage.figures_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.cage.work_fd = self.cage.figures_fd = -1
+        if self.on_end is not None:
+            self.on_end(self, reason)
+
+    # ------------------------------------------------------------ Runner
+
+    def check_inputs(self, files: Iterable[InputFile]) -> None:
+        """JobRejected naming the first input this session already has (or that would pass its input budget)."""
+        total = self.input_bytes
+        count = len(self.input_names)
+        limits = self.config.limits
+        for f in files:
+            if f.name in self.input_names:
+                raise JobRejected(f"session {self.id!r} already has an input file {f.name!r}")
+            total += len(f.data)
+            count += 1
+        if total > limits.max_files_bytes:
+            raise JobRejected(
+                f"session {self.id!r}: its input files would add up to {total} bytes; "
+                f"the limit for a session is {limits.max_files_bytes}",
+                code="TOO_LARGE",
+            )
+        if count > limits.max_files:
+            raise JobRejected(f"session {self.id!r}: more than {limits.max_files} input files", code="TOO_LARGE")
+
+    def add_inputs(self, files: tuple[InputFile, ...]) -> None:
+        """Write this run's inputs (the session is frozen); JobRejected if /work has one of the names."""
+        self.check_inputs(files)
+        for f in files:
+            try:
+                os.lstat(self.cage.work / f.name)
+            except FileNotFoundError:
+                continue
+            raise JobRejected(f"session {self.id!r} already has a file {f.name!r} in /work (written by a run)")
+        try:
+            write_inputs(self.cage.inputs, files)
+        except OSError as exc:
+            raise SandboxError(f"cannot write the session's input files: {exc}") from None
+        for f in files:
+            self.input_names.add(f.name)
+            self.unlinked.append(f.name)
+            self.input_bytes += len(f.data)
+
+    async def run(
+        self, job: JobSpec, *, on_output: OnOutput | None = None, stop: asyncio.Future[Reason] | None = None,
+        name: str | None = None, job_id: str | None = None,
+    ) -> Result:  # fmt: skip
+        """Run *job* in this session; JobRejected (before anything ran) for an input name it already has."""
+        label = job_id or name or self.id
+        if self.ended is not None:
+            return self._with_state(
+                Result(
+                    outcome=Outcome.FAILED,
+                    reason=Reason.SANDBOX_ERROR,
+                    warnings=(f"session ended: {self.ended.value}",),
+                )
+            )
+        self.add_inputs(job.files)
+        cg = self.cage.cgroup
+        cpu_before = cg.stats().cpu_s
+        cg.thaw()
+        self.runs += 1
+        result = await execute_and_collect(
+            lambda out, err: self._execute(job, out, err, on_output, stop),
+            None, config=self.config, policy=self.policy, label=label, outputs=self._collect,
+        )  # fmt: skip
+        usage = replace(result.usage, cpu_s=round(max(0.0, result.usage.cpu_s - cpu_before), 4))
+        return self._with_state(replace(result, usage=usage))
+
+    def _with_state(self, result: Result) -> Result:
+        return replace(result, session=SessionState(id=self.id, alive=self.alive, ended=self.ended))
+
+    def _collect(self) -> Collected:
+        if self.ended is not None:
+            return Collected()
+        before = self.baseline
+        after = snapshot(self.cage.work)
+        self.baseline = after
+        unchanged = frozenset(path for path, key in after.items() if before.get(path) == key)
+        return collect(
+            self.cage.work, self.cage.figures, exclude=frozenset(self.input_names), limits=self.config.limits,
+            skip=unchanged,
+        )  # fmt: skip
+
+    async def _execute(
+        self, job: JobSpec, out: StreamCapture, err: StreamCapture, on_output: OnOutput | None,
+        stop: asyncio.Future[Reason] | None,
+    ) -> Execution:  # fmt: skip
+        loop = asyncio.get_running_loop()
+        cg = self.cage.cgroup
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        run = _RunState(done=loop.create_future())
+        self._run = run
+        order = {"op": "run", "code": job.code, "inputs": self.unlinked}
+        self.unlinked = []
+        body = json.dumps(order).encode()
+        try:
+            # At most max_code_bytes (+ names): fits the socket buffer of a session
+            # waiting for it; a blocking send keeps the order whole.
+            self.control.sock.setblocking(True)
+            socket.send_fds(self.control.sock, [struct.pack(">I", len(body)) + body], [out_w, err_w, rep_w])
+        except OSError:
+            run.done.set_result(None)  # the session is gone: its watcher says how
+        finally:
+            if not self.control.closed:
+                self.control.sock.setblocking(False)
+            for fd in (out_w, err_w, rep_w):
+                os.close(fd)
+        grace = self.config.session_interrupt_grace_s
+        interrupted_in_time = True
+
+        async def interrupt() -> None:
+            nonlocal interrupted_in_time
+            try:
+                os.kill(self.user_pid, 2)  # SIGINT: KeyboardInterrupt in the user's code
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(asyncio.shield(run.done), grace)
+            except TimeoutError:
+                interrupted_in_time = False
+                await asyncio.to_thread(cg.kill)
+                if not run.done.done():
+                    run.done.set_result(None)
+
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def settle(_: object) -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        run.done.add_done_callback(settle)
+        try:
+            ex = await supervise(
+                exited=exited, kill=interrupt, out_r=out_r, err_r=err_r, rep_r=rep_r, out=out, err=err,
+                timeout=job.timeout, output_kill_bytes=self.config.limits.output_kill_bytes,
+                on_output=on_output, stop=stop, drain_s=0.0,
+                before_drain=lambda: self._settle(cg),
+            )  # fmt: skip
+        finally:
+            self._run = None
+        ex.stats = cg.stats()
+        end = ex.report.end
+        if self.control.closed or not interrupted_in_time:
+            # The session's process is gone (or was killed for not stopping).
+            exit_event = run.exit_event
+            if not interrupted_in_time:
+                reason = SessionEnd.INTERRUPT_IGNORED
+            else:
+                reason = self._end_reason(exit_event)
+            if exit_event is not None and ex.stop_reason is None:
+                signum = small_int(exit_event.get("signal"))
+                ex.status = -signum if signum else small_int(exit_event.get("exit_code"))
+            elif ex.stop_reason is None:
+                ex.cage_fault = f"the session's cage ended during the run{self._said()}"
+            await self._finish(reason)
+        elif end is not None:
+            ex.status = small_int(end.get("exit_code"))
+        return ex
+
+    def _settle(self, cg: JobCgroup) -> None:
+        """After the run: freeze the session (unless it ended) before its pipes are drained and outputs read."""
+        if self.control.closed:
+            return
+        if not cg.freeze():
+            log.warning("session %s: its processes did not freeze in time", self.id)
+
+    def _said(self) -> str:
+        said = self.cage.diagnostics()
+        return f": {said}" if said else ""
+
+    async def close(self, grace: float = 0.0) -> None:
+        """End the session now (its processes, cgroup, mounts and files); *grace* is unused: runs stop at once."""
+        if self._watch is not None:
+            self._watch.cancel()
+        await self._finish(SessionEnd.CLOSED)
+
+    async def end(self, reason: SessionEnd) -> None:
+        """End the session for *reason* (idle, lifetime, shutdown, closed)."""
+        if self._watch is not None:
+            self._watch.cancel()
+        await self._finish(reason)
+
+    def memory_bytes(self) -> int:
+        return self.cage.cgroup.memory_bytes() if self.ended is None else 0
+
+
+async def start_session(
+    session_id: str, cage: SessionCage, config: Config, policy: Policy, files: tuple[InputFile, ...]
+) -> Session:
+    """Wait for the session's interpreter, note U's pid, write the open's inputs, freeze it: a ready Session."""
+    control = Control(cage.ctl)
+    try:
+        event = await control.next(READY_TIMEOUT_S)
+        if event is not None and event.get("event") == "mounted":
+            fds = event.get("fds") or []
+            if len(fds) != 2:
+                raise SandboxError("the session's cage sent no directory fds")
+            cage.work_fd, cage.figures_fd = fds
+            event = await control.next(READY_TIMEOUT_S)
+        if event is None or event.get("event") != "ready":
+            said = cage.diagnostics()
+            raise SandboxError("the session's interpreter did not start" + (f": {said}" if said else ""))
+        user = _user_pid(cage.cgroup)
+        session = Session(id=session_id, cage=cage, config=config, policy=policy, control=control, user_pid=user)
+        session.add_inputs(files)
+        session.baseline = snapshot(cage.work)
+        if not cage.cgroup.freeze():
+            raise SandboxError("the session's processes did not freeze")
+    except TimeoutError:
+        control.close()
+        await cage.end()
+        raise SandboxError(f"the session's interpreter was not ready in {READY_TIMEOUT_S:.0f} s") from None
+    except BaseException:
+        control.close()
+        await cage.end()
+        raise
+    session.start_watching()
+    return session
+
+
+def _user_pid(cg: JobCgroup) -> int:
+    """U's host pid: the session's process whose pid in its own namespace is 2."""
+    for pid in cg.procs():
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("NSpid:") and len(line.split()) > 2 and line.split()[-1] == USER_NS_PID:
+                    return pid
+        except OSError:
+            continue
+    raise SandboxError("the session's process is not in its cgroup")

@@ -1,0 +1,316 @@
+"""The daemon's sessions: open, close, the idle and lifetime clocks, capacity, how each one ended.
+
+A session (:class:`~runnerd.sandbox.session.Session`) is opened by the
+runtime (cold: its own nsjail; warm: a session zygote's armed child) and
+then runs one run at a time: the scheduler queues a session's runs behind
+each other (:meth:`SessionRecord.admit`) and runs each in a slot like a
+job. This module keeps what outlives a session's cage: its record, so that
+a run, close or resend for a session that ended is answered NOT_FOUND with
+how it ended, for as long as job results are retained.
+
+Rules:
+
+* at most ``max_sessions`` open (or opening); and an open is refused while
+  the open sessions use ``session_memory_budget`` or more: BUSY naming the
+  limit. A live session is never ended to make room;
+* a session ends after ``idle_timeout`` without a run (its own, at most
+  ``session_max_idle_timeout_s``), ``session_max_lifetime_s`` after it
+  opened (after its running run, if one runs), when its process dies
+  (memory limit, exit, killed from outside), on close, and at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..config import Config
+from ..errors import RunnerdError
+from ..result import SessionEnd
+from ..sandbox.job import InputFile
+from ..sandbox.session import Session
+from . import protocol
+from .protocol import CloseRequest, OpenRequest, ProtocolError
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .scheduler import JobRecord
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[bytes], None]
+Opener = Callable[[str, tuple[InputFile, ...]], Awaitable[Session]]
+SWEEP_INTERVAL_S = 0.25
+
+_HOW = {
+    SessionEnd.CLOSED: "closed by a client",
+    SessionEnd.IDLE_TIMEOUT: "no run for its idle timeout ({idle:g} s)",
+    SessionEnd.MAX_LIFETIME: "open for the maximum lifetime ({lifetime:g} s)",
+    SessionEnd.MEMORY_LIMIT: "its process was killed at the memory limit",
+    SessionEnd.INTERRUPT_IGNORED: "a run did not stop within {grace:g} s of its interrupt, and was killed",
+    SessionEnd.EXITED: "its process ended (os._exit, a signal, ...)",
+    SessionEnd.SANDBOX_ERROR: "its sandbox broke or was killed from outside",
+    SessionEnd.SHUTDOWN: "the daemon stopped",
+}
+
+
+@dataclass
+class SessionRecord:
+    id: str
+    digest: str
+    idle_timeout: float
+    opened_at: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+    session: Session | None = None  # None while it opens
+    waiters: list[tuple[str, Send]] = field(default_factory=list)  # opens answered once it is open
+    ended: SessionEnd | None = None
+    ended_at: float = 0.0
+    # The scheduler's: runs waiting behind the one queued or running.
+    pending: deque[JobRecord] = field(default_factory=deque)
+    current: JobRecord | None = None
+    expiring: bool = False  # past its lifetime: ends once its current run is done
+    runs: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
+
+class SessionManager:
+    def __init__(self, config: Config, opener: Opener, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.opener = opener
+        self.metrics = metrics
+        self.records: dict[str, SessionRecord] = {}
+        self._ended_order: deque[str] = deque()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.opened = 0
+        self.ends: Counter[str] = Counter()
+        self.accepting = True
+        # Set by the scheduler: stops a run (closed or expired session) and answers queued ones.
+        self.on_session_end: Callable[[SessionRecord], None] | None = None
+
+    # ------------------------------------------------------------ requests
+
+    @property
+    def open_count(self) -> int:
+        return sum(1 for r in self.records.values() if r.ended is None)
+
+    def limits(self, record: SessionRecord) -> dict[str, Any]:
+        c, lim = self.config, self.config.limits
+        return {
+            "idle_timeout": record.idle_timeout,
+            "max_lifetime": c.session_max_lifetime_s,
+            "run_timeout": lim.max_timeout,
+            "memory_bytes": record.session.policy.limits.memory_bytes if record.session else 0,
+            "pids": record.session.policy.limits.pids if record.session else 0,
+            "scratch_bytes": lim.scratch_bytes,
+            "max_pending_runs": c.session_max_pending_runs,
+        }
+
+    def how_it_ended(self, record: SessionRecord) -> str:
+        assert record.ended is not None
+        how = _HOW[record.ended].format(
+            idle=record.idle_timeout,
+            lifetime=self.config.session_max_lifetime_s,
+            grace=self.config.session_interrupt_grace_s,
+        )
+        return f"session {record.id!r} ended: {how} ({record.ended.value})"
+
+    def live(self, session_id: str) -> SessionRecord:
+        """The open session *session_id*; ProtocolError NOT_FOUND saying why there is none."""
+        record = self.records.get(session_id)
+        if record is None:
+            raise ProtocolError(protocol.NOT_FOUND, f"no session {session_id!r}: open it first (op open)")
+        if record.ended is not None:
+            raise ProtocolError(protocol.NOT_FOUND, self.how_it_ended(record))
+        if record.expiring:
+            raise ProtocolError(
+                protocol.NOT_FOUND,
+                f"session {session_id!r} is ending: open for the maximum lifetime "
+                f"({self.config.session_max_lifetime_s:g} s) (max_lifetime)",
+            )
+        return record
+
+    def open(self, req: OpenRequest, send: Send) -> None:
+        record = self.records.get(req.session)
+        if record is not None:
+            if record.ended is not None:
+                raise ProtocolError(protocol.NOT_FOUND, self.how_it_ended(record))
+            if record.digest != req.digest:
+                raise ProtocolError(
+                    protocol.BAD_REQUEST,
+                    f"session {req.session!r} is already open with other files or idle_timeout; use a new session id",
+                )
+            if record.session is None:
+                record.waiters.append((req.id, send))
+            else:
+                send(self._opened(req.id, record, duplicate=True))
+            return
+        c = self.config
+        if not self.accepting:
+            raise ProtocolError(protocol.BUSY, "runnerd is shutting down; open the session after it restarts")
+        if c.max_sessions == 0:
+            raise ProtocolError(protocol.BUSY, "sessions are off on this server (max_sessions = 0)")
+        idle = c.session_idle_timeout_s if req.idle_timeout is None else req.idle_timeout
+        if idle > c.session_max_idle_timeout_s:
+            raise ProtocolError(
+                protocol.BAD_REQUEST,
+                f"idle_timeout {idle:g} s is above this server's maximum, {c.session_max_idle_timeout_s:g} s",
+            )
+        if self.open_count >= c.max_sessions:
+            raise ProtocolError(
+                protocol.BUSY, f"{self.open_count} sessions are open, the limit (max_sessions {c.max_sessions})"
+            )
+        used = self.memory_bytes()
+        if used >= c.session_memory_budget:
+            raise ProtocolError(
+                protocol.BUSY,
+                f"open sessions use {used >> 20} MiB, the session memory budget "
+                f"(session_memory_budget {c.session_memory_budget >> 20} MiB); close one or retry later",
+            )
+        record = SessionRecord(id=req.session, digest=req.digest, idle_timeout=idle)
+        record.waiters.append((req.id, send))
+        self.records[req.session] = record
+        self._spawn(self._open(record, req.files))
+
+    async def _open(self, record: SessionRecord, files: tuple[InputFile, ...]) -> None:
+        started = time.monotonic()
+        try:
+            session = await self.opener(record.id, files)
+        except Exception as exc:
+            # Nothing was opened: the id is free again, and the client hears why.
+            del self.records[record.id]
+            code = getattr(exc, "code", None) or protocol.INTERNAL
+            if not isinstance(exc, RunnerdError):
+                log.exception("session %s: opening failed", record.id)
+            else:
+                log.error("session %s: opening failed: %s", record.id, exc)
+            for request_id, send in record.waiters:
+                safe_send(send, protocol.error_reply(request_id, code, f"cannot open session {record.id!r}: {exc}"))
+            return
+        session.on_end = lambda s, why: self._ended(record, why)
+        record.session = session
+        record.last_active = time.monotonic()
+        self.opened += 1
+        ms = (time.monotonic() - started) * 1000
+        log.info(
+            "session %s opened in %.1f ms (%s mode, idle timeout %g s)", record.id, ms, self.config.mode,
+            record.idle_timeout, extra={"session": {"id": record.id, "event": "opened", "open_ms": round(ms, 2)}},
+        )  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.sessions_opened.inc()
+        if record.ended is not None:  # closed while it opened
+            await session.end(record.ended)
+        for request_id, send in record.waiters:
+            safe_send(send, self._opened(request_id, record, duplicate=False))
+        record.waiters = []
+
+    def _opened(self, request_id: str, record: SessionRecord, *, duplicate: bool) -> bytes:
+        return protocol.reply(request_id, "opened", session=record.id, duplicate=duplicate, limits=self.limits(record))
+
+    def close(self, req: CloseRequest, send: Send) -> None:
+        record = self.live(req.session)
+        self.end(record, SessionEnd.CLOSED, reply=(req.id, send))
+
+    def end(self, record: SessionRecord, reason: SessionEnd, reply: tuple[str, Send] | None = None) -> None:
+        """End *record*'s session for *reason*: refuse its runs from now, stop the running one, tear it down."""
+        if record.ended is None:
+            self._ended(record, reason)
+
+        async def teardown() -> None:
+            if record.session is not None:
+                await record.session.end(reason)
+            if reply is not None:
+                safe_send(reply[1], protocol.reply(reply[0], "closed", session=record.id))
+
+        self._spawn(teardown())
+
+    def _ended(self, record: SessionRecord, reason: SessionEnd) -> None:
+        """Bookkeeping, once per session, whoever saw the end first (the session itself, or us)."""
+        if record.ended is not None:
+            return
+        record.ended = reason
+        record.ended_at = time.monotonic()
+        self.ends[reason.value] += 1
+        self._ended_order.append(record.id)
+        if self.metrics is not None:
+            self.metrics.sessions_ended.labels(reason.value).inc()
+        runs = record.session.runs if record.session else 0
+        log.info(
+            "session %s ended: %s after %d run(s), open %.1f s", record.id, reason.value, runs,
+            record.ended_at - record.opened_at,
+            extra={"session": {"id": record.id, "event": "ended", "reason": reason.value, "runs": runs}},
+        )  # fmt: skip
+        if self.on_session_end is not None:
+            self.on_session_end(record)
+
+    # ------------------------------------------------------------ clocks, capacity, stats
+
+    def memory_bytes(self) -> int:
+        return sum(r.session.memory_bytes() for r in self.records.values() if r.session and r.ended is None)
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.sweep()
+
+    def sweep(self, now: float | None = None) -> None:
+        """End idle and expired sessions; forget ended ones past retention."""
+        now = time.monotonic() if now is None else now
+        lifetime = self.config.session_max_lifetime_s
+        for record in list(self.records.values()):
+            if record.ended is not None or record.session is None:
+                continue
+            if now - record.opened_at >= lifetime:
+                record.expiring = True
+                if not record.busy:
+                    self.end(record, SessionEnd.MAX_LIFETIME)
+            elif not record.busy and now - record.last_active >= record.idle_timeout:
+                self.end(record, SessionEnd.IDLE_TIMEOUT)
+        retention = self.config.retention_s
+        while self._ended_order:
+            gone = self.records.get(self._ended_order[0])
+            if gone is not None and gone.ended is not None and now - gone.ended_at < retention:
+                break
+            self._ended_order.popleft()
+            if gone is not None and gone.ended is not None:
+                del self.records[gone.id]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "open": self.open_count,
+            "opened": self.opened,
+            "closed": self.ends.get(SessionEnd.CLOSED.value, 0),
+            "ended": dict(self.ends),
+            "max_sessions": self.config.max_sessions,
+            "memory_budget_bytes": self.config.session_memory_budget,
+            "memory_bytes": self.memory_bytes(),
+        }
+
+    async def shutdown(self) -> None:
+        """End every session (reason shutdown) and wait until their cages are gone."""
+        self.accepting = False
+        for record in list(self.records.values()):
+            if record.ended is None:
+                self.end(record, SessionEnd.SHUTDOWN)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def safe_send(send: Send, frame: bytes) -> None:
+    """Send, never raising: a transport's problem never reaches the scheduler or the sessions."""
+    try:
+        send(frame)
+    except Exception:
+        log.exception("dropping a reply: the send failed")
