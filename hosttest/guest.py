@@ -406,6 +406,43 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
         expect(r.reason is Reason.CANCELLED, f"{r.outcome} {r.reason}")
         return f"{r.outcome.value} cancelled after {r.usage.wall_s:.1f} s"
 
+    def session() -> str:
+        import uuid
+
+        import zmq
+
+        from runnerd.server import protocol
+
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(SOCKET)
+
+        def ask(op: str, want: str, **fields: Any) -> dict[str, Any]:
+            request_id = uuid.uuid4().hex[:12]
+            sock.send(protocol.request(op, request_id, **fields))
+            while True:
+                if not sock.poll(120_000):
+                    raise StepFailed(f"no answer to {op}")
+                msg = protocol.decode_reply(sock.recv())
+                if msg.get("id") == request_id and msg["type"] in (want, "error"):
+                    expect(msg["type"] == want, f"{op}: {msg}")
+                    return msg
+
+        try:
+            before = set(svc.job_cgroups())
+            ask("open", "opened", session="hosttest", files=[{"name": "n.txt", "data": b"41"}])
+            r1 = ask("run", "result", session="hosttest", code="x = int(open('n.txt').read())\nx")
+            expect(r1["value"] == "41", f"run 1: {r1}")
+            mine = [p for p in svc.job_cgroups() if p not in before and (p / "cgroup.freeze").exists()]
+            frozen = [p for p in mine if "frozen 1" in (p / "cgroup.events").read_text()]
+            expect(len(frozen) == 1, f"between runs, frozen session cgroups: {frozen} of {mine}")
+            r2 = ask("run", "result", session="hosttest", code="x + 1")
+            expect(r2["value"] == "42" and r2["session"]["alive"], f"run 2: {r2}")
+            ask("close", "closed", session="hosttest")
+            expect(not frozen[0].exists(), f"{frozen[0]} left after close")
+        finally:
+            sock.close(0)
+        return f"state kept across runs, {frozen[0].name} frozen (cgroup.freeze) between them, gone at close"
+
     def check_in_sandbox() -> str:
         props = []
         section = ""
@@ -512,6 +549,7 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
     steps.run("fork bomb: contained, next job runs", 300, fork_bomb)
     steps.run("sleep past its timeout: DEADLINE_EXCEEDED, partial output", 120, deadline)
     steps.run("cancel a running job", 300, cancel)
+    steps.run("session: state kept, frozen between runs, gone at close", 300, session)
     steps.run("runnerd check in the unit's sandbox (systemd-run)", 1000, check_in_sandbox)
     if mode == "cold":
         steps.run("runnerd check outside a delegated unit: says so, leaves nothing", 1000, check_undelegated)

@@ -235,18 +235,22 @@ class _Ask:
         return msg if msg.get("type") in self.expect else None
 
 
-_ENDED_RE = re.compile(r"ended: *([a-z_]+)")
+_WORD_RE = re.compile(r"[a-z_]+")
+_END_WORDS = {end.value: end for end in SessionEnd}
 
 
 def session_end_from(message: str) -> SessionEnd | None:
-    """How a session ended, from a NOT_FOUND message ("session 's1' ended: idle_timeout ..."); None if unsaid."""
-    match = _ENDED_RE.search(message)
-    if match is None:
+    """How a session ended, from a NOT_FOUND message; None if it does not say.
+
+    The words after "ended:" may be a sentence ("session 's1' ended: no run
+    for its idle timeout (600 s) (idle_timeout)"): the last end reason named
+    there is the one.
+    """
+    _, found, how = message.partition("ended:")
+    if not found:
         return None
-    try:
-        return SessionEnd(match.group(1))
-    except ValueError:
-        return None
+    named = [_END_WORDS[w] for w in _WORD_RE.findall(how) if w in _END_WORDS]
+    return named[-1] if named else None
 
 
 class _SessionState:

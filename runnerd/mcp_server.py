@@ -11,20 +11,20 @@ tool returns the output as text content and each figure as image content;
 a run that fails comes back as a tool error (``isError``) whose text holds
 the traceback, so the model can fix its code.
 
-Each MCP connection has one runnerd session, opened by its first
-``run_python``: successive calls share variables, imports and files, as
+The server (one per stdio connection) has one runnerd session, opened by
+the first ``run_python``: successive calls share variables, imports and files, as
 cells of a notebook do, and a trailing expression's value is shown after
 the output. When the session ended (idle timeout, memory, ...) the next call
 opens a new one and its output says so; ``reset_session`` closes it so the
-next call starts fresh. The sessions are closed when the server stops; a
-connection that goes away leaves its session to the daemon's idle timeout.
+next call starts fresh. The session is closed when the server stops (its
+stdin closes); a server killed outright leaves it to the daemon's idle
+timeout.
 """
 
 import asyncio
 import base64
 import binascii
 import contextlib
-import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -161,42 +161,28 @@ class _BadFiles(Exception):
 def build_server(endpoint: str | None = None, curve: Mapping[str, bytes] | None = None) -> Any:
     """The MCPServer with its tools (run_python, reset_session), talking to the daemon at *endpoint*."""
     try:
-        from mcp.server.mcpserver import Context, MCPServer
+        from mcp.server.mcpserver import MCPServer
         from mcp.types import CallToolResult, ImageContent, TextContent
     except ImportError:  # pragma: no cover - depends on the extra
         raise ImportError("runnerd mcp needs the mcp package: pip install 'runnerd[mcp]'") from None
 
-    address = resolve_endpoint(endpoint)
-    # Keyed by the connection's ServerSession: a connection's tools share a session, connections do not.
-    slots: weakref.WeakKeyDictionary[Any, SessionSlot] = weakref.WeakKeyDictionary()
-    every_slot: weakref.WeakSet[SessionSlot] = weakref.WeakSet()
-
-    def slot_of(ctx: Context) -> SessionSlot:
-        try:
-            key: Any = ctx.request_context.session
-        except ValueError:  # called outside a request (a direct call, in tests)
-            key = slot_of
-        slot = slots.get(key)
-        if slot is None:
-            slot = slots[key] = SessionSlot(address, curve)
-            every_slot.add(slot)
-        return slot
+    # One per server: `runnerd mcp` serves stdio, where the process is the connection. (The SDK's
+    # request context holds a per-request object, not the connection, so nothing finer is keyed.)
+    slot = SessionSlot(resolve_endpoint(endpoint), curve)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[dict[str, Any]]:
         try:
             yield {}
         finally:
-            # Else the sessions would hold their memory on the daemon until their idle timeout.
-            closing = [slot.aclose() for slot in list(every_slot)]
-            if closing:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), CLOSE_AT_EXIT_S)
+            # Else the session would hold its memory on the daemon until its idle timeout.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(slot.aclose(), CLOSE_AT_EXIT_S)
 
     server = MCPServer("runnerd", instructions=TOOL_DESCRIPTION, lifespan=lifespan)
 
     async def run_python(
-        code: str, ctx: Context, files: list[dict[str, Any]] | None = None, timeout: float | None = None
+        code: str, files: list[dict[str, Any]] | None = None, timeout: float | None = None
     ) -> CallToolResult:
         """Run Python code in runnerd's sandbox, in the session earlier calls ran in.
 
@@ -211,7 +197,7 @@ def build_server(endpoint: str | None = None, curve: Mapping[str, bytes] | None 
         except ValueError as exc:
             return CallToolResult(content=[TextContent(text=f"bad files argument: {exc}")], is_error=True)
         try:
-            result, notes = await slot_of(ctx).run(code, inputs, timeout)
+            result, notes = await slot.run(code, inputs, timeout)
         except _BadFiles as exc:
             return CallToolResult(content=[TextContent(text=f"bad files argument: {exc}")], is_error=True)
         except ClientError as exc:
@@ -221,10 +207,10 @@ def build_server(endpoint: str | None = None, curve: Mapping[str, bytes] | None 
             content.append(ImageContent(data=base64.b64encode(figure.data).decode("ascii"), mime_type=figure.mime))
         return CallToolResult(content=content, is_error=result.outcome is not Outcome.OK)
 
-    async def reset_session(ctx: Context) -> CallToolResult:
+    async def reset_session() -> CallToolResult:
         """Close the session run_python calls share; the next call starts fresh."""
         try:
-            text = await slot_of(ctx).reset()
+            text = await slot.reset()
         except ClientError as exc:
             return CallToolResult(content=[TextContent(text=f"runnerd: {exc}")], is_error=True)
         return CallToolResult(content=[TextContent(text=text)], is_error=False)

@@ -502,3 +502,94 @@ def test_run_exchange_resends_after_silence_and_gives_up_at_the_deadline():
     assert ex.timeout(110.0) == 2.0  # no more than what is left
     with pytest.raises(ClientError, match="no result for job j1 from ipc://x within 12 s"):
         ex.timeout(112.0)
+
+
+# ---------------------------------------------------------------- sessions: wire and value
+
+
+def _frame(**fields: object) -> bytes:
+    from runnerd.server import protocol
+
+    return protocol.encode({"v": 1, "id": "r1", **fields})
+
+
+def test_open_close_and_session_runs_decode():
+    from runnerd.server import protocol
+
+    limits = Limits()
+    req = protocol.decode_request(
+        _frame(op="open", session="s-1", files=[{"name": "a.csv", "data": b"x"}], idle_timeout=5), limits, 1 << 20
+    )
+    assert isinstance(req, protocol.OpenRequest)
+    assert (req.session, req.idle_timeout, [f.name for f in req.files]) == ("s-1", 5.0, ["a.csv"])
+    same = protocol.decode_request(
+        _frame(op="open", session="s-1", files=[{"name": "a.csv", "data": b"x"}], idle_timeout=5), limits, 1 << 20
+    )
+    other = protocol.decode_request(_frame(op="open", session="s-1"), limits, 1 << 20)
+    assert isinstance(same, protocol.OpenRequest) and isinstance(other, protocol.OpenRequest)
+    assert same.digest == req.digest != other.digest
+    close = protocol.decode_request(_frame(op="close", session="s-1"), limits, 1 << 20)
+    assert isinstance(close, protocol.CloseRequest) and close.session == "s-1"
+    run = protocol.decode_request(_frame(op="run", code="x", session="s-1"), limits, 1 << 20)
+    one_off = protocol.decode_request(_frame(op="run", code="x", session=None), limits, 1 << 20)
+    assert isinstance(run, protocol.RunRequest) and isinstance(one_off, protocol.RunRequest)
+    assert run.session == "s-1" and one_off.session is None
+    # The same job id and code in a session is another job than outside one.
+    assert run.digest != one_off.digest
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"op": "open"}, "missing field 'session'"),
+        ({"op": "close"}, "missing field 'session'"),
+        ({"op": "open", "session": "a/b"}, "session must be a string"),
+        ({"op": "open", "session": "s", "idle_timeout": 0}, "idle_timeout must be a positive"),
+        ({"op": "open", "session": "s", "idle_timeout": True}, "idle_timeout must be a positive"),
+        ({"op": "open", "session": "s", "code": "x"}, "unknown field(s) 'code'"),
+        ({"op": "close", "session": "s", "files": []}, "unknown field(s) 'files'"),
+        ({"op": "open", "session": "s", "files": [{"name": "../x", "data": b""}]}, "contains '/'"),
+        ({"op": "run", "code": "x", "session": 3}, "session must be a string"),
+    ],
+)
+def test_bad_session_requests_name_the_problem(fields, problem):
+    from runnerd.server import protocol
+
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.decode_request(_frame(**fields), Limits(), 1 << 20)
+    assert problem in info.value.message
+    assert info.value.request_id == "r1"
+
+
+@pytest.mark.parametrize(
+    "source, value",
+    [
+        ("x = 41\nx + 1", "42"),
+        ("'a' * 3", "'aaa'"),
+        ("x = 1", None),
+        ("None", None),
+        ("print(1)", None),  # print returns None: nothing to show, as in a notebook
+        ("if True:\n    5", None),  # only a trailing statement of the cell's own is shown
+        ("'x' * 10000", "cut"),
+    ],
+)
+def test_trailing_expression_value(source, value):
+    from runnerd.incage import harness
+
+    code, error, got = harness.execute(source, "main.py", {"__builtins__": __builtins__}, 100)
+    assert (code, error) == (0, None)
+    if value == "cut":
+        assert got is not None and len(got) < 200 and "characters cut" in got
+    else:
+        assert got == value
+
+
+def test_value_of_a_failing_repr_and_errors_keep_their_lines():
+    from runnerd.incage import harness
+
+    ns: dict[str, object] = {"__builtins__": __builtins__}
+    code, error, got = harness.execute("class A:\n    def __repr__(self):\n        1/0\nA()", "cell1.py", ns, 100)
+    assert code == 0 and error is None and got is not None and "repr() raised ZeroDivisionError" in got
+    code, error, got = harness.execute("y = 1\n\nundefined_name", "cell2.py", ns, 100)
+    assert code == 1 and got is None and error is not None
+    assert error["type"] == "NameError" and error["lineno"] == 3 and "cell2.py" in error["traceback"]

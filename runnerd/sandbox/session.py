@@ -208,6 +208,7 @@ class Session:
     on_end: Callable[[Session, SessionEnd], None] | None = None
     _run: _RunState | None = None
     _watch: asyncio.Task[None] | None = None
+    _killing: SessionEnd | None = None  # why the host is killing it, once it is
 
     @property
     def alive(self) -> bool:
@@ -235,6 +236,8 @@ class Session:
                 run.done.set_result(None)
 
     def _end_reason(self, exit_event: dict[str, Any] | None) -> SessionEnd:
+        if self._killing is not None:
+            return self._killing
         if self.cage.cgroup.stats().oom_kills:
             return SessionEnd.MEMORY_LIMIT
         return SessionEnd.EXITED if exit_event is not None else SessionEnd.SANDBOX_ERROR
@@ -373,6 +376,7 @@ class Session:
                 await asyncio.wait_for(asyncio.shield(run.done), grace)
             except TimeoutError:
                 interrupted_in_time = False
+                self._killing = SessionEnd.INTERRUPT_IGNORED
                 await asyncio.to_thread(cg.kill)
                 if not run.done.done():
                     run.done.set_result(None)
@@ -398,10 +402,7 @@ class Session:
         if self.control.closed or not interrupted_in_time:
             # The session's process is gone (or was killed for not stopping).
             exit_event = run.exit_event
-            if not interrupted_in_time:
-                reason = SessionEnd.INTERRUPT_IGNORED
-            else:
-                reason = self._end_reason(exit_event)
+            reason = self._end_reason(exit_event)
             if exit_event is not None and ex.stop_reason is None:
                 signum = small_int(exit_event.get("signal"))
                 ex.status = -signum if signum else small_int(exit_event.get("exit_code"))
@@ -431,6 +432,7 @@ class Session:
 
     async def end(self, reason: SessionEnd) -> None:
         """End the session for *reason* (idle, lifetime, shutdown, closed)."""
+        self._killing = self._killing or reason
         if self._watch is not None:
             self._watch.cancel()
         await self._finish(reason)

@@ -232,4 +232,11 @@ class WarmCage:
         for task in list(self._recycling):
             task.cancel()
         await asyncio.gather(*self._recycling, return_exceptions=True)
-        await asyncio.gather(*(z.close() for z in self.zygotes), return_exceptions=True)
+        # A reload's old pool: its open sessions live on in their zygotes' cages
+        # until they end (closed, idle, lifetime, shutdown); only then do those go.
+        hosting = [z for z in self.zygotes if z.live_sessions]
+        await asyncio.gather(*(z.close() for z in self.zygotes if z not in hosting), return_exceptions=True)
+        if hosting:
+            log.info("keeping %d session zygote(s) until their sessions end", len(hosting))
+            await asyncio.gather(*(z.sessions_done.wait() for z in hosting))
+            await asyncio.gather(*(z.close() for z in hosting), return_exceptions=True)

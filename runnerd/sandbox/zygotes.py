@@ -100,6 +100,10 @@ class Zygote:
         self.dead = False
         self.closing = False  # set by close(): its end from then on is on purpose
         self.warm_ms = 0.0
+        # Sessions whose processes live in this zygote's cage (they die with it).
+        self.live_sessions = 0
+        self.sessions_done = asyncio.Event()
+        self.sessions_done.set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._stderr = bytearray()
         self._nsjail_log = bytearray()
@@ -321,7 +325,15 @@ class Zygote:
         inputs = session_dir / "inputs"
 
         async def end() -> None:
-            await asyncio.to_thread(teardown, cg, Workspace(session_dir), mounted=False)
+            try:
+                await asyncio.to_thread(teardown, cg, Workspace(session_dir), mounted=False)
+            finally:
+                self.live_sessions -= 1
+                if not self.live_sessions:
+                    self.sessions_done.set()
+
+        self.live_sessions += 1
+        self.sessions_done.clear()
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
