@@ -12,9 +12,9 @@ a run that fails comes back as a tool error (``isError``) whose text holds
 the traceback, so the model can fix its code.
 
 The server (one per stdio connection) has one runnerd session, opened by
-the first ``run_python``: successive calls share variables, imports and files, as
-cells of a notebook do, and a trailing expression's value is shown after
-the output. When the session ended (idle timeout, memory, ...) the next call
+the first ``run_python``: successive calls share variables, imports and
+files, as cells of a notebook do, and a trailing expression's value is
+shown after the output. When the session ended (idle timeout, memory, ...) the next call
 opens a new one and its output says so; ``reset_session`` closes it so the
 next call starts fresh. The session is closed when the server stops (its
 stdin closes); a server killed outright leaves it to the daemon's idle

@@ -128,6 +128,9 @@ def test_unit_repl_echo_writes_a_resumed_stream_once_and_rewrites_an_interrupted
 
 def test_unit_session_end_from_not_found_messages():
     assert session_end_from("session 's1' ended: idle_timeout") is SessionEnd.IDLE_TIMEOUT
+    said = "session 's1' ended: no run for its idle timeout (1 s) (idle_timeout)"  # the daemon's wording
+    assert session_end_from(said) is SessionEnd.IDLE_TIMEOUT
+    assert session_end_from("session 's' ended: was closed by a client (closed)") is SessionEnd.CLOSED
     assert session_end_from("session 's1' ended: interrupt_ignored (did not stop)") is SessionEnd.INTERRUPT_IGNORED
     assert session_end_from("no session 's1'") is None
     assert session_end_from("session 's1' ended: eaten_by_a_grue") is None
@@ -307,7 +310,8 @@ def test_stream_in_a_session_and_files_given_by_a_run(daemon):
     with Client(daemon.tcp) as c, c.session() as s:
         events = list(s.stream("import sys\nprint('out')\nprint('err', file=sys.stderr)\nn = 3\nn * 2", timeout=10))
         assert isinstance(events[0], Accepted) and isinstance(events[-1], Finished)
-        chunks = {e.stream: e.data for e in events if isinstance(e, Output)}
+        chunks = {name: b"".join(e.data for e in events if isinstance(e, Output) and e.stream == name)
+                  for name in ("stdout", "stderr")}  # fmt: skip
         assert chunks == {"stdout": b"out\n", "stderr": b"err\n"}
         assert events[-1].result.value == "6" and events[-1].result.session.alive
         got = s.run("print(open('b.txt').read(), n)", files={"b.txt": b"bee"})
@@ -425,7 +429,7 @@ def test_loop_attempts_and_turns_share_a_session(daemon):
         if task == "load":
             if not history:  # loads, then trips over the column name: the next attempt still has df
                 return "import pandas as pd\ndf = pd.read_csv('sales.csv')\ndf['revenue']\n"
-            return "by_region = df.groupby('region')['sales'].sum()\nby_region['east']"
+            return "by_region = df.groupby('region')['sales'].sum()\nint(by_region['east'])"
         return "int(by_region.sum())"
 
     with Client(daemon.ipc) as c, c.session() as s:
@@ -489,7 +493,14 @@ def test_mcp_calls_share_a_session_until_reset(daemon):
             ]  # fmt: skip
             return tools, calls
 
-    tools, (load, total, clash, reset, gone, exits, again) = asyncio.run(main())
+    with Client(daemon.ipc) as c:
+        closed_before = c.stats()["sessions"]["closed"]
+        tools, (load, total, clash, reset, gone, exits, again) = asyncio.run(main())
+        # The server's end closes its last session (reset_session closed the first); stats are the only witness.
+        deadline = time.monotonic() + 30
+        while c.stats()["sessions"]["closed"] < closed_before + 2:
+            assert time.monotonic() < deadline, "the MCP server left its session open"
+            time.sleep(0.1)
     assert sorted(t.name for t in tools.tools) == ["reset_session", "run_python"]
     assert not load.is_error and load.content[0].text == "(no output)"
     assert not total.is_error and total.content[0].text == "48\n12928"  # resent file: fine, same content
@@ -571,7 +582,7 @@ def test_runnerd_repl_command_with_ctrl_c_and_ctrl_d(daemon, tmp_path):
         "for v in df['y']:\n"
         "    print('y', v)\n"
         "\n"
-        "df['y'].sum()\n"
+        "int(df['y'].sum())\n"
         "import time\n"
         "print('started', flush=True); time.sleep(60)\n"
         "df.plot(); len(df)\n"
