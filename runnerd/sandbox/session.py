@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0  # a cold session's interpreter start, on a loaded host
 MAX_CONTROL_MESSAGE = 1 << 16
+# A run says "done" once and its PID 1 "exit" once: a session that sends more
+# between two runs is flooding the host, and is treated as broken (ended).
+MAX_EVENTS_PER_RUN = 8
 # U is the first process its PID 1 forks.
 USER_NS_PID = "2"
 
@@ -80,12 +83,19 @@ class SessionCage:
 
 
 class Control:
-    """The host's reader of a session's control socket: framed JSON (incage/session.py), fds with "mounted"."""
+    """The host's reader of a session's control socket: framed JSON (incage/session.py), fds with "mounted".
 
-    def __init__(self, sock: socket.socket) -> None:
+    The user's code holds the same socket: nothing read is trusted beyond
+    its size, fds are taken only until *accept_fds* is turned off (the
+    warm cage's "mounted", before any user code), and a flood of events ends it.
+    """
+
+    def __init__(self, sock: socket.socket, *, accept_fds: bool) -> None:
         self.sock = sock
         self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.closed = False
+        self.accept_fds = accept_fds
+        self.budget = MAX_EVENTS_PER_RUN
         self._buffer = b""
         self._fds: list[int] = []
         loop = asyncio.get_running_loop()
@@ -100,7 +110,11 @@ class Control:
             return
         except OSError:
             data, fds = b"", []
-        self._fds.extend(fds)
+        if self.accept_fds:
+            self._fds.extend(fds)
+        else:
+            for fd in fds:
+                os.close(fd)
         if not data:
             self._eof()
             return
@@ -117,6 +131,10 @@ class Control:
                 event = json.loads(body)
             except ValueError:
                 event = None
+            self.budget -= 1
+            if self.budget < 0:
+                self._eof()
+                return
             if isinstance(event, dict):
                 if event.get("event") == "mounted":
                     event["fds"], self._fds = self._fds, []
@@ -223,11 +241,12 @@ class Session:
             event = await self.control.next()
             run = self._run
             if event is None:
-                if run is not None and not run.done.done():
-                    run.done.set_result(None)
-                if self.ended is None:
-                    exit_event = run.exit_event if run else None
-                    await self._finish(self._end_reason(exit_event))
+                if run is not None:
+                    # The run in progress ends the session itself, once it has read the counters.
+                    if not run.done.done():
+                        run.done.set_result(None)
+                elif self.ended is None:
+                    await self._finish(self._end_reason(None))
                 return
             kind = event.get("event")
             if kind == "exit" and run is not None:
@@ -348,6 +367,7 @@ class Session:
         rep_r, rep_w = os.pipe()
         run = _RunState(done=loop.create_future())
         self._run = run
+        self.control.budget = MAX_EVENTS_PER_RUN
         order = {"op": "run", "code": job.code, "inputs": self.unlinked}
         self.unlinked = []
         body = json.dumps(order).encode()
@@ -407,7 +427,10 @@ class Session:
                 signum = small_int(exit_event.get("signal"))
                 ex.status = -signum if signum else small_int(exit_event.get("exit_code"))
             elif ex.stop_reason is None:
-                ex.cage_fault = f"the session's cage ended during the run{self._said()}"
+                ex.cage_fault = (
+                    "the session's processes ended without a word from its PID 1 "
+                    f"(killed from outside, or its cage broke){self._said()}"
+                )
             await self._finish(reason)
         elif end is not None:
             ex.status = small_int(end.get("exit_code"))
@@ -445,7 +468,7 @@ async def start_session(
     session_id: str, cage: SessionCage, config: Config, policy: Policy, files: tuple[InputFile, ...]
 ) -> Session:
     """Wait for the session's interpreter, note U's pid, write the open's inputs, freeze it: a ready Session."""
-    control = Control(cage.ctl)
+    control = Control(cage.ctl, accept_fds=cage.work_fd < 0)
     try:
         event = await control.next(READY_TIMEOUT_S)
         if event is not None and event.get("event") == "mounted":
@@ -453,6 +476,7 @@ async def start_session(
             if len(fds) != 2:
                 raise SandboxError("the session's cage sent no directory fds")
             cage.work_fd, cage.figures_fd = fds
+            control.accept_fds = False
             event = await control.next(READY_TIMEOUT_S)
         if event is None or event.get("event") != "ready":
             said = cage.diagnostics()

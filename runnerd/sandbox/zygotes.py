@@ -359,8 +359,13 @@ class Zygote:
         finally:
             theirs.close()
         self.arming = asyncio.create_task(self.arm(), name=f"runnerd-arm-session-{self.index}")
+
+        def diagnostics() -> str:
+            said = self.diagnostics()
+            return "" if said == NO_MESSAGE else said
+
         cage = SessionCage(
-            cgroup=cg, ctl=ours, work_fd=-1, figures_fd=-1, inputs=inputs, end=end, diagnostics=self.diagnostics
+            cgroup=cg, ctl=ours, work_fd=-1, figures_fd=-1, inputs=inputs, end=end, diagnostics=diagnostics
         )
         return await start_session(session_id, cage, self.config, self.policy, files)
 
