@@ -321,7 +321,7 @@ class Scheduler:
         if srec is not None and srec.ended is None and srec.session is not None:
             return srec.session
         self.queued -= 1
-        message = self.sessions.how_it_ended(srec) if srec and srec.ended else f"no session {record.session!r}"
+        message = self.sessions.how_it_ended(srec) if srec and srec.ended else self.sessions.unknown(record.session)
         self._refuse(record, protocol.NOT_FOUND, message)
         return None
 

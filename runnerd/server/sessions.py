@@ -92,6 +92,7 @@ class SessionManager:
         self.opened = 0
         self.ends: Counter[str] = Counter()
         self.accepting = True
+        self.started = time.monotonic()
         # Set by the scheduler: stops a run (closed or expired session) and answers queued ones.
         self.on_session_end: Callable[[SessionRecord], None] | None = None
 
@@ -113,6 +114,14 @@ class SessionManager:
             "max_pending_runs": c.session_max_pending_runs,
         }
 
+    def unknown(self, session_id: str) -> str:
+        up = time.monotonic() - self.started
+        return (
+            f"no session {session_id!r} here: this daemon started {up:.0f} s ago, and sessions end when the daemon "
+            f"stops or restarts; one that ended more than retention_s ({self.config.retention_s:g} s) ago is "
+            "forgotten. Open a new one (op open)"
+        )
+
     def how_it_ended(self, record: SessionRecord) -> str:
         assert record.ended is not None
         how = _HOW[record.ended].format(
@@ -126,7 +135,7 @@ class SessionManager:
         """The open session *session_id*; ProtocolError NOT_FOUND saying why there is none."""
         record = self.records.get(session_id)
         if record is None:
-            raise ProtocolError(protocol.NOT_FOUND, f"no session {session_id!r}: open it first (op open)")
+            raise ProtocolError(protocol.NOT_FOUND, self.unknown(session_id))
         if record.ended is not None:
             raise ProtocolError(protocol.NOT_FOUND, self.how_it_ended(record))
         if record.expiring:
