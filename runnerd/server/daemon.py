@@ -6,11 +6,14 @@ Signals: the handlers only record the signal; the event loop acts on it.
   queued jobs are answered with a BUSY error (they never ran: send them
   again after the restart); running jobs get ``shutdown_grace_s`` to finish,
   then their cages are killed and their clients get a result with reason
-  ``shutdown``; then exit 0. A second SIGTERM/SIGINT skips the wait.
+  ``shutdown``; then every open session ends (reason shutdown; no new one
+  opens from the first signal on); then exit 0. A second SIGTERM/SIGINT
+  skips the wait.
 * SIGHUP: reload the config file and the policy for *new* jobs. The new
   config goes through every start-up check (and a probe job in a cage made
   from it) first; if anything fails, the daemon logs why and keeps the old
-  one. Running jobs keep the cage they started with. ``bind``,
+  one. Running jobs and open sessions keep the cage they started with (a
+  warm pool retires once its sessions have ended). ``bind``,
   ``state_dir`` and the CURVE server key need a restart (the reload says so
   and keeps them); the authorized client keys are re-read.
 
@@ -240,6 +243,8 @@ class Daemon:
         sched = self.scheduler
         assert sched is not None
         sched.accepting = False
+        if self.sessions is not None:
+            self.sessions.accepting = False  # no new session; open ones serve their runs until the end
         sched.refusal = "runnerd is shutting down; retry after it restarts or on another instance"
         refused = sched.refuse_queued(
             BUSY, "runnerd is shutting down: this job was queued and did not run; send it again after the restart"
