@@ -40,7 +40,7 @@ from .job import InputFile, JobSpec
 from .output import StreamCapture
 from .policy import Policy
 from .report import small_int
-from .runner import execute_and_collect
+from .runner import execute_and_collect, sandbox_failure
 from .supervise import Execution, OnOutput, supervise
 
 log = logging.getLogger(__name__)
@@ -329,15 +329,20 @@ class Session:
                     warnings=(f"session ended: {self.ended.value}",),
                 )
             )
-        self.add_inputs(job.files)
         cg = self.cage.cgroup
         cpu_before = cg.stats().cpu_s
-        cg.thaw()
-        self.runs += 1
-        result = await execute_and_collect(
-            lambda out, err: self._execute(job, out, err, on_output, stop),
-            None, config=self.config, policy=self.policy, label=label, outputs=self._collect,
-        )  # fmt: skip
+        try:
+            self.add_inputs(job.files)
+            cg.thaw()
+            self.runs += 1
+            result = await execute_and_collect(
+                lambda out, err: self._execute(job, out, err, on_output, stop),
+                None, config=self.config, policy=self.policy, label=label, outputs=self._collect,
+            )  # fmt: skip
+        except SandboxError as exc:
+            # The host could not do its part (an input, the freezer): the session cannot go on safely.
+            await self._finish(SessionEnd.SANDBOX_ERROR)
+            return self._with_state(sandbox_failure(label, exc))
         usage = replace(result.usage, cpu_s=round(max(0.0, result.usage.cpu_s - cpu_before), 4))
         return self._with_state(replace(result, usage=usage))
 
