@@ -9,5 +9,7 @@ checks the request, ``workspace`` makes its tmpfs, ``cgroups`` (``cgroup_v1``,
 ``cage`` (cold: ``nsjail`` per job) or ``warm`` (a pool of ``zygotes``, each
 with its ``spool``); ``supervise`` and ``output`` watch it, ``report`` reads
 what it said, ``artifacts`` collects what it wrote, ``runner`` builds the
-result; ``sandbox_env`` builds the library set.
+result. A ``session`` is the third runner: a cage (``session_cage``) opened
+by either of the two and kept, frozen, between its runs. ``sandbox_env``
+builds the library set.
 """

@@ -44,7 +44,8 @@ from .output import StreamCapture
 from .policy import Policy, nsjail_problems
 from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
-from .session import Session, SessionCage, start_session
+from .session import Session, start_session
+from .session_cage import SessionCage
 from .shape import INCAGE_DIR, SESSION_INPUTS, CageShape
 from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
 from .workspace import MplConfig, Workspace

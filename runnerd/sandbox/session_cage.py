@@ -1,0 +1,189 @@
+"""A session's cage as the host holds it, cold or warm, and the reading of its control socket.
+
+:class:`SessionCage` is what both runners hand to a session (cold: nsjail
+running incage/session.py, :meth:`~.cage.Cage.open_session`; warm: a
+session zygote's armed child, :meth:`~.zygotes.Zygote.open_session`): its
+cgroup, its control socket, directory fds of its /work and figures dir,
+the host dir of its inputs, and how to end it. :class:`Control` reads the
+socket (the user's code holds the other end too: nothing is trusted beyond
+its size). :func:`snapshot` and :func:`write_inputs` are the file side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import SandboxError
+from .cgroups import JobCgroup
+from .job import InputFile
+
+MAX_CONTROL_MESSAGE = 1 << 16
+# A run says "done" once and its PID 1 "exit" once: a session that sends more
+# between two runs is flooding the host, and is treated as broken (ended).
+MAX_EVENTS_PER_RUN = 8
+# U is the first process its PID 1 forks.
+USER_NS_PID = "2"
+
+# A file's identity for "did this run make or change it".
+Snapshot = dict[str, tuple[int, int, int, int]]
+
+
+@dataclass
+class SessionCage:
+    """A started session's cage, cold or warm: what :class:`Session` drives."""
+
+    cgroup: JobCgroup
+    ctl: socket.socket  # the host's end of the session's control socket (non-blocking)
+    work_fd: int  # the session's /work and figures dir, as directory fds
+    figures_fd: int
+    inputs: Path  # host dir of the session's input files, bound read-only at /runnerd/inputs
+    end: Callable[[], Awaitable[None]]  # kill what is left and remove everything (idempotent)
+    diagnostics: Callable[[], str] = lambda: ""
+
+    @property
+    def work(self) -> Path:
+        return Path(f"/proc/self/fd/{self.work_fd}")
+
+    @property
+    def figures(self) -> Path:
+        return Path(f"/proc/self/fd/{self.figures_fd}")
+
+
+class Control:
+    """The host's reader of a session's control socket: framed JSON (incage/session.py), fds with "mounted".
+
+    The user's code holds the same socket: nothing read is trusted beyond
+    its size, fds are taken only until *accept_fds* is turned off (the
+    warm cage's "mounted", before any user code), and a flood of events ends it.
+    """
+
+    def __init__(self, sock: socket.socket, *, accept_fds: bool) -> None:
+        self.sock = sock
+        self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.closed = False
+        self.accept_fds = accept_fds
+        self.budget = MAX_EVENTS_PER_RUN
+        self._buffer = b""
+        self._fds: list[int] = []
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._readable)
+        self._loop = loop
+
+    def _readable(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 4)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, fds = b"", []
+        if self.accept_fds:
+            self._fds.extend(fds)
+        else:
+            for fd in fds:
+                os.close(fd)
+        if not data:
+            self._eof()
+            return
+        self._buffer += data
+        while len(self._buffer) >= 4:
+            (size,) = struct.unpack(">I", self._buffer[:4])
+            if size > MAX_CONTROL_MESSAGE:
+                self._eof()  # the session broke the protocol: it is treated as gone
+                return
+            if len(self._buffer) < 4 + size:
+                break
+            body, self._buffer = self._buffer[4 : 4 + size], self._buffer[4 + size :]
+            try:
+                event = json.loads(body)
+            except ValueError:
+                event = None
+            self.budget -= 1
+            if self.budget < 0:
+                self._eof()
+                return
+            if isinstance(event, dict):
+                if event.get("event") == "mounted":
+                    event["fds"], self._fds = self._fds, []
+                self.events.put_nowait(event)
+
+    def _eof(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._loop.remove_reader(self.sock.fileno())
+            self.events.put_nowait(None)
+
+    def take_fds(self) -> list[int]:
+        fds, self._fds = self._fds, []
+        return fds
+
+    async def next(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next event, None once the socket closed (it stays closed for later callers)."""
+        event = await asyncio.wait_for(self.events.get(), timeout)
+        if event is None:
+            self.events.put_nowait(None)
+        return event
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._loop.remove_reader(self.sock.fileno())
+        for fd in self.take_fds():
+            os.close(fd)
+        self.sock.close()
+
+
+def snapshot(work: Path) -> Snapshot:
+    """What /work holds now (every file, by path): the baseline "this run made or changed" is measured on."""
+    found: Snapshot = {}
+    stack = [(work, "")]
+    while stack and len(found) < 100_000:
+        directory, prefix = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            relative = prefix + entry.name
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((Path(entry.path), relative + "/"))
+            else:  # links and special files too: a warning about one is news only once
+                found[relative] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return found
+
+
+def write_inputs(inputs: Path, files: Iterable[InputFile]) -> None:
+    """The run's input files, root's and read-only, by their (checked, plain) names."""
+    for f in files:
+        fd = os.open(inputs / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
+        try:
+            view = memoryview(f.data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+
+def user_pid(cg: JobCgroup) -> int:
+    """U's host pid: the session's process whose pid in its own namespace is 2."""
+    for pid in cg.procs():
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("NSpid:") and len(line.split()) > 2 and line.split()[-1] == USER_NS_PID:
+                    return pid
+        except OSError:
+            continue
+    raise SandboxError("the session's process is not in its cgroup")
