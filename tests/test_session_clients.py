@@ -21,19 +21,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from runnerd.client import (
-    Accepted,
-    AsyncClient,
-    Client,
-    Finished,
-    Output,
-    Session,
-    _Ask,
-    _run_request,
-    _SessionState,
-    session_end_from,
-)
+from runnerd.client import Accepted, AsyncClient, Client, Finished, Output, Session
 from runnerd.errors import AttemptNotRun, ClientError, RemoteError
+from runnerd.exchange import _Ask, _run_request, _SessionState, session_end_from
 from runnerd.explain import SESSION_ENDS, session_note
 from runnerd.gemini import output_text
 from runnerd.loop import Attempt, arun_loop, feedback, run_loop

@@ -488,8 +488,8 @@ def test_job_rlimits_from_the_policy_fields(tmp_path: Path):
 
 
 def test_run_exchange_resends_after_silence_and_gives_up_at_the_deadline():
-    from runnerd.client import Accepted, _RunExchange
     from runnerd.errors import ClientError
+    from runnerd.exchange import Accepted, _RunExchange
 
     ex = _RunExchange("j1", wait=12.0, resend_interval=5.0, endpoint="ipc://x", now=100.0)
     assert ex.timeout(100.0) == 5.0
