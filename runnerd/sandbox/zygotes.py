@@ -254,10 +254,10 @@ class Zygote:
         name = self.host.new_job_name()
         # The job's own memory, pids (and CPU-time) cgroup; its CPU quota is
         # its zygote's (one job at a time), which saves a v1 hierarchy per job.
+        # A session zygote's children live on side by side: each has a quota of its own.
+        sessions = self.for_sessions
         cg = await asyncio.to_thread(
-            functools.partial(
-                self.host.cgroups.create, name, self.policy.limits, quota=False, freezer=self.for_sessions
-            )
+            functools.partial(self.host.cgroups.create, name, self.policy.limits, quota=sessions, freezer=sessions)
         )
         try:
             await asyncio.to_thread(cg.attach, child)
