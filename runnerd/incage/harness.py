@@ -19,7 +19,8 @@ and can write to the fd too. The report can only make a result look worse
 (see runnerd/result.py), and outputs are collected by the host itself.
 
 The API the warm zygote uses (it loads this file by path): :func:`reporter`,
-:func:`ignore_signals`, :func:`install_backend_finder`, :func:`run_user_code`
+:func:`ignore_signals`, :func:`install_backend_finder`, :func:`run_user_code`,
+:func:`end_the_rest`
 (the job's process), :func:`reap` (its PID 1) and :func:`close_reports`.
 """
 
@@ -309,6 +310,21 @@ class Reporter:
             self.file.close()
         except OSError:
             pass
+
+
+def end_the_rest() -> None:
+    """PID 1, once the user's process ended: kill every other process of the namespace and reap them."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:
+        pass
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
 
 
 def reporter(report_fd: int) -> Reporter:

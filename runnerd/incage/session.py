@@ -175,17 +175,7 @@ def reap_session(user: int, sock: socket.socket, harness: types.ModuleType) -> i
             pass
 
     code = harness.reap(user, send)
-    try:
-        os.kill(-1, signal.SIGKILL)
-    except OSError:
-        pass
-    while True:
-        try:
-            os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
+    harness.end_the_rest()
     return code
 
 

@@ -285,17 +285,7 @@ def _reap(user: int, harness: types.ModuleType, report: Callable[..., None]) -> 
     code = harness.reap(user, report)
     # Whatever U left behind (a daemon, a stray child) dies before the host
     # collects the job's files.
-    try:
-        os.kill(-1, signal.SIGKILL)
-    except OSError:
-        pass
-    while True:
-        try:
-            os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
+    harness.end_the_rest()
     harness.close_reports()
     return code
 

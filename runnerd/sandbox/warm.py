@@ -152,16 +152,9 @@ class WarmCage:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             try:
-                zygote = await asyncio.wait_for(pool.ready.get(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                why = "; ".join(z.diagnostics() for z in pool.zygotes if z.dead) or "all busy recovering"
-                return sandbox_failure(
-                    job_id or name or "?",
-                    SandboxError(f"no warm zygote became ready in {READY_TIMEOUT_S:.0f} s ({why})"),
-                )
-            if zygote.dead:  # died while it waited: replace it, take another
-                self._start_recycle(pool, zygote)
-                continue
+                zygote = await self._take(pool, deadline)
+            except SandboxError as exc:
+                return sandbox_failure(job_id or name or "?", exc)
             self.busy += 1
             try:
                 return await zygote.run(job, on_output=on_output, stop=stop, job_id=job_id)
@@ -178,20 +171,25 @@ class WarmCage:
             raise SandboxError("sessions are off (max_sessions = 0)")
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
-            try:
-                zygote = await asyncio.wait_for(pool.ready.get(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                why = "; ".join(z.diagnostics() for z in pool.zygotes if z.dead) or "all busy recovering"
-                raise SandboxError(f"no session zygote became ready in {READY_TIMEOUT_S:.0f} s ({why})") from None
-            if zygote.dead:
-                self._start_recycle(pool, zygote)
-                continue
+            zygote = await self._take(pool, deadline)
             try:
                 return await zygote.open_session(session_id, files)
             except ZygoteGone:
                 continue  # nothing of the session started: try the next (or the replaced) zygote
             finally:
                 self._start_recycle(pool, zygote)
+
+    async def _take(self, pool: _Pool, deadline: float) -> Zygote:
+        """A ready zygote of *pool* (a dead one met on the way is replaced); SandboxError past *deadline*."""
+        while True:
+            try:
+                zygote = await asyncio.wait_for(pool.ready.get(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                why = "; ".join(z.diagnostics() for z in pool.zygotes if z.dead) or "all busy recovering"
+                raise SandboxError(f"no {pool.kind} zygote became ready in {READY_TIMEOUT_S:.0f} s ({why})") from None
+            if not zygote.dead:
+                return zygote
+            self._start_recycle(pool, zygote)  # died while it waited: replace it, take another
 
     def _start_recycle(self, pool: _Pool, zygote: Zygote) -> None:
         task = asyncio.create_task(self._recycle(pool, zygote))
