@@ -2,7 +2,8 @@
 
 The scheduler logs one line per job and the daemon one per lifecycle
 event; with JSON each is an object with ``time``, ``level``, ``logger``,
-``message`` and, for jobs, the fields passed as ``extra={"job": {...}}``.
+``message`` and, for jobs and sessions, the fields passed as
+``extra={"job": {...}}`` or ``extra={"session": {...}}``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("job", "event"):
+        for key in ("job", "session", "event"):
             value = getattr(record, key, None)
             if value is not None:
                 entry[key] = value

@@ -404,12 +404,12 @@ class Scheduler:
         fields = {
             "id": record.id, "outcome": result.outcome.value, "reason": result.reason.value if result.reason else None,
             "wall_s": u.wall_s, "cpu_s": u.cpu_s, "peak_bytes": u.max_rss_bytes,
-            "queued_s": round(max(0.0, latency - wall_s), 4),
+            "queued_s": round(max(0.0, latency - wall_s), 4), "session": record.session,
         }  # fmt: skip
         log.info(
-            "job %s %s reason=%s wall=%.3fs cpu=%.3fs peak=%.1fMiB queued=%.3fs",
+            "job %s %s reason=%s wall=%.3fs cpu=%.3fs peak=%.1fMiB queued=%.3fs%s",
             record.id, fields["outcome"], fields["reason"] or "-", u.wall_s, u.cpu_s, u.max_rss_bytes / 2**20,
-            fields["queued_s"], extra={"job": fields},
+            fields["queued_s"], f" session={record.session}" if record.session else "", extra={"job": fields},
         )  # fmt: skip
         if self.on_finish is not None:
             try:
