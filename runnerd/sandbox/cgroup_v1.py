@@ -30,6 +30,7 @@ from .cgroups import (
 )
 
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+SIGKILL_BIT = 1 << (9 - 1)  # signal N is bit N-1 of /proc/<pid>/status's masks
 # Joined by sessions only (a job never needs freezing), when the host mounts it.
 FREEZER = "freezer"
 
@@ -71,6 +72,15 @@ class JobCgroupV1(JobCgroup):
     def thaw(self) -> None:
         if "freezer" in self.dirs:
             write_value(self.dirs["freezer"] / "freezer.state", "THAWED")
+
+    def kill_pending(self) -> bool:
+        # A v1 frozen task keeps a SIGKILL pending until it is thawed: a
+        # session killed from outside between runs would look alive.
+        for pid in self.procs():
+            for line in read_text(Path(f"/proc/{pid}/status")).splitlines():
+                if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & SIGKILL_BIT:
+                    return True
+        return False
 
     def memory_bytes(self) -> int:
         return to_int(read_text(self.dirs["memory"] / "memory.usage_in_bytes"))

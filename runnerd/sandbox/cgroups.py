@@ -201,6 +201,10 @@ class JobCgroup(ABC):
     def memory_bytes(self) -> int:
         """The memory charged to the cgroup now."""
 
+    def kill_pending(self) -> bool:
+        """A process inside has a SIGKILL it cannot act on (cgroup v1: frozen); False where a kill always acts."""
+        return False
+
 
 class Cgroups(ABC):
     version: int

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 Send = Callable[[bytes], None]
 Opener = Callable[[str, tuple[InputFile, ...]], Awaitable[Session]]
 SWEEP_INTERVAL_S = 0.25
+# How often idle sessions are looked at for a kill from outside they cannot act on (cgroup v1).
+KILL_CHECK_INTERVAL_S = 2.0
 
 _HOW = {
     SessionEnd.CLOSED: "closed by a client",
@@ -93,6 +95,7 @@ class SessionManager:
         self.ends: Counter[str] = Counter()
         self.accepting = True
         self.started = time.monotonic()
+        self._kill_checked = 0.0
         # Set by the scheduler: stops a run (closed or expired session) and answers queued ones.
         self.on_session_end: Callable[[SessionRecord], None] | None = None
 
@@ -273,10 +276,15 @@ class SessionManager:
         """End idle and expired sessions; forget ended ones past retention."""
         now = time.monotonic() if now is None else now
         lifetime = self.config.session_max_lifetime_s
+        check_kills = now - self._kill_checked >= KILL_CHECK_INTERVAL_S
+        if check_kills:
+            self._kill_checked = now
         for record in list(self.records.values()):
             if record.ended is not None or record.session is None:
                 continue
-            if now - record.opened_at >= lifetime:
+            if check_kills and not record.busy and record.session.cage.cgroup.kill_pending():
+                self.end(record, SessionEnd.SANDBOX_ERROR)
+            elif now - record.opened_at >= lifetime:
                 record.expiring = True
                 if not record.busy:
                     self.end(record, SessionEnd.MAX_LIFETIME)
