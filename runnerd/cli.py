@@ -369,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--endpoint", default=None, help="for mode daemon: a running daemon to drive")
     p.add_argument(
-        "--workloads", default="W1,W2,W3,W4", help="comma-separated: W1 print, W2 pandas+plot, W3 numpy, W4 raises"
+        "--workloads",
+        default="W1,W2,W3,W4,S1,S2,S3,S4",
+        help="comma-separated: W1 print, W2 pandas+plot, W3 numpy, W4 raises; sessions: S1 open/close, "
+        "S2 print in a session, S3 W2's plot on a DataFrame the session holds, S4 idle sessions' memory",
     )
     p.add_argument("--jobs", type=int, default=100, help="sequential jobs per workload and mode")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients for the throughput run")
