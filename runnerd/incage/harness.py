@@ -50,11 +50,14 @@ _REPORT_FDS: list[int] = []
 
 
 def _cut(text, limit):
+    """*text* in at most *limit* characters: its head, a line saying how much was cut, its tail."""
     if len(text) <= limit:
         return text
-    head = limit // 4
-    tail = limit - head
-    return f"{text[:head]}\n... [{len(text) - limit} characters cut] ...\n{text[-tail:]}"
+    # The marker's longest form: the host caps at *limit* again, so all of it must fit.
+    room = max(0, limit - len(f"\n... [{len(text)} characters cut] ...\n"))
+    head = room // 4
+    tail = room - head
+    return f"{text[:head]}\n... [{len(text) - head - tail} characters cut] ...\n{text[len(text) - tail :]}"
 
 
 class _BackendFinder:

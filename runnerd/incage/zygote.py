@@ -4,7 +4,7 @@ A zygote imports numpy, pandas and Matplotlib once (and renders a first
 figure), then forks one child per job; a child is never reused. Each child,
 before any user code runs:
 
-* enters fresh user, mount, pid and ipc namespaces (the jailed uid maps to
+* enters fresh user, mount, pid, ipc, network and cgroup namespaces (the jailed uid maps to
   itself; the pid namespace takes one more fork: G, its PID 1);
 * mounts its job's directory as /work, each input read-only over
   /work/<name>, its own home, figures dir and code, fresh the policy's
@@ -81,6 +81,7 @@ SHAPE: dict[str, Any] = {}
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -123,8 +124,9 @@ def _bind(source: str, target: str, flags: int) -> None:
 
 def _enter_namespaces() -> None:
     # Its own network namespace too: a session outlives the jobs of its zygote, and
-    # abstract unix sockets live in the network namespace.
-    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWNET
+    # abstract unix sockets live in the network namespace. Its own cgroup namespace
+    # (C is in the job's cgroup by now): /proc/self/cgroup names no host cgroup.
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP
     lockdown.check(lockdown.libc.unshare(flags), "unshare")
     with open("/proc/self/setgroups", "w") as fh:
         fh.write("deny")

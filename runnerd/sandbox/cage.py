@@ -48,7 +48,7 @@ from .session import Session, start_session
 from .session_cage import SessionCage
 from .shape import INCAGE_DIR, SESSION_INPUTS, CageShape
 from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
-from .workspace import MplConfig, Workspace
+from .workspace import MplConfig, Workspace, mount_tmpfs
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,14 @@ class Cage:
         try:
             ws = await asyncio.to_thread(
                 Workspace.create, self.config.jobs_dir, name, JobSpec(code=""),
-                uid=lease.uid, gid=lease.uid, scratch_bytes=limits.scratch_bytes + limits.max_files_bytes,
-                scratch_inodes=limits.scratch_inodes + limits.max_files, mplconfig=self.mplconfig,
+                uid=lease.uid, gid=lease.uid, scratch_bytes=limits.max_files_bytes + limits.max_artifacts_total_bytes,
+                scratch_inodes=limits.max_files + 1024, mplconfig=self.mplconfig,
             )  # fmt: skip
+            # /work a tmpfs of its own, as a warm session's: exactly the scratch space,
+            # whatever the session's inputs (beside it, in the workspace's tmpfs) take.
+            await asyncio.to_thread(mount_tmpfs, ws.work, limits.scratch_bytes, limits.scratch_inodes)
+            os.chown(ws.work, lease.uid, lease.uid)
+            os.chmod(ws.work, 0o700)
             os.chmod(ws.inputs, 0o755)
             cg = self.host.cgroups.create(name, cold_cgroup_limits(self.policy.limits), freezer=True)
             out_r, out_w = os.pipe()

@@ -73,6 +73,7 @@ class Session:
     _run: _RunState | None = None
     _watch: asyncio.Task[None] | None = None
     _killing: SessionEnd | None = None  # why the host is killing it, once it is
+    _teardown: asyncio.Future[None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -108,19 +109,29 @@ class Session:
         return SessionEnd.EXITED if exit_event is not None else SessionEnd.SANDBOX_ERROR
 
     async def _finish(self, reason: SessionEnd) -> None:
-        if self.ended is not None:
-            return
-        self.ended = reason
-        self.control.close()
-        if self._run is not None and not self._run.done.done():
-            self._run.done.set_result(None)  # the run in progress ends with the session
-        await self.cage.end()
-        for fd in (self.cage.work_fd, self.cage.figures_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.cage.work_fd = self.cage.figures_fd = -1
-        if self.on_end is not None:
-            self.on_end(self, reason)
+        """End the session for *reason* (the first caller's), and wait until its cage is gone.
+
+        The teardown is a task of its own: whoever started it may be
+        cancelled (the watcher, by end()), the teardown still runs to the end.
+        """
+        if self._teardown is None:
+            self.ended = reason
+            self.control.close()
+            if self._run is not None and not self._run.done.done():
+                self._run.done.set_result(None)  # the run in progress ends with the session
+            self._teardown = asyncio.ensure_future(self._tear_down(reason))
+        await asyncio.shield(self._teardown)
+
+    async def _tear_down(self, reason: SessionEnd) -> None:
+        try:
+            await self.cage.end()
+        finally:
+            for fd in (self.cage.work_fd, self.cage.figures_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self.cage.work_fd = self.cage.figures_fd = -1
+            if self.on_end is not None:
+                self.on_end(self, reason)
 
     # ------------------------------------------------------------ Runner
 
@@ -285,6 +296,12 @@ class Session:
             await self._finish(reason)
         elif end is not None:
             ex.status = small_int(end.get("exit_code"))
+        else:
+            # "done" with no end in the run's report: not the session's loop but the
+            # run's code speaking on the control socket. The session cannot be trusted on.
+            ex.cage_fault = "the session broke runnerd's protocol (a run said done before it ended)"
+            self._killing = SessionEnd.SANDBOX_ERROR
+            await self._finish(SessionEnd.SANDBOX_ERROR)
         return ex
 
     def _settle(self, cg: JobCgroup) -> None:

@@ -28,7 +28,7 @@ FIGURES = f"{INCAGE_DIR}/figures"
 SESSION_INPUTS = f"{INCAGE_DIR}/inputs"
 
 # What a warm zygote's child must still do under its zygote's seccomp
-# policy to build its job's cage (fresh user, mount, pid and ipc namespaces;
+# policy to build its job's cage (fresh user, mount, pid, ipc, net and cgroup namespaces;
 # its mounts): the zygote's policy is default.kafel with these entries of
 # the EPERM list lifted, and each child refuses them again with a filter of
 # its own before any user code runs (incage/zygote.py), so a job is under

@@ -107,6 +107,7 @@ class Scheduler:
         self.sessions = sessions
         if sessions is not None:
             sessions.on_session_end = self._session_ended
+            sessions.on_session_open = self._session_opened
         self.concurrency = concurrency
         self.queue_size = queue_size
         self.retention_s = retention_s
@@ -181,8 +182,9 @@ class Scheduler:
         self._subscribe(record, peer, Subscriber(send, req.stream), replay=False)
         if session is None:
             self._queue.put_nowait(record)
-        elif session.busy:
-            session.pending.append(record)  # its turn comes when the session's current run ends
+        elif session.busy or session.session is None:
+            # Its turn comes when the session's current run ends, or once it is open.
+            session.pending.append(record)
         else:
             session.current = record
             self._queue.put_nowait(record)
@@ -361,6 +363,23 @@ class Scheduler:
             srec.pending.remove(record)
         elif srec.current is record:
             self._next_in_session(record)
+
+    def _session_opened(self, srec: SessionRecord, error: tuple[str, str] | None) -> None:
+        """Runs sent while the session opened: the first goes to the queue; all hear it if it did not open."""
+        if error is not None:
+            while srec.pending:
+                record = srec.pending.popleft()
+                if record.state is State.QUEUED:
+                    self.queued -= 1
+                    self._refuse(record, *error)
+            return
+        if srec.current is None:
+            while srec.pending:
+                nxt = srec.pending.popleft()
+                if nxt.state is State.QUEUED:
+                    srec.current = nxt
+                    self._queue.put_nowait(nxt)
+                    return
 
     def _session_ended(self, srec: SessionRecord) -> None:
         """A session ended: its waiting runs are answered NOT_FOUND; a running one is cancelled (closed)."""

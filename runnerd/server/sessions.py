@@ -69,7 +69,8 @@ class SessionRecord:
     opened_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     session: Session | None = None  # None while it opens
-    waiters: list[tuple[str, Send]] = field(default_factory=list)  # opens answered once it is open
+    # Opens answered once it is open: (request id, send, a resend of the first?).
+    waiters: list[tuple[str, Send, bool]] = field(default_factory=list)
     ended: SessionEnd | None = None
     ended_at: float = 0.0
     # The scheduler's: runs waiting behind the one queued or running.
@@ -98,6 +99,8 @@ class SessionManager:
         self._kill_checked = 0.0
         # Set by the scheduler: stops a run (closed or expired session) and answers queued ones.
         self.on_session_end: Callable[[SessionRecord], None] | None = None
+        # Set by the scheduler: runs sent before the session was open go now (or hear why it did not open).
+        self.on_session_open: Callable[[SessionRecord, tuple[str, str] | None], None] | None = None
 
     # ------------------------------------------------------------ requests
 
@@ -160,7 +163,7 @@ class SessionManager:
                     f"session {req.session!r} is already open with other files or idle_timeout; use a new session id",
                 )
             if record.session is None:
-                record.waiters.append((req.id, send))
+                record.waiters.append((req.id, send, True))
             else:
                 send(self._opened(req.id, record, duplicate=True))
             return
@@ -187,7 +190,7 @@ class SessionManager:
                 f"(session_memory_budget {c.session_memory_budget >> 20} MiB); close one or retry later",
             )
         record = SessionRecord(id=req.session, digest=req.digest, idle_timeout=idle)
-        record.waiters.append((req.id, send))
+        record.waiters.append((req.id, send, False))
         self.records[req.session] = record
         self._spawn(self._open(record, req.files))
 
@@ -197,14 +200,18 @@ class SessionManager:
             session = await self.opener(record.id, files)
         except Exception as exc:
             # Nothing was opened: the id is free again, and the client hears why.
-            del self.records[record.id]
+            if self.records.get(record.id) is record:
+                del self.records[record.id]
             code = getattr(exc, "code", None) or protocol.INTERNAL
             if not isinstance(exc, RunnerdError):
                 log.exception("session %s: opening failed", record.id)
             else:
                 log.error("session %s: opening failed: %s", record.id, exc)
-            for request_id, send in record.waiters:
-                safe_send(send, protocol.error_reply(request_id, code, f"cannot open session {record.id!r}: {exc}"))
+            message = f"cannot open session {record.id!r}: {exc}"
+            for request_id, send, _ in record.waiters:
+                safe_send(send, protocol.error_reply(request_id, code, message))
+            if self.on_session_open is not None:
+                self.on_session_open(record, (code, message))
             return
         session.on_end = lambda s, why: self._ended(record, why)
         record.session = session
@@ -217,11 +224,16 @@ class SessionManager:
         )  # fmt: skip
         if self.metrics is not None:
             self.metrics.sessions_opened.inc()
-        if record.ended is not None:  # closed while it opened
+        waiters, record.waiters = record.waiters, []
+        if record.ended is not None:  # closed (or the daemon stopping) while it opened
             await session.end(record.ended)
-        for request_id, send in record.waiters:
-            safe_send(send, self._opened(request_id, record, duplicate=False))
-        record.waiters = []
+            for request_id, send, _ in waiters:
+                safe_send(send, protocol.error_reply(request_id, protocol.NOT_FOUND, self.how_it_ended(record)))
+            return
+        for request_id, send, duplicate in waiters:
+            safe_send(send, self._opened(request_id, record, duplicate=duplicate))
+        if self.on_session_open is not None:
+            self.on_session_open(record, None)
 
     def _opened(self, request_id: str, record: SessionRecord, *, duplicate: bool) -> bytes:
         return protocol.reply(request_id, "opened", session=record.id, duplicate=duplicate, limits=self.limits(record))
