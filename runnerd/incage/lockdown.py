@@ -31,9 +31,9 @@ def check(ret: int, what: str) -> None:
 # again, as the job's policy does, and the x32 range, which kafel cannot
 # express. The host names the lifted calls in SHAPE["lifted"]; a name this
 # filter cannot refuse stops the zygote at start-up (x86_64 numbers).
-NR_UNSHARE, NR_MOUNT, NR_CLONE = 272, 165, 56
+NR_UNSHARE, NR_MOUNT, NR_CLONE, NR_MOVE_MOUNT = 272, 165, 56, 429
 CLONE_NAMESPACE_FLAGS = 0x7E020000
-REFUSABLE = ("unshare", "mount", "clone")
+REFUSABLE = ("unshare", "mount", "clone", "move_mount")
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
 EPERM, ENOSYS = 1, 38
@@ -71,7 +71,7 @@ def seccomp_program(lifted: Sequence[str]) -> list[tuple[int, int, int, int]]:
     stmt(_LD_W_ABS, _OFF_NR)
     jump(_JGE_K, X32_SYSCALL_BIT, 0, 1)
     p.append(errno_(ENOSYS))  # the whole x32 range, as a range
-    for name, nr in (("unshare", NR_UNSHARE), ("mount", NR_MOUNT)):
+    for name, nr in (("unshare", NR_UNSHARE), ("mount", NR_MOUNT), ("move_mount", NR_MOVE_MOUNT)):
         if name in lifted:
             jump(_JEQ_K, nr, 0, 1)
             p.append(errno_(EPERM))

@@ -11,7 +11,7 @@ warm one) reaps, and when U ends says how on the same socket.
 
 Control socket, both ways: a 4-byte big-endian length, then JSON::
 
-    host -> U     {"op": "run", "code": str, "inputs": [new input names]}  + 3 fds
+    host -> U     {"op": "run", "code": str}  + 3 fds (the run's inputs are in /work already)
     U -> host     {"event": "ready"}  once;  {"event": "done"}  after each run
     PID 1 -> host {"event": "exit", "exit_code": n} | {"event": "exit", "signal": n}
 
@@ -34,7 +34,6 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
-INPUTS = "/runnerd/inputs"  # the session's input files, read-only; /work/<name> links to each
 FIGURES = "/runnerd/figures"
 MAX_MESSAGE = 16 << 20  # a run's code is at most limits.max_code_bytes (1 MiB by default)
 
@@ -82,18 +81,6 @@ def recv_msg(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | No
         body += chunk
     message = json.loads(body)
     return (message if isinstance(message, dict) else None), fds
-
-
-def _link_inputs(names: object) -> None:
-    """/work/<name> -> the read-only input (the host checked the name is free and plain)."""
-    if not isinstance(names, list):
-        return
-    for name in names:
-        if isinstance(name, str) and name and "/" not in name and name not in (".", ".."):
-            try:
-                os.symlink(os.path.join(INPUTS, name), name)
-            except OSError as exc:
-                os.write(2, f"runnerd: input {name!r} could not be linked into /work: {exc}\n".encode())
 
 
 def _clear_figures() -> None:
@@ -145,7 +132,6 @@ def serve_runs(sock: socket.socket, harness: types.ModuleType, max_figures: int,
         report = harness.reporter(fds[2])
         report(event="start")
         _clear_figures()
-        _link_inputs(order.get("inputs"))
         exit_code, error, value = _run(harness, order["code"], f"cell{count}.py", module.__dict__, max_value)
         try:
             rendered, dropped = harness.render_figures()

@@ -30,16 +30,16 @@ JSON, file descriptors as SCM_RIGHTS.
     host -> zygote  {"op": "run", "dir": ..., "inputs": [...],   + fds [stdout, stderr, report]
                      "max_figures": 32}
     zygote -> host  {"event": "exit", "code": N} | {"event": "exit", "signal": S}
-    host -> zygote  {"op": "open", "dir": ..., "work": {size, inodes},   + fds [session control socket]
+    host -> zygote  {"op": "open", "figures": {size, inodes},     + fds [session control socket, /work]
                      "max_figures": 32, "max_value": 8192}
     host -> zygote  {"op": "quit"} (or closes the socket)
 
 "open" gives the armed child to a session (incage/session.py) instead of a
-job: G mounts fresh tmpfs at /work, home and figures (the session's own,
-sized by the host), the session's inputs read-only at /runnerd/inputs, and
-sends the host fds of /work and the figures dir; U runs the session's runs
-as they come over the session's socket. The zygote reaps G when the
-session ends, and serves no job meanwhile.
+job: G attaches the tmpfs the host made for the session's /work (a mount
+fd: the host's, root's and sticky, so the inputs it writes there are not
+the session's to change), mounts fresh tmpfs at home and figures, and
+sends the host an fd of the figures dir; U runs the session's runs as they
+come over the session's socket. The zygote reaps G when the session ends.
 
 The next child is prepared while a job runs, so "prepared", "arm" and
 "armed" interleave with a job's "run" and "exit".
@@ -86,6 +86,7 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND = 32, 4096
+AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH = -100, 4
 
 
 def _load_session() -> types.ModuleType:
@@ -155,24 +156,32 @@ def _mount_job(job: dict[str, Any]) -> None:
     _mount("tmpfs", SPOOL, "tmpfs", safe | MS_RDONLY, "size=4096,nr_inodes=2,mode=0555")
 
 
-def _mount_session(job: dict[str, Any]) -> tuple[int, int]:
-    """A session's view of the file system: its own tmpfs for /work, home and figures; fds of /work and figures."""
-    d = os.path.join(SPOOL, job["dir"])
+def _mount_session(job: dict[str, Any], work: int) -> int:
+    """A session's view of the file system: the host's /work (*work*, a mount fd), its own home and figures."""
     safe = MS_NOSUID | MS_NODEV | MS_NOEXEC
     uid = SHAPE["uid"]
-    work = job["work"]
-    _mount("tmpfs", SHAPE["work"], "tmpfs", safe, f"size={int(work['size'])},nr_inodes={int(work['inodes'])},mode=0755")
+    lockdown.check(
+        lockdown.libc.syscall(
+            lockdown.NR_MOVE_MOUNT, work, b"", AT_FDCWD, SHAPE["work"].encode(), MOVE_MOUNT_F_EMPTY_PATH
+        ),
+        "move_mount /work",
+    )
+    figures = job["figures"]
     _mount("tmpfs", SHAPE["home"], "tmpfs", safe, "size=16777216,nr_inodes=1024,mode=0755")
-    _mount("tmpfs", SHAPE["figures"], "tmpfs", safe, f"size={int(work['figures'])},nr_inodes=256,mode=0755")
-    for path in (SHAPE["work"], SHAPE["home"], SHAPE["figures"]):
+    _mount(
+        "tmpfs",
+        SHAPE["figures"],
+        "tmpfs",
+        safe,
+        f"size={int(figures['size'])},nr_inodes={int(figures['inodes'])},mode=0755",
+    )
+    for path in (SHAPE["home"], SHAPE["figures"]):
         os.chown(path, uid, uid)
-    _bind(os.path.join(d, "inputs"), session.INPUTS, safe | MS_RDONLY)
     for t in SHAPE["tmpfs"]:
         flags = (MS_NOSUID if t["nosuid"] else 0) | (MS_NODEV if t["nodev"] else 0) | (MS_NOEXEC if t["noexec"] else 0)
         _mount("tmpfs", t["dst"], "tmpfs", flags, t["options"] or None)
     _mount("tmpfs", SPOOL, "tmpfs", safe | MS_RDONLY, "size=4096,nr_inodes=2,mode=0555")
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-    return os.open(SHAPE["work"], flags), os.open(SHAPE["figures"], flags)
+    return os.open(SHAPE["figures"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def _lock_down() -> None:
@@ -229,8 +238,8 @@ def _job_init(zygote_sock: socket.socket, harness: types.ModuleType) -> None:
             _user(u_end, harness)
         u_end.close()
         job, fds = recv_msg(zygote_sock, max_fds=3)
-        if job is not None and job.get("op") == "open" and len(fds) == 1:
-            _session_init(zygote_sock, g_end, user, job, fds[0], harness)
+        if job is not None and job.get("op") == "open" and len(fds) == 2:
+            _session_init(zygote_sock, g_end, user, job, fds, harness)
         if job is None or len(fds) != 3:
             os._exit(0)  # the zygote is going away; U dies with this namespace
         _mount_job(job)
@@ -256,18 +265,19 @@ def _job_init(zygote_sock: socket.socket, harness: types.ModuleType) -> None:
 
 
 def _session_init(
-    zygote_sock: socket.socket, g_end: socket.socket, user: int, job: dict[str, Any], ctl_fd: int,
+    zygote_sock: socket.socket, g_end: socket.socket, user: int, job: dict[str, Any], fds: list[int],
     harness: types.ModuleType,
 ) -> None:  # fmt: skip
     """G of a session: its mounts, the fds of /work and figures to the host, U started; reaps. Never returns."""
+    ctl_fd, work = fds
     ctl = socket.socket(fileno=ctl_fd)
     try:
-        work_fd, figures_fd = _mount_session(job)
+        figures_fd = _mount_session(job, work)
+        os.close(work)
         lockdown.check(lockdown.libc.prctl(4, 0, 0, 0, 0), "PR_SET_DUMPABLE")
         _lock_down()
         harness.ignore_signals()
-        send_msg(ctl, {"event": "mounted"}, [work_fd, figures_fd])
-        os.close(work_fd)
+        send_msg(ctl, {"event": "mounted"}, [figures_fd])
         os.close(figures_fd)
         send_msg(g_end, job, [ctl_fd])
         g_end.close()
@@ -418,10 +428,11 @@ def main(argv: list[str]) -> int:
                     if op == "arm" and nxt is not None and nxt.g is None:
                         nxt.arm()
                         sel.register(nxt.sock, selectors.EVENT_READ, "next")
-                    elif op == "open" and order and nxt and nxt.g is not None and len(fds) == 1 and running is None:
+                    elif op == "open" and order and nxt and nxt.g is not None and len(fds) == 2 and running is None:
                         # The child is the session's now: the zygote only reaps its G when it ends.
                         send_msg(nxt.sock, order, fds)
-                        os.close(fds[0])
+                        for fd in fds:
+                            os.close(fd)
                         sel.register(nxt.sock, selectors.EVENT_READ, ("session", nxt.g))
                         nxt = None
                     elif op == "run" and order and nxt and nxt.g is not None and len(fds) == 3 and running is None:

@@ -46,7 +46,7 @@ from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
 from .session import Session, start_session
 from .session_cage import SessionCage
-from .shape import INCAGE_DIR, SESSION_INPUTS, CageShape
+from .shape import INCAGE_DIR, CageShape
 from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
 from .workspace import MplConfig, Workspace, mount_tmpfs
 
@@ -75,8 +75,8 @@ def job_config(
 ) -> str:
     """The policy's text plus this job's uid map and mounts (repeated fields, appended).
 
-    A *session*'s inputs come and go as a directory, read-only at
-    /runnerd/inputs (incage/session.py links each into /work), and it has no code file.
+    A *session* has no code file (its runs come over its control socket),
+    and its inputs are written into its /work as they come (session.py).
     """
     lines = ["", "# ---- added by runnerd for this job ----", *pb_idmaps(uid)]
     lines.append(pb_bind(env, str(env), noexec=False))
@@ -85,9 +85,7 @@ def job_config(
         lines.append(pb_bind(ws.inputs / str(index), f"{shape.work}/{name}"))
     lines.append(pb_bind(ws.home, shape.home, rw=True))
     lines.append(pb_bind(ws.figures, shape.figures, rw=True))
-    if session:
-        lines.append(pb_bind(ws.inputs, SESSION_INPUTS))
-    else:
+    if not session:
         lines.append(pb_bind(ws.code_file, shape.code))
     for name in incage.COLD_FILES:
         lines.append(pb_bind(harness_dir / name, f"{INCAGE_DIR}/{name}"))
@@ -141,15 +139,13 @@ class Cage:
         try:
             ws = await asyncio.to_thread(
                 Workspace.create, self.config.jobs_dir, name, JobSpec(code=""),
-                uid=lease.uid, gid=lease.uid, scratch_bytes=limits.max_files_bytes + limits.max_artifacts_total_bytes,
-                scratch_inodes=limits.max_files + 1024, mplconfig=self.mplconfig,
+                # Beside /work (a tmpfs of its own, below): home and the figures of a run.
+                uid=lease.uid, gid=lease.uid, scratch_bytes=limits.max_artifacts_total_bytes,
+                scratch_inodes=1024, mplconfig=self.mplconfig,
             )  # fmt: skip
-            # /work a tmpfs of its own, as a warm session's: exactly the scratch space,
-            # whatever the session's inputs (beside it, in the workspace's tmpfs) take.
-            await asyncio.to_thread(mount_tmpfs, ws.work, limits.scratch_bytes, limits.scratch_inodes)
-            os.chown(ws.work, lease.uid, lease.uid)
-            os.chmod(ws.work, 0o700)
-            os.chmod(ws.inputs, 0o755)
+            # /work a tmpfs of its own, as a warm session's: root's and sticky (1777),
+            # so the inputs the host writes into it are not the session's to change.
+            await asyncio.to_thread(mount_tmpfs, ws.work, limits.scratch_bytes, limits.scratch_inodes, 0o1777)
             cg = self.host.cgroups.create(name, cold_cgroup_limits(self.policy.limits), freezer=True)
             out_r, out_w = os.pipe()
             log_r, log_w = os.pipe()
@@ -176,7 +172,7 @@ class Cage:
             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
             cage = SessionCage(
                 cgroup=cg, ctl=ours, work_fd=os.open(ws.work, flags), figures_fd=os.open(ws.figures, flags),
-                inputs=ws.inputs, end=end, diagnostics=diagnostics,
+                end=end, diagnostics=diagnostics,
             )  # fmt: skip
         except BaseException:
             ours.close()

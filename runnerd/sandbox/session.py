@@ -8,7 +8,7 @@ the session's own cgroup (memory, pids, freezer), the control socket to
 its process, and directory fds of its /work and figures dir.
 
 Per run (:meth:`Session.run`): the run's inputs go into the session's
-read-only input dir, the cgroup is thawed, the run is sent with three fresh
+/work, root's and read-only (/work is root's, sticky), the cgroup is thawed, the run is sent with three fresh
 pipes and supervised like a job (:func:`~.supervise.supervise`); when the
 session says ``done`` the cgroup is frozen again, so nothing the session
 started runs or prints until its next run, and the outputs this run made
@@ -41,10 +41,13 @@ from .report import small_int
 from .runner import execute_and_collect, sandbox_failure
 from .session_cage import MAX_EVENTS_PER_RUN, Control, SessionCage, Snapshot, snapshot, user_pid, write_inputs
 from .supervise import Execution, OnOutput, supervise
+from .workspace import resize_tmpfs_fd
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0  # a cold session's interpreter start, on a loaded host
+# What a tmpfs may take beyond a file's bytes (its last page): /work grows by it per input.
+INPUT_SLACK_BYTES = 4096
 
 
 @dataclass
@@ -64,7 +67,6 @@ class Session:
     control: Control
     user_pid: int  # U, as the host sees it (for SIGINT)
     input_names: set[str] = field(default_factory=set)
-    unlinked: list[str] = field(default_factory=list)  # inputs the session has not linked into /work yet
     input_bytes: int = 0
     baseline: Snapshot = field(default_factory=dict)
     ended: SessionEnd | None = None
@@ -126,10 +128,7 @@ class Session:
         try:
             await self.cage.end()
         finally:
-            for fd in (self.cage.work_fd, self.cage.figures_fd):
-                if fd >= 0:
-                    os.close(fd)
-            self.cage.work_fd = self.cage.figures_fd = -1
+            self.cage.close_fds()
             if self.on_end is not None:
                 self.on_end(self, reason)
 
@@ -155,22 +154,30 @@ class Session:
             raise JobRejected(f"session {self.id!r}: more than {limits.max_files} input files", code="TOO_LARGE")
 
     def add_inputs(self, files: tuple[InputFile, ...]) -> None:
-        """Write this run's inputs (the session is frozen); JobRejected if /work has one of the names."""
+        """Write this run's inputs into /work (the session is frozen); JobRejected if /work has one of the names.
+
+        /work grows by their size first: its scratch space stays the same.
+        """
         self.check_inputs(files)
+        if not files:
+            return
         for f in files:
             try:
-                os.lstat(self.cage.work / f.name)
+                os.stat(f.name, dir_fd=self.cage.work_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             raise JobRejected(f"session {self.id!r} already has a file {f.name!r} in /work (written by a run)")
+        limits = self.config.limits
+        size = self.input_bytes + sum(len(f.data) + INPUT_SLACK_BYTES for f in files)
+        count = len(self.input_names) + len(files)
         try:
-            write_inputs(self.cage.inputs, files)
+            resize_tmpfs_fd(self.cage.work_fd, limits.scratch_bytes + size, limits.scratch_inodes + count)
+            write_inputs(self.cage.work_fd, files)
         except OSError as exc:
             raise SandboxError(f"cannot write the session's input files: {exc}") from None
         for f in files:
             self.input_names.add(f.name)
-            self.unlinked.append(f.name)
-            self.input_bytes += len(f.data)
+        self.input_bytes = size
 
     async def run(
         self, job: JobSpec, *, on_output: OnOutput | None = None, stop: asyncio.Future[Reason] | None = None,
@@ -230,8 +237,7 @@ class Session:
         run = _RunState(done=loop.create_future())
         self._run = run
         self.control.budget = MAX_EVENTS_PER_RUN
-        order = {"op": "run", "code": job.code, "inputs": self.unlinked}
-        self.unlinked = []
+        order = {"op": "run", "code": job.code}
         body = json.dumps(order).encode()
         try:
             # At most max_code_bytes (+ names): fits the socket buffer of a session
@@ -336,14 +342,14 @@ async def start_session(
     session_id: str, cage: SessionCage, config: Config, policy: Policy, files: tuple[InputFile, ...]
 ) -> Session:
     """Wait for the session's interpreter, note U's pid, write the open's inputs, freeze it: a ready Session."""
-    control = Control(cage.ctl, accept_fds=cage.work_fd < 0)
+    control = Control(cage.ctl, accept_fds=cage.figures_fd < 0)
     try:
         event = await control.next(READY_TIMEOUT_S)
         if event is not None and event.get("event") == "mounted":
             fds = event.get("fds") or []
-            if len(fds) != 2:
-                raise SandboxError("the session's cage sent no directory fds")
-            cage.work_fd, cage.figures_fd = fds
+            if len(fds) != 1:
+                raise SandboxError("the session's cage sent no figures dir fd")
+            (cage.figures_fd,) = fds
             control.accept_fds = False
             event = await control.next(READY_TIMEOUT_S)
         if event is None or event.get("event") != "ready":
@@ -358,10 +364,12 @@ async def start_session(
     except TimeoutError:
         control.close()
         await cage.end()
+        cage.close_fds()
         raise SandboxError(f"the session's interpreter was not ready in {READY_TIMEOUT_S:.0f} s") from None
     except BaseException:
         control.close()
         await cage.end()
+        cage.close_fds()
         raise
     session.start_watching()
     return session

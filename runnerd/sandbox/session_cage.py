@@ -4,7 +4,7 @@
 running incage/session.py, :meth:`~.cage.Cage.open_session`; warm: a
 session zygote's armed child, :meth:`~.zygotes.Zygote.open_session`): its
 cgroup, its control socket, directory fds of its /work and figures dir,
-the host dir of its inputs, and how to end it. :class:`Control` reads the
+and how to end it. :class:`Control` reads the
 socket (the user's code holds the other end too: nothing is trusted beyond
 its size). :func:`snapshot` and :func:`write_inputs` are the file side.
 """
@@ -43,11 +43,19 @@ class SessionCage:
 
     cgroup: JobCgroup
     ctl: socket.socket  # the host's end of the session's control socket (non-blocking)
-    work_fd: int  # the session's /work and figures dir, as directory fds
+    # The session's /work, a tmpfs of the host's (root's, mode 1777): the root of
+    # its mount (warm: the mount fd the session attached), and its figures dir.
+    work_fd: int
     figures_fd: int
-    inputs: Path  # host dir of the session's input files, bound read-only at /runnerd/inputs
     end: Callable[[], Awaitable[None]]  # kill what is left and remove everything (idempotent)
     diagnostics: Callable[[], str] = lambda: ""
+
+    def close_fds(self) -> None:
+        """Once the session is gone: its /work's last reference (warm: the mount fd) goes with these."""
+        for fd in (self.work_fd, self.figures_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.work_fd = self.figures_fd = -1
 
     @property
     def work(self) -> Path:
@@ -165,10 +173,14 @@ def snapshot(work: Path) -> Snapshot:
     return found
 
 
-def write_inputs(inputs: Path, files: Iterable[InputFile]) -> None:
-    """The run's input files, root's and read-only, by their (checked, plain) names."""
+def write_inputs(work_fd: int, files: Iterable[InputFile]) -> None:
+    """The run's input files in /work, root's and read-only, by their (checked, plain) names.
+
+    /work is root's with the sticky bit: the session can neither change,
+    remove nor replace them, and writes files of its own beside them.
+    """
     for f in files:
-        fd = os.open(inputs / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
+        fd = os.open(f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444, dir_fd=work_fd)
         try:
             view = memoryview(f.data)
             while view:

@@ -24,8 +24,6 @@ JAIL_UID = 1000
 INCAGE_DIR = "/runnerd"
 CODE = f"{INCAGE_DIR}/main.py"
 FIGURES = f"{INCAGE_DIR}/figures"
-# A session's input files, read-only (incage/session.py links each into /work).
-SESSION_INPUTS = f"{INCAGE_DIR}/inputs"
 
 # What a warm zygote's child must still do under its zygote's seccomp
 # policy to build its job's cage (fresh user, mount, pid, ipc, net and cgroup namespaces;
@@ -36,6 +34,8 @@ SESSION_INPUTS = f"{INCAGE_DIR}/inputs"
 LIFTED_FOR_ZYGOTES = {
     "unshare": r"(?<![\w])unshare\s*,\s*",
     "mount": r"(?<![\w])mount\s*,\s*",
+    # A session's G attaches the /work the host made (a mount fd).
+    "move_mount": r"(?<![\w])move_mount\s*,\s*",
     "clone": r"(?<![\w])clone\s*\([^()]*\)\s*\{[^{}]*\}\s*,\s*",
 }
 

@@ -45,8 +45,8 @@ _SLACK_INODES = 64
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def mount_tmpfs(target: Path, size: int, inodes: int) -> None:
-    options = f"size={size},nr_inodes={inodes},mode=0711,uid=0,gid=0".encode()
+def mount_tmpfs(target: Path, size: int, inodes: int, mode: int = 0o711) -> None:
+    options = f"size={size},nr_inodes={inodes},mode={mode:04o},uid=0,gid=0".encode()
     flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
     if _libc.mount(TMPFS_SOURCE.encode(), str(target).encode(), b"tmpfs", ctypes.c_ulong(flags), options) != 0:
         err = ctypes.get_errno()
@@ -63,6 +63,53 @@ def resize_tmpfs(target: Path, size: int, inodes: int) -> None:
     if _libc.mount(None, str(target).encode(), None, ctypes.c_ulong(flags), options) != 0:
         err = ctypes.get_errno()
         raise SandboxError(f"cannot resize the tmpfs at {target}: {os.strerror(err)}")
+
+
+# The new mount API (x86_64): a tmpfs made here, handed to a cage as a mount fd.
+_SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT, _SYS_FSPICK = 430, 431, 432, 433
+_FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE, _FSCONFIG_CMD_RECONFIGURE = 1, 6, 7
+_FSOPEN_CLOEXEC, _FSMOUNT_CLOEXEC, _FSPICK_CLOEXEC, _FSPICK_EMPTY_PATH = 1, 1, 1, 8
+_MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV, _MOUNT_ATTR_NOEXEC = 0x2, 0x4, 0x8
+
+
+def _fs_call(number: int, *args: object, what: str) -> int:
+    ret = _libc.syscall(number, *args)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise SandboxError(f"cannot {what}: {os.strerror(err)}")
+    return int(ret)
+
+
+def _fs_set(fs: int, options: dict[str, str], what: str) -> None:
+    for key, value in options.items():
+        _fs_call(_SYS_FSCONFIG, fs, _FSCONFIG_SET_STRING, key.encode(), value.encode(), 0, what=f"{what} ({key})")
+
+
+def detached_tmpfs(size: int, inodes: int, mode: int) -> int:
+    """A tmpfs of the host's (root's, nosuid/nodev/noexec) mounted nowhere yet: its mount fd.
+
+    A cage in namespaces of its own attaches it with move_mount (a warm
+    session's /work): its files stay the host's to write as root (inputs a
+    session cannot change) and its size the host's to set (:func:`resize_tmpfs_fd`).
+    """
+    fs = _fs_call(_SYS_FSOPEN, b"tmpfs", _FSOPEN_CLOEXEC, what="open a tmpfs context")
+    try:
+        _fs_set(fs, {"size": str(size), "nr_inodes": str(inodes), "mode": f"{mode:04o}"}, "configure a tmpfs")
+        _fs_call(_SYS_FSCONFIG, fs, _FSCONFIG_CMD_CREATE, None, None, 0, what="create a tmpfs")
+        flags = _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV | _MOUNT_ATTR_NOEXEC
+        return _fs_call(_SYS_FSMOUNT, fs, _FSMOUNT_CLOEXEC, flags, what="make a tmpfs mount")
+    finally:
+        os.close(fs)
+
+
+def resize_tmpfs_fd(fd: int, size: int, inodes: int) -> None:
+    """Set the size and inode limits of the tmpfs whose root *fd* is (wherever it is mounted)."""
+    fs = _fs_call(_SYS_FSPICK, fd, b"", _FSPICK_CLOEXEC | _FSPICK_EMPTY_PATH, what="pick a tmpfs to resize")
+    try:
+        _fs_set(fs, {"size": str(size), "nr_inodes": str(inodes)}, "resize a tmpfs")
+        _fs_call(_SYS_FSCONFIG, fs, _FSCONFIG_CMD_RECONFIGURE, None, None, 0, what="resize a tmpfs")
+    finally:
+        os.close(fs)
 
 
 def job_size(job: JobSpec, scratch_bytes: int, scratch_inodes: int, mplconfig: MplConfig) -> tuple[int, int]:

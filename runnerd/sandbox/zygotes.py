@@ -36,10 +36,10 @@ from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
 from .session import Session, start_session
 from .session_cage import SessionCage
-from .shape import INCAGE_DIR, SESSION_INPUTS
+from .shape import INCAGE_DIR
 from .spool import PLACEHOLDER, SPOOL_BASE_BYTES, SPOOL_BASE_INODES, mount_spool
 from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
-from .workspace import MplConfig, Workspace, job_size, resize_tmpfs
+from .workspace import MplConfig, Workspace, detached_tmpfs, job_size, resize_tmpfs
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,6 @@ class Zygote:
         lines.append(tmpfs.format(dst=self.shape.work, opts="size=1048576,nr_inodes=64,mode=0755"))
         lines.append(tmpfs.format(dst=self.shape.home, opts="size=8388608,nr_inodes=256,mode=0755"))
         lines.append(tmpfs.format(dst=self.shape.figures, opts="size=4096,nr_inodes=4,mode=0755"))
-        lines.append(tmpfs.format(dst=SESSION_INPUTS, opts="size=4096,nr_inodes=4,mode=0755"))
         # The mount point of each job's code. A real file: nsjail's
         # src_content files are deleted, and nothing mounts on those.
         lines.append(pb_bind(spool / PLACEHOLDER, self.shape.code))
@@ -142,9 +141,8 @@ class Zygote:
         lim = self.config.limits
         self.spool = self.config.jobs_dir / name
         if self.for_sessions:
-            # Only the sessions' inputs (the host writes them; a session cannot): a cap, not a reservation.
-            size = self.config.max_sessions * (lim.max_files_bytes + SPOOL_BASE_BYTES) + (8 << 20)
-            inodes = self.config.max_sessions * (lim.max_files + 4) + 64
+            # A session's files are in tmpfs mounts of their own: nothing comes through the spool.
+            size, inodes = SPOOL_BASE_BYTES, SPOOL_BASE_INODES
         else:
             size = lim.scratch_bytes + lim.max_files_bytes + lim.max_code_bytes + (8 << 20)
             inodes = lim.scratch_inodes + lim.max_files + 64
@@ -317,17 +315,15 @@ class Zygote:
     # ------------------------------------------------------------ a session
 
     async def open_session(self, session_id: str, files: tuple[InputFile, ...]) -> Session:
-        """Give the armed child to a session (its own tmpfs /work, home, figures; incage/session.py)."""
-        assert self.armed is not None and self.ctl is not None and self.spool is not None
+        """Give the armed child to a session: its own /work (a tmpfs of the host's, attached by G), home, figures."""
+        assert self.armed is not None and self.ctl is not None
         name, cg = self.armed
         self.armed = None
         lim = self.config.limits
-        session_dir = self.spool / name
-        inputs = session_dir / "inputs"
 
         async def end() -> None:
             try:
-                await asyncio.to_thread(teardown, cg, Workspace(session_dir), mounted=False)
+                await asyncio.to_thread(teardown, cg, None)
             finally:
                 self.live_sessions -= 1
                 if not self.live_sessions:
@@ -335,25 +331,23 @@ class Zygote:
 
         self.live_sessions += 1
         self.sessions_done.clear()
-
+        work = -1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            session_dir.mkdir(mode=0o711)
-            inputs.mkdir(mode=0o755)
+            # Root's with the sticky bit: the inputs the host writes into it stay as they are.
+            work = detached_tmpfs(lim.scratch_bytes, lim.scratch_inodes, 0o1777)
             order = {
                 "op": "open",
                 "dir": name,
-                "work": {
-                    "size": lim.scratch_bytes,
-                    "inodes": lim.scratch_inodes,
-                    "figures": lim.max_artifacts_total_bytes + (1 << 20),
-                },
+                "figures": {"size": lim.max_artifacts_total_bytes + (1 << 20), "inodes": 256},
                 "max_figures": lim.max_figures,
                 "max_value": lim.max_value_chars,
             }
-            socket.send_fds(self.ctl, [_frame(order)], [theirs.fileno()])
-        except OSError as exc:
+            socket.send_fds(self.ctl, [_frame(order)], [theirs.fileno(), work])
+        except (OSError, SandboxError) as exc:
             ours.close()
+            if work >= 0:
+                os.close(work)
             await end()
             self._gone(f"giving it a session failed: {exc}")
             raise ZygoteGone(f"zygote {self.index} is gone") from None
@@ -365,9 +359,7 @@ class Zygote:
             said = self.diagnostics()
             return "" if said == NO_MESSAGE else said
 
-        cage = SessionCage(
-            cgroup=cg, ctl=ours, work_fd=-1, figures_fd=-1, inputs=inputs, end=end, diagnostics=diagnostics
-        )
+        cage = SessionCage(cgroup=cg, ctl=ours, work_fd=work, figures_fd=-1, end=end, diagnostics=diagnostics)
         return await start_session(session_id, cage, self.config, self.policy, files)
 
     # ------------------------------------------------------------ a job
