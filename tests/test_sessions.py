@@ -789,10 +789,8 @@ def test_close_stops_the_running_run_and_answers_the_waiting_one(wire, sd):
     assert r.reason is Reason.CANCELLED and r.usage.wall_s < 10, r
     ended(r, SessionEnd.CLOSED)
     cg.wait_gone()
-    # docs/protocol.md: "A run of it that was waiting gets a result with reason cancelled"
-    w = wire.reply(waiting)
-    assert w["type"] == "result" and w["reason"] == "cancelled", w
-    assert "never" not in w["stdout"]
+    # docs/protocol.md: a run that was waiting never ran: NOT_FOUND, saying how the session ended
+    not_found(wire.reply(waiting), f"session '{s}' ended", "closed")
 
 
 # ---------------------------------------------------------------- clocks and limits
@@ -1384,4 +1382,29 @@ def test_shutdown_with_open_sessions(daemons, home, mode):
     assert time.monotonic() - t0 < 30
     for s in (busy, idle):
         log_has(d, rf"session {s} ended: shutdown")
+    assert_clean(home)
+
+
+@pytest.mark.parametrize("mode", ["cold", "warm"])
+def test_a_session_lives_through_a_reload(daemons, home, mode):
+    """SIGHUP: the open session keeps its cage (warm: its old zygote stays until it ends); new ones use the new config."""
+    d = daemons("reload", mode=mode)
+    with Wire(d.ipc) as w:
+        s = new_id("reload")
+        w.opened(s)
+        w.ok("import os\nkept = 41\nbefore = os.getpid()", s)
+        cg = locate(w, s)
+        d.proc.send_signal(signal.SIGHUP)
+        log_has(d, r"reloaded", timeout=120)
+        after = w.ok("kept + 1", s)
+        assert after.value == "42" and after.session is not None and after.session.alive, after
+        fresh = new_id("after-reload")
+        w.opened(fresh)
+        assert w.ok("'new'", fresh).value == "'new'"
+        w.close(s)
+        cg.wait_gone()
+        if mode == "warm":
+            log_has(d, r"keeping 1 session zygote\(s\) until their sessions end")
+        w.close(fresh)
+    assert d.stop() == 0, d.log()[-3000:]
     assert_clean(home)

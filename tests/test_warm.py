@@ -295,7 +295,8 @@ def test_a_dead_zygote_is_replaced(cage_confirmed, state_dir):
             assert started.wait(60), "a job did not start"
         daemon = psutil.Process(d.proc.pid)
         zygotes = zygote_processes(daemon)
-        assert len(zygotes) == 2 + 4  # full ones (the CPUs) and light ones (twice the concurrency)
+        # full ones (the CPUs), light ones (twice the concurrency), one for sessions
+        assert len(zygotes) == 2 + 4 + 1
         for z in zygotes:
             z.send_signal(signal.SIGKILL)
         for t in threads:
@@ -335,7 +336,8 @@ def test_warm_daemon_reload_retires_the_old_pool(cage_confirmed, state_dir):
             assert c.run("print('after reload')").ok
         while (zygote_pids() & before) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert before and not (zygote_pids() & before) and len(zygote_pids()) == 1 + 2  # one full, two light
+        # one full, two light, one for sessions
+        assert before and not (zygote_pids() & before) and len(zygote_pids()) == 1 + 2 + 1
     finally:
         assert d.stop() == 0, d.log()
     # The old pool (retired by the reload) and the new one (SIGTERM) ended on purpose: no warnings.
