@@ -59,7 +59,8 @@ class AttemptNotRun(ClientError):
 class RemoteError(ClientError):
     """The daemon answered a request with ``type: "error"``."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, ended: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.ended = ended  # NOT_FOUND for a session that ended: how (a SessionEnd value)

@@ -91,7 +91,8 @@ def _run_plan(
 
 
 def _remote_error(msg: Mapping[str, Any]) -> RemoteError:
-    return RemoteError(str(msg.get("code")), str(msg.get("message")))
+    ended = msg.get("ended")
+    return RemoteError(str(msg.get("code")), str(msg.get("message")), ended if isinstance(ended, str) else None)
 
 
 class _Tracker:
@@ -304,7 +305,8 @@ class _SessionState:
         if exc.code != protocol.NOT_FOUND:
             return False
         self.alive = False
-        self.ended = session_end_from(exc.message) or self.ended
+        word = _END_WORDS.get(exc.ended) if exc.ended else None
+        self.ended = word or session_end_from(exc.message) or self.ended
         self.end_message = exc.message
         return True
 

@@ -11,7 +11,8 @@ warm one) reaps, and when U ends says how on the same socket.
 
 Control socket, both ways: a 4-byte big-endian length, then JSON::
 
-    host -> U     {"op": "run", "code": str}  + 3 fds (the run's inputs are in /work already)
+    host -> U     {"op": "run"}  + 4 fds: stdout, stderr, report, and the code (a sealed memfd)
+                  (the run's inputs are in /work already)
     U -> host     {"event": "ready"}  once;  {"event": "done"}  after each run
     PID 1 -> host {"event": "exit", "exit_code": n} | {"event": "exit", "signal": n}
 
@@ -35,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 FIGURES = "/runnerd/figures"
-MAX_MESSAGE = 16 << 20  # a run's code is at most limits.max_code_bytes (1 MiB by default)
+MAX_MESSAGE = 1 << 20  # orders and events are small: a run's code comes in a file of its own
 
 
 def sibling(name: str) -> types.ModuleType:
@@ -83,6 +84,18 @@ def recv_msg(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | No
     return (message if isinstance(message, dict) else None), fds
 
 
+def _read_code(fd: int) -> str:
+    """The run's code, from the sealed memfd the host sent (the order itself stays small)."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
 def _clear_figures() -> None:
     """The last run's rendered figures (the host has collected them): this run's names start afresh."""
     try:
@@ -96,6 +109,15 @@ def _clear_figures() -> None:
     backend = sys.modules.get("runnerd_inline")
     if backend is not None:
         backend.reset()
+
+
+def _close_figures() -> None:
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        try:
+            pyplot.close("all")
+        except Exception:
+            pass
 
 
 def _run(harness: types.ModuleType, code: str, filename: str, namespace: dict, max_value: int) -> tuple:
@@ -119,11 +141,12 @@ def serve_runs(sock: socket.socket, harness: types.ModuleType, max_figures: int,
     send_msg(sock, {"event": "ready"})
     count = 0
     while True:
-        order, fds = recv_msg(sock, max_fds=3)
-        if order is None or order.get("op") != "run" or len(fds) != 3 or not isinstance(order.get("code"), str):
+        order, fds = recv_msg(sock, max_fds=4)
+        if order is None or order.get("op") != "run" or len(fds) != 4:
             for fd in fds:
                 os.close(fd)
             os._exit(0)  # closed (or a host that broke the protocol): the session ends
+        code = _read_code(fds.pop())
         count += 1
         os.dup2(fds[0], 1)
         os.dup2(fds[1], 2)
@@ -132,11 +155,17 @@ def serve_runs(sock: socket.socket, harness: types.ModuleType, max_figures: int,
         report = harness.reporter(fds[2])
         report(event="start")
         _clear_figures()
-        exit_code, error, value = _run(harness, order["code"], f"cell{count}.py", module.__dict__, max_value)
-        try:
-            rendered, dropped = harness.render_figures()
-        except KeyboardInterrupt:
-            rendered = dropped = 0
+        exit_code, error, value = _run(harness, code, f"cell{count}.py", module.__dict__, max_value)
+        rendered = dropped = 0
+        if error is not None and error["type"] == "KeyboardInterrupt":
+            # Stopped at its deadline (or cancelled): what it drew is dropped, not rendered,
+            # so the grace the host gives it is not spent on drawing.
+            _close_figures()
+        else:
+            try:
+                rendered, dropped = harness.render_figures()
+            except KeyboardInterrupt:
+                pass
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

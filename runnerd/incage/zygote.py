@@ -30,7 +30,8 @@ JSON, file descriptors as SCM_RIGHTS.
     host -> zygote  {"op": "run", "dir": ..., "inputs": [...],   + fds [stdout, stderr, report]
                      "max_figures": 32}
     zygote -> host  {"event": "exit", "code": N} | {"event": "exit", "signal": S}
-    host -> zygote  {"op": "open", "figures": {size, inodes},     + fds [session control socket, /work]
+    host -> zygote  {"op": "open", "home": [size, inodes],        + fds [session control socket, /work]
+                     "figures": [size, inodes],
                      "max_figures": 32, "max_value": 8192}
     host -> zygote  {"op": "quit"} (or closes the socket)
 
@@ -166,15 +167,8 @@ def _mount_session(job: dict[str, Any], work: int) -> int:
         ),
         "move_mount /work",
     )
-    figures = job["figures"]
-    _mount("tmpfs", SHAPE["home"], "tmpfs", safe, "size=16777216,nr_inodes=1024,mode=0755")
-    _mount(
-        "tmpfs",
-        SHAPE["figures"],
-        "tmpfs",
-        safe,
-        f"size={int(figures['size'])},nr_inodes={int(figures['inodes'])},mode=0755",
-    )
+    for dst, (size, inodes) in ((SHAPE["home"], job["home"]), (SHAPE["figures"], job["figures"])):
+        _mount("tmpfs", dst, "tmpfs", safe, f"size={int(size)},nr_inodes={int(inodes)},mode=0755")
     for path in (SHAPE["home"], SHAPE["figures"]):
         os.chown(path, uid, uid)
     for t in SHAPE["tmpfs"]:
@@ -184,11 +178,17 @@ def _mount_session(job: dict[str, Any], work: int) -> int:
     return os.open(SHAPE["figures"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def _lock_down() -> None:
-    """Job limits, no capabilities, no new privileges, the stacked seccomp filter."""
+def _set_rlimits() -> None:
+    """The job's rlimits (its CPU time): lowering them needs no privilege, so U sets them once it knows its job."""
     for name, value in SHAPE["rlimits"].items():
         value = resource.RLIM_INFINITY if value < 0 else value
         resource.setrlimit(getattr(resource, name), (value, value))
+
+
+def _lock_down(rlimits: bool = True) -> None:
+    """Job limits, no capabilities, no new privileges, the stacked seccomp filter."""
+    if rlimits:
+        _set_rlimits()
     lockdown.drop_privileges()
     lockdown.install_seccomp(SHAPE["lifted"])
 
@@ -203,15 +203,18 @@ def _reseed() -> None:
 def _user(sock: socket.socket, harness: types.ModuleType) -> None:
     """U: the process that runs the user's code; made, and locked down, before its job. Never returns."""
     try:
-        _lock_down()
+        _lock_down(rlimits=False)
         job, fds = recv_msg(sock, max_fds=3)
         if job is not None and job.get("op") == "open" and len(fds) == 1:
+            # A session's process lives across its runs: a CPU-time rlimit would add
+            # up over all of them. Each run has its wall clock; the cgroup its CPU quota.
             sock.close()
             os.chdir(SHAPE["work"])
             _reseed()
             session.serve_runs(socket.socket(fileno=fds[0]), harness, int(job["max_figures"]), int(job["max_value"]))
         if job is None or len(fds) != 3:
             os._exit(0)
+        _set_rlimits()
         sock.close()
         os.dup2(fds[0], 1)
         os.dup2(fds[1], 2)

@@ -45,7 +45,7 @@ from .policy import Policy, nsjail_problems
 from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
 from .session import Session, start_session
-from .session_cage import SessionCage
+from .session_cage import SESSION_HOME, SessionCage, session_figures
 from .shape import INCAGE_DIR, CageShape
 from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
 from .workspace import MplConfig, Workspace, mount_tmpfs
@@ -121,6 +121,8 @@ class Cage:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         said = bytearray()
         nsjail_log = bytearray()
+        unread: list[int] = []
+        cage: SessionCage | None = None
 
         async def end() -> None:
             # nsjail is in the session's cgroup: killing the cgroup (thawed first) ends it too.
@@ -140,8 +142,8 @@ class Cage:
             ws = await asyncio.to_thread(
                 Workspace.create, self.config.jobs_dir, name, JobSpec(code=""),
                 # Beside /work (a tmpfs of its own, below): home and the figures of a run.
-                uid=lease.uid, gid=lease.uid, scratch_bytes=limits.max_artifacts_total_bytes,
-                scratch_inodes=1024, mplconfig=self.mplconfig,
+                uid=lease.uid, gid=lease.uid, scratch_bytes=SESSION_HOME[0] + session_figures(limits)[0],
+                scratch_inodes=SESSION_HOME[1] + session_figures(limits)[1], mplconfig=self.mplconfig,
             )  # fmt: skip
             # /work a tmpfs of its own, as a warm session's: root's and sticky (1777),
             # so the inputs the host writes into it are not the session's to change.
@@ -149,6 +151,7 @@ class Cage:
             cg = self.host.cgroups.create(name, cold_cgroup_limits(self.policy.limits), freezer=True)
             out_r, out_w = os.pipe()
             log_r, log_w = os.pipe()
+            unread = [out_r, log_r]  # closed here if nsjail does not start; by read_pipe once read
             config = job_config(
                 self.policy, self.shape, ws, uid=lease.uid, env=self.env, harness_dir=self.config.harness_dir,
                 session=True,
@@ -157,7 +160,10 @@ class Cage:
                 proc = spawn_nsjail(
                     self.nsjail, config, self.policy.kafel_text, cg,
                     # The host ends a session: no time limit of nsjail's own.
-                    args=("--time_limit", "0"),
+                    # No CPU-time rlimit either: its process lives across its runs, and it
+                    # would add up over all of them (each run has its wall clock; the cgroup
+                    # its CPU quota).
+                    args=("--time_limit", "0", "--rlimit_cpu", "inf"),
                     command=[str(self.env / "bin" / "python3"), "-I", "-B", "-u", SESSION_IN_CAGE,
                              str(theirs.fileno()), str(limits.max_figures), str(limits.max_value_chars)],
                     stdout=out_w, stderr=out_w, log_w=log_w, pass_fds=(theirs.fileno(),),
@@ -165,19 +171,24 @@ class Cage:
             finally:
                 os.close(out_w)
                 os.close(log_w)
-                theirs.close()
             loop = asyncio.get_running_loop()
             read_pipe(loop, out_r, capped(said, MAX_LOG_BYTES))
             read_pipe(loop, log_r, capped(nsjail_log, MAX_LOG_BYTES))
+            unread.clear()
+            cage = SessionCage(cgroup=cg, ctl=ours, work_fd=-1, figures_fd=-1, end=end, diagnostics=diagnostics)
             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-            cage = SessionCage(
-                cgroup=cg, ctl=ours, work_fd=os.open(ws.work, flags), figures_fd=os.open(ws.figures, flags),
-                end=end, diagnostics=diagnostics,
-            )  # fmt: skip
+            cage.work_fd = os.open(ws.work, flags)
+            cage.figures_fd = os.open(ws.figures, flags)
         except BaseException:
+            for fd in unread:
+                os.close(fd)
+            if cage is not None:
+                cage.close_fds()
             ours.close()
             await end()
             raise
+        finally:
+            theirs.close()
         return await start_session(session_id, cage, self.config, self.policy, files)
 
     async def run(

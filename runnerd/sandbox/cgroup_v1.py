@@ -12,7 +12,6 @@ from pathlib import Path
 from ..errors import SandboxError
 from .cgroups import (
     CPU_PERIOD_US,
-    FREEZE_TIMEOUT_S,
     JOB_PREFIX,
     CgroupLimits,
     Cgroups,
@@ -25,7 +24,6 @@ from .cgroups import (
     rmdir_cgroup,
     rmdir_if_empty,
     to_int,
-    wait_for,
     write_value,
 )
 
@@ -64,10 +62,11 @@ class JobCgroupV1(JobCgroup):
         self.thaw()
         return kill_until_empty([d / "cgroup.procs" for d in self._unique_dirs()])
 
-    def freeze(self) -> bool:
-        state = self.dirs["freezer"] / "freezer.state"
-        write_value(state, "FROZEN")
-        return wait_for(lambda: read_text(state).strip() == "FROZEN", FREEZE_TIMEOUT_S)
+    def request_freeze(self) -> None:
+        write_value(self.dirs["freezer"] / "freezer.state", "FROZEN")
+
+    def frozen(self) -> bool:
+        return read_text(self.dirs["freezer"] / "freezer.state").strip() == "FROZEN"
 
     def thaw(self) -> None:
         if "freezer" in self.dirs:
@@ -158,6 +157,9 @@ class CgroupsV1(Cgroups):
                 raise
             raise SandboxError(f"cgroup v1: cannot create job cgroup {name}: {exc.strerror}") from None
         return JobCgroupV1(name, dirs)
+
+    def can_freeze(self) -> bool:
+        return FREEZER in self.mounts
 
     def release(self) -> None:
         self._made = {p for p in self._made if not rmdir_if_empty(p)}

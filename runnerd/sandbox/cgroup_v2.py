@@ -19,7 +19,6 @@ from pathlib import Path
 from ..errors import SandboxError
 from .cgroups import (
     CPU_PERIOD_US,
-    FREEZE_TIMEOUT_S,
     JOB_PREFIX,
     CgroupLimits,
     Cgroups,
@@ -32,7 +31,6 @@ from .cgroups import (
     rmdir_cgroup,
     rmdir_if_empty,
     to_int,
-    wait_for,
     write_value,
 )
 
@@ -52,9 +50,11 @@ class JobCgroupV2(JobCgroup):
     def attach(self, pid: int) -> None:
         write_value(self.path / "cgroup.procs", str(pid))
 
-    def freeze(self) -> bool:
+    def request_freeze(self) -> None:
         write_value(self.path / "cgroup.freeze", "1")
-        return wait_for(lambda: keyed(read_text(self.path / "cgroup.events"), "frozen") == 1, FREEZE_TIMEOUT_S)
+
+    def frozen(self) -> bool:
+        return keyed(read_text(self.path / "cgroup.events"), "frozen") == 1
 
     def thaw(self) -> None:
         write_value(self.path / "cgroup.freeze", "0")

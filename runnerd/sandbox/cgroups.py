@@ -190,9 +190,17 @@ class JobCgroup(ABC):
     def remove(self) -> bool:
         """Remove the cgroup (after kill); False if the kernel still holds it."""
 
-    @abstractmethod
     def freeze(self) -> bool:
-        """Stop every process inside (a session between runs); True once all are frozen."""
+        """Stop every process inside (a session between runs); True once all are frozen (within FREEZE_TIMEOUT_S)."""
+        self.request_freeze()
+        return self.frozen() or wait_for(self.frozen, FREEZE_TIMEOUT_S)
+
+    @abstractmethod
+    def request_freeze(self) -> None:
+        """Ask the kernel to freeze every process inside; :meth:`frozen` says when it has."""
+
+    @abstractmethod
+    def frozen(self) -> bool: ...
 
     @abstractmethod
     def thaw(self) -> None: ...
@@ -226,6 +234,10 @@ class Cgroups(ABC):
 
     @abstractmethod
     def describe(self) -> str: ...
+
+    def can_freeze(self) -> bool:
+        """Whether job cgroups can be frozen (sessions need it between their runs)."""
+        return True
 
     @abstractmethod
     def release(self) -> None:

@@ -30,7 +30,7 @@ def parse_report(raw: bytes) -> Report:
     for line in raw.splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: [[[[... nested past the parser's depth
             continue
         if not isinstance(record, dict):
             continue

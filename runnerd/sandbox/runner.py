@@ -32,10 +32,11 @@ log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
-    """What runs jobs: the cold cage, the warm pool (and the next issue's sessions).
+    """What runs jobs: the cold cage, the warm pool, and a session (sandbox/session.py).
 
-    ``run`` always returns a Result: a host-side failure is reason
-    ``sandbox_error`` (see :func:`sandbox_failure`). *on_output* gets stdout
+    ``run`` returns a Result: a host-side failure is reason ``sandbox_error``
+    (see :func:`sandbox_failure`). Only a session may refuse a job before
+    anything of it ran, with JobRejected (an input name it already has). *on_output* gets stdout
     and stderr as they come; *stop*, when it gets a reason (cancelled,
     shutdown), ends the job with it; *name* fixes the job's internal
     cgroup/dir name (tests); *job_id* is the client's id, for log lines.
@@ -72,13 +73,14 @@ async def execute_and_collect(
     policy: Policy,
     label: str,
     outputs: Callable[[], Collected] | None = None,
+    inline: bool = False,
 ) -> Result:
     """The per-job skeleton every runner shares: captures, execute, collect the outputs, the result.
 
     *execute* runs the job with the two captures and returns once every
     process of the job is dead (its cgroup's counters read), or frozen (a
     session's): only then are the outputs collected, from *ws* or by
-    *outputs*, so nothing the job ran can touch them.
+    *outputs* (on the event loop if *inline*), so nothing the job ran can touch them.
     A SandboxError goes to the caller, who owns the cage (see sandbox_failure).
     """
     limits = config.limits
@@ -92,8 +94,8 @@ async def execute_and_collect(
         def outputs() -> Collected:
             return collect(work, figures, exclude=exclude, limits=limits)
 
-    # Small (a session's print): a thread hop would cost more than the walk.
-    collected = outputs() if ws is None else await asyncio.to_thread(outputs)
+    # *inline*: a few files (a session's print): a thread hop would cost more than the walk.
+    collected = outputs() if inline else await asyncio.to_thread(outputs)
     return build_result(ex, out, err, collected, policy=policy, config=config, job_id=label)
 
 

@@ -23,6 +23,8 @@ import asyncio
 import json
 import logging
 import os
+import select
+import signal
 import socket
 import struct
 from collections.abc import Callable, Iterable
@@ -33,19 +35,30 @@ from ..config import Config
 from ..errors import JobRejected, SandboxError
 from ..result import Outcome, Reason, Result, SessionEnd, SessionState
 from .artifacts import Collected, collect
-from .cgroups import JobCgroup
+from .cgroups import FREEZE_TIMEOUT_S, JobCgroup, wait_for
 from .job import InputFile, JobSpec
 from .output import StreamCapture
 from .policy import Policy
 from .report import small_int
 from .runner import execute_and_collect, sandbox_failure
-from .session_cage import MAX_EVENTS_PER_RUN, Control, SessionCage, Snapshot, snapshot, user_pid, write_inputs
+from .session_cage import (
+    MAX_EVENTS_PER_RUN,
+    Control,
+    SessionCage,
+    Snapshot,
+    code_file,
+    snapshot,
+    user_pid,
+    write_inputs,
+)
 from .supervise import Execution, OnOutput, supervise
 from .workspace import resize_tmpfs_fd
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0  # a cold session's interpreter start, on a loaded host
+# A /work of at most this many files is walked on the event loop; a larger one in a thread.
+INLINE_COLLECT_FILES = 64
 # What a tmpfs may take beyond a file's bytes (its last page): /work grows by it per input.
 INPUT_SLACK_BYTES = 4096
 
@@ -65,7 +78,7 @@ class Session:
     config: Config
     policy: Policy
     control: Control
-    user_pid: int  # U, as the host sees it (for SIGINT)
+    user_pidfd: int  # U, as the host sees it: SIGINT goes there, and its exit shows there
     input_names: set[str] = field(default_factory=set)
     input_bytes: int = 0
     baseline: Snapshot = field(default_factory=dict)
@@ -125,12 +138,14 @@ class Session:
         await asyncio.shield(self._teardown)
 
     async def _tear_down(self, reason: SessionEnd) -> None:
+        # Told first: from now on its runs are refused and the end's reason is this one.
+        if self.on_end is not None:
+            self.on_end(self, reason)
         try:
             await self.cage.end()
         finally:
             self.cage.close_fds()
-            if self.on_end is not None:
-                self.on_end(self, reason)
+            os.close(self.user_pidfd)
 
     # ------------------------------------------------------------ Runner
 
@@ -168,16 +183,17 @@ class Session:
                 continue
             raise JobRejected(f"session {self.id!r} already has a file {f.name!r} in /work (written by a run)")
         limits = self.config.limits
-        size = self.input_bytes + sum(len(f.data) + INPUT_SLACK_BYTES for f in files)
+        total = self.input_bytes + sum(len(f.data) for f in files)
         count = len(self.input_names) + len(files)
         try:
-            resize_tmpfs_fd(self.cage.work_fd, limits.scratch_bytes + size, limits.scratch_inodes + count)
+            room = total + count * INPUT_SLACK_BYTES  # a tmpfs counts whole pages
+            resize_tmpfs_fd(self.cage.work_fd, limits.scratch_bytes + room, limits.scratch_inodes + count)
             write_inputs(self.cage.work_fd, files)
         except OSError as exc:
             raise SandboxError(f"cannot write the session's input files: {exc}") from None
         for f in files:
             self.input_names.add(f.name)
-        self.input_bytes = size
+        self.input_bytes = total
 
     async def run(
         self, job: JobSpec, *, on_output: OnOutput | None = None, stop: asyncio.Future[Reason] | None = None,
@@ -196,12 +212,14 @@ class Session:
         cg = self.cage.cgroup
         cpu_before = cg.stats().cpu_s
         try:
-            self.add_inputs(job.files)
+            if job.files:
+                await asyncio.to_thread(self.add_inputs, job.files)
             cg.thaw()
             self.runs += 1
             result = await execute_and_collect(
                 lambda out, err: self._execute(job, out, err, on_output, stop),
                 None, config=self.config, policy=self.policy, label=label, outputs=self._collect,
+                inline=len(self.baseline) <= INLINE_COLLECT_FILES,
             )  # fmt: skip
         except SandboxError as exc:
             # The host could not do its part (an input, the freezer): the session cannot go on safely.
@@ -237,19 +255,23 @@ class Session:
         run = _RunState(done=loop.create_future())
         self._run = run
         self.control.budget = MAX_EVENTS_PER_RUN
-        order = {"op": "run", "code": job.code}
-        body = json.dumps(order).encode()
+        # The order is a few bytes, and the code a sealed file of its own: the send
+        # never waits on the session (one that does not read must not stall the daemon).
+        code_fd = code_file(job.code)
+        body = json.dumps({"op": "run"}).encode()
+        frame = struct.pack(">I", len(body)) + body
         try:
-            # At most max_code_bytes (+ names): fits the socket buffer of a session
-            # waiting for it; a blocking send keeps the order whole.
-            self.control.sock.setblocking(True)
-            socket.send_fds(self.control.sock, [struct.pack(">I", len(body)) + body], [out_w, err_w, rep_w])
+            if socket.send_fds(self.control.sock, [frame], [out_w, err_w, rep_w, code_fd]) != len(frame):
+                raise BlockingIOError("a part of the order")
+        except BlockingIOError:
+            # Its socket is full: it does not read its orders. It cannot run anything.
+            self._killing = SessionEnd.SANDBOX_ERROR
+            await asyncio.to_thread(cg.kill)
+            run.done.set_result(None)
         except OSError:
             run.done.set_result(None)  # the session is gone: its watcher says how
         finally:
-            if not self.control.closed:
-                self.control.sock.setblocking(False)
-            for fd in (out_w, err_w, rep_w):
+            for fd in (out_w, err_w, rep_w, code_fd):
                 os.close(fd)
         grace = self.config.session_interrupt_grace_s
         interrupted_in_time = True
@@ -257,9 +279,9 @@ class Session:
         async def interrupt() -> None:
             nonlocal interrupted_in_time
             try:
-                os.kill(self.user_pid, 2)  # SIGINT: KeyboardInterrupt in the user's code
-            except ProcessLookupError:
-                pass
+                signal.pidfd_send_signal(self.user_pidfd, signal.SIGINT)  # KeyboardInterrupt in the user's code
+            except OSError:
+                pass  # gone already: the run's end says how
             try:
                 await asyncio.wait_for(asyncio.shield(run.done), grace)
             except TimeoutError:
@@ -287,14 +309,16 @@ class Session:
             self._run = None
         ex.stats = cg.stats()
         end = ex.report.end
-        if self.control.closed or not interrupted_in_time:
+        if self._killing is SessionEnd.SANDBOX_ERROR and ex.stop_reason is None and not ex.cage_fault:
+            ex.cage_fault = "the session did not freeze after its run, or did not take its order; it was ended"
+        if self.control.closed or not interrupted_in_time or self._killing is not None:
             # The session's process is gone (or was killed for not stopping).
             exit_event = run.exit_event
             reason = self._end_reason(exit_event)
             if exit_event is not None and ex.stop_reason is None:
                 signum = small_int(exit_event.get("signal"))
                 ex.status = -signum if signum else small_int(exit_event.get("exit_code"))
-            elif ex.stop_reason is None:
+            elif ex.stop_reason is None and not ex.cage_fault:
                 ex.cage_fault = (
                     "the session's processes ended without a word from its PID 1 "
                     f"(killed from outside, or its cage broke){self._said()}"
@@ -310,19 +334,28 @@ class Session:
             await self._finish(SessionEnd.SANDBOX_ERROR)
         return ex
 
-    def _settle(self, cg: JobCgroup) -> None:
+    async def _settle(self, cg: JobCgroup) -> None:
         """After the run: freeze the session (unless it ended) before its pipes are drained and outputs read."""
         if self.control.closed:
             return
-        if not cg.freeze():
-            log.warning("session %s: its processes did not freeze in time", self.id)
+        cg.request_freeze()
+        if cg.frozen() or await asyncio.to_thread(wait_for, cg.frozen, FREEZE_TIMEOUT_S):
+            return
+        # Running on, it could change /work under the host's walk of it: it ends first.
+        log.warning("session %s: its processes did not freeze in %.0f s; ending it", self.id, FREEZE_TIMEOUT_S)
+        self._killing = SessionEnd.SANDBOX_ERROR
+        await asyncio.to_thread(cg.kill)
 
     def _said(self) -> str:
         said = self.cage.diagnostics()
         return f": {said}" if said else ""
 
     async def close(self, grace: float = 0.0) -> None:
-        """End the session now (its processes, cgroup, mounts and files); *grace* is unused: runs stop at once."""
+        """End the session now (its processes, cgroup, mounts and files).
+
+        *grace* is not waited: a session's end is a close, and a run in it
+        ends with it (the daemon stops running runs before it closes sessions).
+        """
         if self._watch is not None:
             self._watch.cancel()
         await self._finish(SessionEnd.CLOSED)
@@ -334,8 +367,16 @@ class Session:
             self._watch.cancel()
         await self._finish(reason)
 
+    def broken(self, *, deep: bool = False) -> bool:
+        """Between runs: its process is gone (killed from outside), or (*deep*, slower) a kill waits on a thaw."""
+        if self.ended is not None or self._run is not None:
+            return False
+        readable, _, _ = select.select([self.user_pidfd], [], [], 0)
+        return bool(readable) or (deep and self.cage.cgroup.kill_pending())
+
     def memory_bytes(self) -> int:
-        return self.cage.cgroup.memory_bytes() if self.ended is None else 0
+        """What it holds: its cgroup's memory, and its inputs (the host wrote them: charged to the daemon)."""
+        return self.cage.cgroup.memory_bytes() + self.input_bytes if self.ended is None else 0
 
 
 async def start_session(
@@ -343,6 +384,7 @@ async def start_session(
 ) -> Session:
     """Wait for the session's interpreter, note U's pid, write the open's inputs, freeze it: a ready Session."""
     control = Control(cage.ctl, accept_fds=cage.figures_fd < 0)
+    user = -1
     try:
         event = await control.next(READY_TIMEOUT_S)
         if event is not None and event.get("event") == "mounted":
@@ -355,21 +397,20 @@ async def start_session(
         if event is None or event.get("event") != "ready":
             said = cage.diagnostics()
             raise SandboxError("the session's interpreter did not start" + (f": {said}" if said else ""))
-        user = user_pid(cage.cgroup)
-        session = Session(id=session_id, cage=cage, config=config, policy=policy, control=control, user_pid=user)
+        user = os.pidfd_open(user_pid(cage.cgroup))
+        session = Session(id=session_id, cage=cage, config=config, policy=policy, control=control, user_pidfd=user)
         session.add_inputs(files)
         session.baseline = snapshot(cage.work)
         if not cage.cgroup.freeze():
             raise SandboxError("the session's processes did not freeze")
-    except TimeoutError:
+    except BaseException as exc:
         control.close()
         await cage.end()
         cage.close_fds()
-        raise SandboxError(f"the session's interpreter was not ready in {READY_TIMEOUT_S:.0f} s") from None
-    except BaseException:
-        control.close()
-        await cage.end()
-        cage.close_fds()
+        if user >= 0:
+            os.close(user)
+        if isinstance(exc, TimeoutError):
+            raise SandboxError(f"the session's interpreter was not ready in {READY_TIMEOUT_S:.0f} s") from None
         raise
     session.start_watching()
     return session

@@ -12,6 +12,7 @@ its size). :func:`snapshot` and :func:`write_inputs` are the file side.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import socket
@@ -22,11 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import Limits
 from ..errors import SandboxError
 from .cgroups import JobCgroup
 from .job import InputFile
 
 MAX_CONTROL_MESSAGE = 1 << 16
+# A session's home (Matplotlib's and pip's caches, dotfiles): a tmpfs of this size and inode count.
+SESSION_HOME = (16 << 20, 1024)
+
+
+def session_figures(limits: Limits) -> tuple[int, int]:
+    """A session's figures dir: one run's rendered figures at most (each run starts it empty)."""
+    return limits.max_artifacts_total_bytes + (1 << 20), 4 * limits.max_figures + 64
+
+
 # A run says "done" once and its PID 1 "exit" once: a session that sends more
 # between two runs is flooding the host, and is treated as broken (ended).
 MAX_EVENTS_PER_RUN = 8
@@ -111,14 +122,14 @@ class Control:
             if len(self._buffer) < 4 + size:
                 break
             body, self._buffer = self._buffer[4 : 4 + size], self._buffer[4 + size :]
-            try:
-                event = json.loads(body)
-            except ValueError:
-                event = None
             self.budget -= 1
             if self.budget < 0:
                 self._eof()
                 return
+            try:
+                event = json.loads(body)
+            except (ValueError, RecursionError):  # RecursionError: [[[[... nested past the parser's depth
+                event = None
             if isinstance(event, dict):
                 if event.get("event") == "mounted":
                     event["fds"], self._fds = self._fds, []
@@ -142,9 +153,9 @@ class Control:
         return event
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._loop.remove_reader(self.sock.fileno())
+        """Stop reading (whoever waits for an event gets None), close the socket and any fds not taken."""
+        if self.sock.fileno() >= 0:
+            self._eof()
         for fd in self.take_fds():
             os.close(fd)
         self.sock.close()
@@ -171,6 +182,23 @@ def snapshot(work: Path) -> Snapshot:
             else:  # links and special files too: a warning about one is news only once
                 found[relative] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     return found
+
+
+def code_file(code: str) -> int:
+    """A run's code as a sealed memfd (read-only to whoever gets it): the session reads it, the order stays small."""
+    fd = os.memfd_create("runnerd-run", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(code.encode("utf-8", "surrogatepass"))
+        while view:
+            view = view[os.write(fd, view) :]
+        fcntl.fcntl(
+            fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+        )
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def write_inputs(work_fd: int, files: Iterable[InputFile]) -> None:

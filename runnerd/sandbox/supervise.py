@@ -64,7 +64,7 @@ async def supervise(
     on_output: OnOutput | None,
     stop: asyncio.Future[Reason] | None,
     drain_s: float = PIPE_DRAIN_S,
-    before_drain: Callable[[], None] | None = None,
+    before_drain: Callable[[], Awaitable[None]] | None = None,
 ) -> Execution:
     """Pump a running cage's pipes until it ends, enforcing the deadline, stop and output limit.
 
@@ -121,7 +121,7 @@ async def supervise(
             await asyncio.shield(exited)
         ex.wall_s = time.monotonic() - started
         if before_drain is not None:
-            before_drain()
+            await asyncio.shield(before_drain())
         pending = [f for f in eofs if not f.done()]
         if pending and drain_s > 0:
             await asyncio.wait(pending, timeout=drain_s)

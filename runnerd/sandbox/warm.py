@@ -111,11 +111,22 @@ class WarmCage:
             "full": _Pool("full", min(full, size), make),
             "light": _Pool("light", 2 * size, make),
             # Sessions fork from zygotes of their own: an open never waits for a job to end.
-            "session": _Pool("session", config.warm_session_zygotes if config.max_sessions else 0, make),
+            "session": _Pool("session", config.warm_session_zygotes if self._sessions_on(config, host) else 0, make),
         }
         self._recycling: set[asyncio.Task[None]] = set()
+        # Session zygotes out of their pool (a failed re-arm) whose sessions still run.
+        self._retired: set[Zygote] = set()
         self._closing = False
         self.busy = 0
+
+    @staticmethod
+    def _sessions_on(config: Config, host: HostState) -> bool:
+        if not config.max_sessions:
+            return False
+        if not host.cgroups.can_freeze():
+            log.warning("sessions are off: %s has no freezer (mount the v1 freezer)", host.cgroups.describe())
+            return False
+        return True
 
     @property
     def zygotes(self) -> list[Zygote]:
@@ -168,7 +179,7 @@ class WarmCage:
         """A session from a session zygote's armed child; SandboxError if none is ready in time."""
         pool = self.pools["session"]
         if not pool.zygotes:
-            raise SandboxError("sessions are off (max_sessions = 0)")
+            raise SandboxError("sessions are off here (max_sessions = 0, or no cgroup freezer: see the daemon's log)")
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             zygote = await self._take(pool, deadline)
@@ -210,7 +221,11 @@ class WarmCage:
                 break
             except SandboxError as exc:
                 log.warning("%s zygote %d: %s; replacing it", pool.kind, zygote.index, exc)
-                await zygote.close()
+                if zygote.live_sessions and not zygote.dead:
+                    # Its sessions live in its cage: it takes no new one, and goes when they end.
+                    self._retire(zygote)
+                else:
+                    await zygote.close()
                 if attempt:
                     delay = RESTART_BACKOFF_S[min(attempt - 1, len(RESTART_BACKOFF_S) - 1)]
                     await asyncio.sleep(delay)
@@ -220,6 +235,15 @@ class WarmCage:
                 zygote = fresh
         if not self._closing:
             pool.ready.put_nowait(zygote)
+
+    def _retire(self, zygote: Zygote) -> None:
+        async def when_its_sessions_end() -> None:
+            await zygote.sessions_done.wait()
+            await zygote.close()
+
+        self._retired.add(zygote)
+        task = asyncio.create_task(when_its_sessions_end())
+        task.add_done_callback(lambda _: self._retired.discard(zygote))
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop every zygote, after up to *grace* s for the jobs they run (a reload's old pool)."""
@@ -232,8 +256,9 @@ class WarmCage:
         await asyncio.gather(*self._recycling, return_exceptions=True)
         # A reload's old pool: its open sessions live on in their zygotes' cages
         # until they end (closed, idle, lifetime, shutdown); only then do those go.
-        hosting = [z for z in self.zygotes if z.live_sessions]
-        await asyncio.gather(*(z.close() for z in self.zygotes if z not in hosting), return_exceptions=True)
+        everyone = [*self.zygotes, *self._retired]
+        hosting = [z for z in everyone if z.live_sessions]
+        await asyncio.gather(*(z.close() for z in everyone if z not in hosting), return_exceptions=True)
         if hosting:
             log.info("keeping %d session zygote(s) until their sessions end", len(hosting))
             await asyncio.gather(*(z.sessions_done.wait() for z in hosting))

@@ -245,7 +245,7 @@ class Workspace:
 def sweep(jobs_dir: Path) -> int:
     """Remove every job dir under *jobs_dir* (after a crash); returns how many."""
     mounted = mounted_job_dirs(jobs_dir)
-    # Deepest first: a job dir's own sub-mounts (none today) before the dir.
+    # Deepest first: a job dir's own sub-mounts (a cold session's /work) before the dir.
     for mount_point in sorted(mounted, key=lambda p: len(p.parts), reverse=True):
         _unmount(mount_point)
     entries = list(jobs_dir.iterdir()) if jobs_dir.is_dir() else []

@@ -35,7 +35,7 @@ from .policy import Policy, nsjail_problems
 from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
 from .session import Session, start_session
-from .session_cage import SessionCage
+from .session_cage import SESSION_HOME, SessionCage, session_figures
 from .shape import INCAGE_DIR
 from .spool import PLACEHOLDER, SPOOL_BASE_BYTES, SPOOL_BASE_INODES, mount_spool
 from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
@@ -338,8 +338,8 @@ class Zygote:
             work = detached_tmpfs(lim.scratch_bytes, lim.scratch_inodes, 0o1777)
             order = {
                 "op": "open",
-                "dir": name,
-                "figures": {"size": lim.max_artifacts_total_bytes + (1 << 20), "inodes": 256},
+                "home": SESSION_HOME,
+                "figures": session_figures(lim),
                 "max_figures": lim.max_figures,
                 "max_value": lim.max_value_chars,
             }

@@ -223,13 +223,15 @@ class Frontend:
         try:
             self._dispatch(req, ep, identity, send)
         except ProtocolError as exc:
-            self._error(send, req.id, exc.code, exc.message)
+            self._error(send, req.id, exc.code, exc.message, exc.ended)
 
-    def _error(self, send: Callable[[bytes], None], request_id: str | None, code: str, message: str) -> None:
+    def _error(
+        self, send: Callable[[bytes], None], request_id: str | None, code: str, message: str, ended: str | None = None
+    ) -> None:
         self.errors_out += 1
         if self.metrics is not None:
             self.metrics.errors.labels(code).inc()
-        send(protocol.error_reply(request_id, code, message))
+        send(protocol.error_reply(request_id, code, message, ended))
 
     def _dispatch(self, req: protocol.Request, ep: Endpoint, identity: bytes, send: Callable[[bytes], None]) -> None:
         if isinstance(req, RunRequest):

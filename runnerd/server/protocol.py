@@ -52,11 +52,12 @@ _FIELDS = {
 class ProtocolError(Exception):
     """A request that cannot be taken; becomes a ``type: "error"`` reply."""
 
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+    def __init__(self, code: str, message: str, request_id: str | None = None, *, ended: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.ended = ended  # NOT_FOUND for a session that ended: how (SessionEnd's word)
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,10 @@ def reply(request_id: str | None, type_: str, **fields: Any) -> bytes:
     return encode({"v": VERSION, "id": request_id, "type": type_, **fields})
 
 
-def error_reply(request_id: str | None, code: str, message: str) -> bytes:
+def error_reply(request_id: str | None, code: str, message: str, ended: str | None = None) -> bytes:
+    """An error; for a session that ended, ``ended`` says how (also in words, last, in the message)."""
+    if ended is not None:
+        return reply(request_id, "error", code=code, message=message, ended=ended)
     return reply(request_id, "error", code=code, message=message)
 
 

@@ -71,6 +71,8 @@ class JobRecord:
     finished_at: float = 0.0
     size: int = 0
     session: str | None = None  # the session it runs in
+    # That session's record itself: a later session of the same id is another one.
+    srec: SessionRecord | None = None
 
     def chunk_frame(self, stream: str, offset: int, data: bytes) -> bytes:
         return protocol.reply(self.id, stream, data=data, offset=offset)
@@ -176,7 +178,7 @@ class Scheduler:
                 f"{self.running} jobs running and {self.queued} queued (queue_size {self.queue_size}); retry later",
             )
         session = self._admit_to_session(req) if req.session is not None else None
-        record = JobRecord(id=req.id, digest=req.digest, spec=req.job, session=req.session)
+        record = JobRecord(id=req.id, digest=req.digest, spec=req.job, session=req.session, srec=session)
         self.jobs[req.id] = record
         self.queued += 1
         self._subscribe(record, peer, Subscriber(send, req.stream), replay=False)
@@ -196,7 +198,7 @@ class Scheduler:
         assert req.session is not None
         record = self.sessions.live(req.session)
         limit = self.sessions.config.session_max_pending_runs
-        if record.busy and len(record.pending) >= limit:
+        if (record.busy or record.session is None) and len(record.pending) >= limit:
             raise ProtocolError(
                 protocol.BUSY,
                 f"session {req.session!r} has a run going and {len(record.pending)} waiting, the limit "
@@ -319,48 +321,46 @@ class Scheduler:
     def _session_of(self, record: JobRecord) -> Session | None:
         """The live session a queued run goes to; None (the run answered NOT_FOUND) if it ended."""
         assert self.sessions is not None and record.session is not None
-        srec = self.sessions.records.get(record.session)
+        srec = record.srec
         if srec is not None and srec.ended is None and srec.session is not None:
             return srec.session
         self.queued -= 1
         message = self.sessions.how_it_ended(srec) if srec and srec.ended else self.sessions.unknown(record.session)
-        self._refuse(record, protocol.NOT_FOUND, message)
+        self._refuse(record, protocol.NOT_FOUND, message, srec.ended if srec else None)
         return None
 
-    def _refuse(self, record: JobRecord, code: str, message: str) -> None:
+    def _refuse(self, record: JobRecord, code: str, message: str, ended: SessionEnd | None = None) -> None:
         """Answer a run that did not run with an error, and forget it (the id is free again)."""
         record.state = State.DONE
         self.jobs.pop(record.id, None)
-        frame = protocol.error_reply(record.id, code, message)
+        frame = protocol.error_reply(record.id, code, message, ended.value if ended else None)
         for sub in record.subscribers.values():
             safe_send(sub.send, frame)
 
     def _next_in_session(self, record: JobRecord) -> None:
         """A session's run ended: its next waiting run (if any) goes to the queue; the idle clock restarts."""
-        if record.session is None or self.sessions is None:
-            return
-        srec = self.sessions.records.get(record.session)
-        if srec is None or srec.current is not record:
+        srec, record.srec = record.srec, None  # a retained result need not keep its session
+        if srec is None or self.sessions is None or srec.current is not record:
             return
         srec.last_active = time.monotonic()
         srec.current = None
+        if srec.expiring and srec.ended is None:
+            self.sessions.end(srec, SessionEnd.MAX_LIFETIME)  # its waiting runs hear NOT_FOUND (max_lifetime)
+            return
         while srec.pending:
             nxt = srec.pending.popleft()
             if nxt.state is State.QUEUED:
                 srec.current = nxt
                 self._queue.put_nowait(nxt)
                 return
-        if srec.expiring and srec.ended is None:
-            self.sessions.end(srec, SessionEnd.MAX_LIFETIME)
 
     def _drop_from_session(self, record: JobRecord) -> None:
-        if record.session is None or self.sessions is None:
-            return
-        srec = self.sessions.records.get(record.session)
+        srec = record.srec
         if srec is None:
             return
         if record in srec.pending:
             srec.pending.remove(record)
+            record.srec = None
         elif srec.current is record:
             self._next_in_session(record)
 
@@ -389,7 +389,7 @@ class Scheduler:
             record = srec.pending.popleft()
             if record.state is State.QUEUED:
                 self.queued -= 1
-                self._refuse(record, protocol.NOT_FOUND, message)
+                self._refuse(record, protocol.NOT_FOUND, message, srec.ended)
         current = srec.current
         if current is not None and current.state is State.RUNNING and current.stop is not None:
             if not current.stop.done() and srec.ended is SessionEnd.CLOSED:

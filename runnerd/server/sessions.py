@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..errors import RunnerdError
+from ..explain import SESSION_ENDS
 from ..result import SessionEnd
 from ..sandbox.job import InputFile
 from ..sandbox.session import Session
@@ -49,15 +50,11 @@ SWEEP_INTERVAL_S = 0.25
 # How often idle sessions are looked at for a kill from outside they cannot act on (cgroup v1).
 KILL_CHECK_INTERVAL_S = 2.0
 
-_HOW = {
-    SessionEnd.CLOSED: "closed by a client",
-    SessionEnd.IDLE_TIMEOUT: "no run for its idle timeout ({idle:g} s)",
-    SessionEnd.MAX_LIFETIME: "open for the maximum lifetime ({lifetime:g} s)",
-    SessionEnd.MEMORY_LIMIT: "its process was killed at the memory limit",
-    SessionEnd.INTERRUPT_IGNORED: "a run did not stop within {grace:g} s of its interrupt, and was killed",
-    SessionEnd.EXITED: "its process ended (os._exit, a signal, ...)",
-    SessionEnd.SANDBOX_ERROR: "its sandbox broke or was killed from outside",
-    SessionEnd.SHUTDOWN: "the daemon stopped",
+# The setting behind an end, named beside the one sentence for it (explain.SESSION_ENDS).
+_SETTING = {
+    SessionEnd.IDLE_TIMEOUT: "its idle_timeout, {idle:g} s",
+    SessionEnd.MAX_LIFETIME: "session_max_lifetime_s, {lifetime:g} s",
+    SessionEnd.INTERRUPT_IGNORED: "session_interrupt_grace_s, {grace:g} s",
 }
 
 
@@ -71,6 +68,8 @@ class SessionRecord:
     session: Session | None = None  # None while it opens
     # Opens answered once it is open: (request id, send, a resend of the first?).
     waiters: list[tuple[str, Send, bool]] = field(default_factory=list)
+    # Closes sent while it opened: answered once the cage it was getting is gone.
+    closers: list[tuple[str, Send]] = field(default_factory=list)
     ended: SessionEnd | None = None
     ended_at: float = 0.0
     # The scheduler's: runs waiting behind the one queued or running.
@@ -91,7 +90,8 @@ class SessionManager:
         self.metrics = metrics
         self.records: dict[str, SessionRecord] = {}
         self._ended_order: deque[str] = deque()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._opening: set[asyncio.Future[Any]] = set()
         self.opened = 0
         self.ends: Counter[str] = Counter()
         self.accepting = True
@@ -130,11 +130,11 @@ class SessionManager:
 
     def how_it_ended(self, record: SessionRecord) -> str:
         assert record.ended is not None
-        how = _HOW[record.ended].format(
-            idle=record.idle_timeout,
-            lifetime=self.config.session_max_lifetime_s,
-            grace=self.config.session_interrupt_grace_s,
+        c = self.config
+        setting = _SETTING.get(record.ended, "").format(
+            idle=record.idle_timeout, lifetime=c.session_max_lifetime_s, grace=c.session_interrupt_grace_s
         )
+        how = SESSION_ENDS[record.ended] + (f" ({setting})" if setting else "")
         return f"session {record.id!r} ended: {how} ({record.ended.value})"
 
     def live(self, session_id: str) -> SessionRecord:
@@ -143,7 +143,7 @@ class SessionManager:
         if record is None:
             raise ProtocolError(protocol.NOT_FOUND, self.unknown(session_id))
         if record.ended is not None:
-            raise ProtocolError(protocol.NOT_FOUND, self.how_it_ended(record))
+            raise ProtocolError(protocol.NOT_FOUND, self.how_it_ended(record), ended=_word(record))
         if record.expiring:
             raise ProtocolError(
                 protocol.NOT_FOUND,
@@ -156,7 +156,7 @@ class SessionManager:
         record = self.records.get(req.session)
         if record is not None:
             if record.ended is not None:
-                raise ProtocolError(protocol.NOT_FOUND, self.how_it_ended(record))
+                raise ProtocolError(protocol.NOT_FOUND, self.how_it_ended(record), ended=_word(record))
             if record.digest != req.digest:
                 raise ProtocolError(
                     protocol.BAD_REQUEST,
@@ -192,16 +192,25 @@ class SessionManager:
         record = SessionRecord(id=req.session, digest=req.digest, idle_timeout=idle)
         record.waiters.append((req.id, send, False))
         self.records[req.session] = record
-        self._spawn(self._open(record, req.files))
+        self._opening.add(self._spawn(self._open(record, req.files)))
 
     async def _open(self, record: SessionRecord, files: tuple[InputFile, ...]) -> None:
         started = time.monotonic()
         try:
             session = await self.opener(record.id, files)
+        except asyncio.CancelledError:
+            # The daemon is stopping: what the open had made is gone already (the opener's cleanup).
+            if self.records.get(record.id) is record and record.ended is None:
+                del self.records[record.id]
+            for request_id, send, _ in record.waiters:
+                safe_send(send, protocol.error_reply(request_id, protocol.BUSY, "runnerd is shutting down"))
+            self._answer_closers(record)
+            raise
         except Exception as exc:
             # Nothing was opened: the id is free again, and the client hears why.
-            if self.records.get(record.id) is record:
+            if self.records.get(record.id) is record and record.ended is None:
                 del self.records[record.id]
+            self._answer_closers(record)
             code = getattr(exc, "code", None) or protocol.INTERNAL
             if not isinstance(exc, RunnerdError):
                 log.exception("session %s: opening failed", record.id)
@@ -228,12 +237,20 @@ class SessionManager:
         if record.ended is not None:  # closed (or the daemon stopping) while it opened
             await session.end(record.ended)
             for request_id, send, _ in waiters:
-                safe_send(send, protocol.error_reply(request_id, protocol.NOT_FOUND, self.how_it_ended(record)))
+                safe_send(
+                    send, protocol.error_reply(request_id, protocol.NOT_FOUND, self.how_it_ended(record), _word(record))
+                )
+            self._answer_closers(record)
             return
         for request_id, send, duplicate in waiters:
             safe_send(send, self._opened(request_id, record, duplicate=duplicate))
         if self.on_session_open is not None:
             self.on_session_open(record, None)
+
+    def _answer_closers(self, record: SessionRecord) -> None:
+        for request_id, send in record.closers:
+            safe_send(send, protocol.reply(request_id, "closed", session=record.id))
+        record.closers = []
 
     def _opened(self, request_id: str, record: SessionRecord, *, duplicate: bool) -> bytes:
         return protocol.reply(request_id, "opened", session=record.id, duplicate=duplicate, limits=self.limits(record))
@@ -248,8 +265,11 @@ class SessionManager:
             self._ended(record, reason)
 
         async def teardown() -> None:
-            if record.session is not None:
-                await record.session.end(reason)
+            if record.session is None:
+                if reply is not None:
+                    record.closers.append(reply)  # _open ends what it got, then answers
+                return
+            await record.session.end(reason)
             if reply is not None:
                 safe_send(reply[1], protocol.reply(reply[0], "closed", session=record.id))
 
@@ -294,7 +314,7 @@ class SessionManager:
         for record in list(self.records.values()):
             if record.ended is not None or record.session is None:
                 continue
-            if check_kills and not record.busy and record.session.cage.cgroup.kill_pending():
+            if not record.busy and record.session.broken(deep=check_kills):
                 self.end(record, SessionEnd.SANDBOX_ERROR)
             elif now - record.opened_at >= lifetime:
                 record.expiring = True
@@ -323,18 +343,26 @@ class SessionManager:
         }
 
     async def shutdown(self) -> None:
-        """End every session (reason shutdown) and wait until their cages are gone."""
+        """End every session (reason shutdown) and wait until their cages are gone; opens in flight are given up."""
         self.accepting = False
+        for task in list(self._opening):
+            task.cancel()
         for record in list(self.records.values()):
             if record.ended is None:
                 self.end(record, SessionEnd.SHUTDOWN)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Future[None]:
+        task: asyncio.Future[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._opening.discard)
+        return task
+
+
+def _word(record: SessionRecord) -> str | None:
+    return record.ended.value if record.ended is not None else None
 
 
 def safe_send(send: Send, frame: bytes) -> None:
