@@ -427,14 +427,17 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
                     expect(msg["type"] == want, f"{op}: {msg}")
                     return msg
 
+        def frozen_cgroups() -> list[Path]:
+            return [p for p in svc.job_cgroups() if "frozen 1" in (p / "cgroup.events").read_text()]
+
         try:
-            before = set(svc.job_cgroups())
+            # (A warm session's cgroup is its child's, made before the open: count the frozen ones.)
+            expect(not frozen_cgroups(), f"frozen job cgroups before any session: {frozen_cgroups()}")
             ask("open", "opened", session="hosttest", files=[{"name": "n.txt", "data": b"41"}])
             r1 = ask("run", "result", session="hosttest", code="x = int(open('n.txt').read())\nx")
             expect(r1["value"] == "41", f"run 1: {r1}")
-            mine = [p for p in svc.job_cgroups() if p not in before and (p / "cgroup.freeze").exists()]
-            frozen = [p for p in mine if "frozen 1" in (p / "cgroup.events").read_text()]
-            expect(len(frozen) == 1, f"between runs, frozen session cgroups: {frozen} of {mine}")
+            frozen = frozen_cgroups()
+            expect(len(frozen) == 1, f"between runs, frozen session cgroups: {frozen} of {svc.job_cgroups()}")
             r2 = ask("run", "result", session="hosttest", code="x + 1")
             expect(r2["value"] == "42" and r2["session"]["alive"], f"run 2: {r2}")
             ask("close", "closed", session="hosttest")

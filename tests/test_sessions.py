@@ -1408,3 +1408,44 @@ def test_a_session_lives_through_a_reload(daemons, home, mode):
         w.close(fresh)
     assert d.stop() == 0, d.log()[-3000:]
     assert_clean(home)
+
+
+def test_a_session_has_no_cpu_time_rlimit_and_takes_code_of_any_allowed_size(wire):
+    """Its process lives across runs: a job's CPU-time rlimit would add up over all of them and kill it."""
+    s = new_id("rlimit")
+    wire.opened(s)
+    probe = "import resource\nresource.getrlimit(resource.RLIMIT_CPU)"
+    assert wire.ok(probe, s).value == "(-1, -1)"
+    one_off = wire.ok(probe).value
+    assert one_off is not None and one_off != "(-1, -1)"  # a job keeps the policy's rlimit_cpu
+    # Code past a unix socket's buffer (~208 KiB): it travels in a file of its own.
+    big = "x = '" + "é" * 400_000 + "'\nlen(x)"
+    assert wire.ok(big, s).value == "400000"
+
+
+def test_a_session_that_stops_reading_its_orders_cannot_stall_the_daemon(wire):
+    """A run fakes its own end (report and control socket), then never reads again: only it suffers."""
+    s = new_id("deaf")
+    wire.opened(s)
+    fake = (
+        "import os, socket, stat, json, struct, signal, threading\n"
+        "fds = [int(f) for f in os.listdir('/proc/self/fd') if int(f) > 2 and os.path.exists(f'/proc/self/fd/{f}')]\n"
+        "ctl = next(socket.socket(fileno=f) for f in fds if stat.S_ISSOCK(os.fstat(f).st_mode))\n"
+        "rep = next(f for f in fds if stat.S_ISFIFO(os.fstat(f).st_mode))\n"
+        "os.write(rep, json.dumps({'event': 'end', 'exit_code': 0}).encode() + b'\\n')\n"
+        "body = json.dumps({'event': 'done'}).encode()\n"
+        "ctl.sendall(struct.pack('>I', len(body)) + body)\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "while True:\n    pass\n"
+    )
+    first = wire.result(wire.start(fake, s, timeout=5))
+    # However the host took that run, the daemon serves on, and the next run cannot hang it.
+    nxt = wire.start("x = '" + "a" * 500_000 + "'\nprint(len(x))", s, timeout=3)
+    assert_serves(wire)
+    r = wire.reply(nxt, timeout=60)
+    if r["type"] == "result":
+        assert not r["session"]["alive"], r
+    else:
+        assert r["type"] == "error" and r["code"] == "NOT_FOUND", r
+    assert first.session is not None
+    assert_serves(wire)
