@@ -119,6 +119,8 @@ class Session:
     def _end_reason(self, exit_event: dict[str, Any] | None) -> SessionEnd:
         if self._killing is not None:
             return self._killing
+        if self.control.broken:
+            return SessionEnd.SANDBOX_ERROR
         if self.cage.cgroup.stats().oom_kills:
             return SessionEnd.MEMORY_LIMIT
         return SessionEnd.EXITED if exit_event is not None else SessionEnd.SANDBOX_ERROR
@@ -315,7 +317,9 @@ class Session:
             # The session's process is gone (or was killed for not stopping).
             exit_event = run.exit_event
             reason = self._end_reason(exit_event)
-            if exit_event is not None and ex.stop_reason is None:
+            if self.control.broken and ex.stop_reason is None:
+                ex.cage_fault = "the run's code broke runnerd's protocol on the session's control socket"
+            elif exit_event is not None and ex.stop_reason is None:
                 signum = small_int(exit_event.get("signal"))
                 ex.status = -signum if signum else small_int(exit_event.get("exit_code"))
             elif ex.stop_reason is None and not ex.cage_fault:

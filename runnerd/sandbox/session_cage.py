@@ -91,6 +91,7 @@ class Control:
         self.closed = False
         self.accept_fds = accept_fds
         self.budget = MAX_EVENTS_PER_RUN
+        self.broken = False  # it sent what the session's own code never sends (a flood, a frame too large)
         self._buffer = b""
         self._fds: list[int] = []
         loop = asyncio.get_running_loop()
@@ -117,13 +118,15 @@ class Control:
         while len(self._buffer) >= 4:
             (size,) = struct.unpack(">I", self._buffer[:4])
             if size > MAX_CONTROL_MESSAGE:
-                self._eof()  # the session broke the protocol: it is treated as gone
+                self.broken = True  # the session broke the protocol: it is treated as gone
+                self._eof()
                 return
             if len(self._buffer) < 4 + size:
                 break
             body, self._buffer = self._buffer[4 : 4 + size], self._buffer[4 + size :]
             self.budget -= 1
             if self.budget < 0:
+                self.broken = True
                 self._eof()
                 return
             try:
