@@ -347,6 +347,10 @@ class Scheduler:
         if srec.expiring and srec.ended is None:
             self.sessions.end(srec, SessionEnd.MAX_LIFETIME)  # its waiting runs hear NOT_FOUND (max_lifetime)
             return
+        self._dispatch_next(srec)
+
+    def _dispatch_next(self, srec: SessionRecord) -> None:
+        """The session's first waiting run goes to the queue (it is the session's current run from now)."""
         while srec.pending:
             nxt = srec.pending.popleft()
             if nxt.state is State.QUEUED:
@@ -374,12 +378,7 @@ class Scheduler:
                     self._refuse(record, *error)
             return
         if srec.current is None:
-            while srec.pending:
-                nxt = srec.pending.popleft()
-                if nxt.state is State.QUEUED:
-                    srec.current = nxt
-                    self._queue.put_nowait(nxt)
-                    return
+            self._dispatch_next(srec)
 
     def _session_ended(self, srec: SessionRecord) -> None:
         """A session ended: its waiting runs are answered NOT_FOUND; a running one is cancelled (closed)."""
