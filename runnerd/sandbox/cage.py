@@ -70,6 +70,11 @@ def cold_cgroup_limits(policy_limits: CgroupLimits) -> CgroupLimits:
     return dataclasses.replace(policy_limits, pids=policy_limits.pids + NSJAIL_TASKS)
 
 
+def session_scratch(ws: Workspace) -> Path:
+    """A cold session's /work: a tmpfs inside its workspace's work dir (see Cage.open_session)."""
+    return ws.work / "scratch"
+
+
 def job_config(
     policy: Policy, shape: CageShape, ws: Workspace, *, uid: int, env: Path, harness_dir: Path, session: bool = False
 ) -> str:
@@ -80,7 +85,7 @@ def job_config(
     """
     lines = ["", "# ---- added by runnerd for this job ----", *pb_idmaps(uid)]
     lines.append(pb_bind(env, str(env), noexec=False))
-    lines.append(pb_bind(ws.work, shape.work, rw=True))
+    lines.append(pb_bind(session_scratch(ws) if session else ws.work, shape.work, rw=True))
     for index, name in enumerate(ws.input_names):
         lines.append(pb_bind(ws.inputs / str(index), f"{shape.work}/{name}"))
     lines.append(pb_bind(ws.home, shape.home, rw=True))
@@ -146,8 +151,12 @@ class Cage:
                 scratch_inodes=SESSION_HOME[1] + session_figures(limits)[1], mplconfig=self.mplconfig,
             )  # fmt: skip
             # /work a tmpfs of its own, as a warm session's: root's and sticky (1777),
-            # so the inputs the host writes into it are not the session's to change.
-            await asyncio.to_thread(mount_tmpfs, ws.work, limits.scratch_bytes, limits.scratch_inodes, 0o1777)
+            # so the inputs the host writes into it are not the session's to change. It is
+            # mounted inside the workspace's work dir (the jailed uid's, 0700): no other
+            # user of the host can reach a directory anyone may write to.
+            scratch = session_scratch(ws)
+            scratch.mkdir(mode=0o700)
+            await asyncio.to_thread(mount_tmpfs, scratch, limits.scratch_bytes, limits.scratch_inodes, 0o1777)
             cg = self.host.cgroups.create(name, cold_cgroup_limits(self.policy.limits), freezer=True)
             out_r, out_w = os.pipe()
             log_r, log_w = os.pipe()
@@ -177,7 +186,7 @@ class Cage:
             unread.clear()
             cage = SessionCage(cgroup=cg, ctl=ours, work_fd=-1, figures_fd=-1, end=end, diagnostics=diagnostics)
             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-            cage.work_fd = os.open(ws.work, flags)
+            cage.work_fd = os.open(scratch, flags)
             cage.figures_fd = os.open(ws.figures, flags)
         except BaseException:
             for fd in unread:
