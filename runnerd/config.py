@@ -152,6 +152,10 @@ class Config:
     # memory they may use in all before an open is refused (BUSY).
     max_sessions: int = 64
     session_memory_budget: int = _size(4096 * MiB)
+    # What one client (its CURVE key, else its connection) may hold: open
+    # sessions, and runs waiting in the queue; past either, BUSY names it.
+    max_sessions_per_client: int = 32
+    max_queued_per_client: int = 64
     # A session ends after this long without a run (an open may ask for less,
     # or more up to session_max_idle_timeout_s), and this long after it opened.
     session_idle_timeout_s: float = 600.0
@@ -217,6 +221,9 @@ class Config:
             raise ConfigError(f"metrics_port: 0 (off) or a port number, got {self.metrics_port}")
         if not 0 <= self.max_sessions <= 4096:
             raise ConfigError(f"max_sessions: 0 (no sessions) to 4096, got {self.max_sessions}")
+        for name in ("max_sessions_per_client", "max_queued_per_client"):
+            if not 1 <= getattr(self, name) <= 1 << 20:
+                raise ConfigError(f"{name}: must be 1 or more, got {getattr(self, name)}")
         for name in ("session_idle_timeout_s", "session_max_idle_timeout_s", "session_max_lifetime_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:

@@ -79,9 +79,17 @@ class Usage:
     wall_s: float = 0.0
     cpu_s: float = 0.0
     max_rss_bytes: int = 0
+    # Whose peak max_rss_bytes is: "run" (this run's), or "session" (a session's since it
+    # opened, where the kernel cannot reset a peak: cgroup v2 before Linux 6.12).
+    peak_of: str = "run"
 
     def to_wire(self) -> dict[str, Any]:
-        return {"wall_s": self.wall_s, "cpu_s": self.cpu_s, "max_rss_bytes": self.max_rss_bytes}
+        return {
+            "wall_s": self.wall_s,
+            "cpu_s": self.cpu_s,
+            "max_rss_bytes": self.max_rss_bytes,
+            "peak_of": self.peak_of,
+        }
 
     @classmethod
     def from_wire(cls, m: Mapping[str, Any]) -> Usage:
@@ -89,6 +97,7 @@ class Usage:
             wall_s=float(m.get("wall_s", 0.0)),
             cpu_s=float(m.get("cpu_s", 0.0)),
             max_rss_bytes=int(m.get("max_rss_bytes", 0)),
+            peak_of=str(m.get("peak_of", "run")),
         )
 
 

@@ -141,3 +141,63 @@ def test_retention_by_time_and_bytes():
         await s.close()
 
     asyncio.run(main())
+
+
+def test_a_result_that_cannot_be_packed_is_answered_internal_and_keeps_the_slot():
+    """Issue 16: a lone surrogate in a result made msgpack fail in the scheduler's bookkeeping, killing the slot."""
+
+    async def main():
+        class Bad(FakeRunner):
+            async def __call__(self, job, **kw) -> Result:
+                self.runs += 1
+                if job.code == "bad":
+                    return Result(outcome=Outcome.FAILED, reason=Reason.EXCEPTION, stdout="\udc80")
+                return Result(outcome=Outcome.OK, reason=None, stdout=job.code)
+
+        runner = Bad()
+        s = make(runner, concurrency=1, queue_size=4)
+        s.start()
+        peers = [Peer() for _ in range(3)]
+        s.submit(req("1", "bad"), "a", peers[0].send)
+        s.submit(req("2", "bad"), "b", peers[1].send)
+        s.submit(req("3", "good"), "c", peers[2].send)
+        for _ in range(50):
+            await settle()
+            if peers[2].types()[-1:] == ["result"]:
+                break
+        for peer in peers[:2]:
+            assert peer.types() == ["accepted", "error"] and peer.frames[-1]["code"] == "INTERNAL", peer.frames
+        assert peers[2].frames[-1]["stdout"] == "good"
+        assert (s.running, s.queued, runner.runs) == (0, 0, 3)
+        assert "1" not in s.jobs  # forgotten: a resend runs it again
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_a_worker_that_dies_is_replaced():
+    async def main():
+        runner = FakeRunner()
+        runner.release.set()
+        s = make(runner, concurrency=1)
+        real = s._worker
+        deaths = []
+
+        async def dies_once(slot: int) -> None:
+            if not deaths:
+                deaths.append(slot)
+                raise RuntimeError("a bug")
+            await real(slot)
+
+        s._worker = dies_once  # type: ignore[method-assign]
+        s.start()
+        peer = Peer()
+        s.submit(req("1", "after"), "a", peer.send)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if peer.types()[-1:] == ["result"]:
+                break
+        assert deaths == [0] and peer.frames[-1]["stdout"] == "after", peer.frames
+        await s.close()
+
+    asyncio.run(main())

@@ -85,9 +85,12 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
 class Wire:
     """One DEALER speaking runnerd/1: send requests, collect replies by id (several may be in flight)."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, curve: dict[str, bytes] | None = None) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            self.sock.curve_publickey, self.sock.curve_secretkey = curve["public"], curve["secret"]
+            self.sock.curve_serverkey = curve["server"]
         self.sock.connect(endpoint)
         self.inbox: dict[Any, list[dict[str, Any]]] = {}
         self.mine: set[str] = set()
@@ -1192,7 +1195,7 @@ def test_a_thousand_sessions_open_run_close_and_a_hundred_expire(own_home, recor
     config = own_home
     d = start_daemon(
         config.state_dir, "thousand", config.sandbox_env, mode="warm", concurrency=2, queue_size=256,
-        max_sessions=256, uid_base=config.uid_base,
+        max_sessions=256, max_sessions_per_client=256, uid_base=config.uid_base,
     )  # fmt: skip
     try:
         t0 = time.monotonic()

@@ -593,3 +593,71 @@ def test_value_of_a_failing_repr_and_errors_keep_their_lines():
     code, error, got = harness.execute("y = 1\n\nundefined_name", "cell2.py", ns, 100)
     assert code == 1 and got is None and error is not None
     assert error["type"] == "NameError" and error["lineno"] == 3 and "cell2.py" in error["traceback"]
+
+
+# ---------------------------------------------------------------- issue 16: host steps and untrusted strings
+
+
+def test_a_host_step_holds_its_own_fds_when_the_session_closes_under_it(tmp_path):
+    """A walk in a thread keeps naming its session's /work though the cage's fds are closed and reused."""
+    import threading
+
+    from runnerd.sandbox.session_cage import SessionCage, snapshot
+
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for d, name in ((mine, "mine.txt"), (other, "other.txt")):
+        (d / "figs").mkdir(parents=True)
+        (d / name).write_text(name)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    cage = SessionCage(
+        cgroup=None, ctl=None, work_fd=os.open(mine, flags), figures_fd=os.open(mine / "figs", flags), end=None
+    )  # type: ignore[arg-type]
+    closed, seen = threading.Event(), {}
+    with cage.hold() as dirs:
+
+        def walk() -> None:
+            closed.wait(10)
+            seen.update(snapshot(dirs.work))
+
+        t = threading.Thread(target=walk)
+        t.start()
+        number = cage.work_fd
+        cage.close_fds()  # the session ended under the walk
+        reused = os.open(other, flags)  # another session's /work, maybe under the same number
+        closed.set()
+        t.join(10)
+    os.close(reused)
+    assert reused == number  # the number was reused: a walk by number would have seen other.txt
+    assert set(seen) == {"mine.txt"}, seen
+    with pytest.raises(Exception, match="gone"):
+        with cage.hold():
+            pass
+
+
+def test_report_strings_are_valid_utf8():
+    end = {"error": {"type": "ValueError", "message": "\udc80 x", "traceback": "\ud800"}, "value": "'\udfff'"}
+    error = report.error_from_report(end)
+    assert error is not None
+    for text in (error.message, error.traceback, report.value_from_report(end, 100) or ""):
+        text.encode("utf-8")  # would raise on a lone surrogate
+        assert "\ufffd" in text
+
+
+def test_cgroup_stats_since_are_per_run():
+    before = cgroups.CgroupStats(oom_kills=1, peak_bytes=10, cpu_s=2.0, pids_limit_hits=3)
+    after = cgroups.CgroupStats(oom_kills=1, peak_bytes=7, cpu_s=2.5, pids_limit_hits=3)
+    assert after.since(before) == cgroups.CgroupStats(oom_kills=0, peak_bytes=7, cpu_s=0.5, pids_limit_hits=0)
+
+
+def test_session_budget_takes_inputs_off_the_limit_and_refuses_what_does_not_fit():
+    limits: list[int] = []
+    usage = [0]
+    budget = cgroups.SessionBudget(1000, 100, limits.append, lambda: usage[0])
+    budget.apply()
+    budget.reserve(300)
+    usage[0] = 550
+    with pytest.raises(JobRejected, match="session_memory_budget") as info:
+        budget.reserve(100)  # 1000 - 100 - 300 - 550 = 50 free
+    assert info.value.code == "BUSY"
+    budget.release(300)
+    assert limits == [900, 600, 900]

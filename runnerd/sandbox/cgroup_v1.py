@@ -17,6 +17,7 @@ from .cgroups import (
     Cgroups,
     CgroupStats,
     JobCgroup,
+    SessionBudget,
     keyed,
     kill_until_empty,
     mkdir_job,
@@ -84,6 +85,13 @@ class JobCgroupV1(JobCgroup):
     def memory_bytes(self) -> int:
         return to_int(read_text(self.dirs["memory"] / "memory.usage_in_bytes"))
 
+    def reset_peak(self) -> bool:
+        try:
+            write_value(self.dirs["memory"] / "memory.max_usage_in_bytes", "0")
+        except SandboxError:
+            return False
+        return True
+
     def remove(self) -> bool:
         return all([rmdir_cgroup(d) for d in self._unique_dirs()])
 
@@ -101,9 +109,43 @@ class CgroupsV1(Cgroups):
         self.mounts = mounts
         self.parent = parent.strip("/") or "runnerd"
         self._made: set[Path] = set()
+        self.sessions: str | None = None  # the sessions' parent, under ours (configure_sessions)
+        self.budget: SessionBudget | None = None
 
     def _parents(self) -> dict[str, Path]:
         return {c: self.mounts[c] / self.parent for c in V1_CONTROLLERS}
+
+    def _session_parents(self) -> dict[str, Path]:
+        assert self.sessions is not None
+        controllers = (*V1_CONTROLLERS, FREEZER) if FREEZER in self.mounts else V1_CONTROLLERS
+        return {c: self.mounts[c] / self.parent / self.sessions for c in controllers}
+
+    def locate_sessions(self, name: str) -> None:
+        self.sessions = name
+
+    def configure_sessions(self, name: str, total: int, reserve: int) -> SessionBudget:
+        self.locate_sessions(name)
+        self.prepare()
+        if FREEZER in self.mounts:
+            freezer_parent = self.mounts[FREEZER] / self.parent
+            if not freezer_parent.is_dir():
+                mkdir_job(freezer_parent, lambda: None)
+                self._made.add(freezer_parent)
+        for d in dict.fromkeys(self._session_parents().values()):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise SandboxError(f"cgroup v1: cannot create {d}: {exc.strerror}") from None
+            self._made.add(d)
+        memory = self._session_parents()["memory"]
+        self.budget = SessionBudget(
+            total, reserve, lambda limit: _set_memory_limit(memory, limit),
+            lambda: to_int(read_text(memory / "memory.usage_in_bytes")),
+        )  # fmt: skip
+        self.budget.apply()
+        return self.budget
 
     def describe(self) -> str:
         return "cgroup v1 (" + ", ".join(f"{c}: {p}" for c, p in self._parents().items()) + ")"
@@ -128,10 +170,9 @@ class CgroupsV1(Cgroups):
         if freezer:
             if FREEZER not in self.mounts:
                 raise SandboxError("cgroup v1: the freezer controller is not mounted; sessions need it")
-            parents[FREEZER] = self.mounts[FREEZER] / self.parent
-            if not parents[FREEZER].is_dir():
-                mkdir_job(parents[FREEZER], lambda: None)
-                self._made.add(parents[FREEZER])
+            if self.sessions is None:
+                raise SandboxError("cgroup v1: no parent for sessions (configure_sessions)")
+            parents = self._session_parents()
         try:
             for controller, parent in parents.items():
                 if not quota and controller == "cpu" and parent != parents["cpuacct"]:
@@ -156,25 +197,45 @@ class CgroupsV1(Cgroups):
             if isinstance(exc, SandboxError):
                 raise
             raise SandboxError(f"cgroup v1: cannot create job cgroup {name}: {exc.strerror}") from None
-        return JobCgroupV1(name, dirs)
+        cg = JobCgroupV1(name, dirs)
+        cg.budget = self.budget if freezer else None
+        return cg
 
     def can_freeze(self) -> bool:
         return FREEZER in self.mounts
 
     def release(self) -> None:
-        self._made = {p for p in self._made if not rmdir_if_empty(p)}
+        # Deepest first: the sessions' parent before ours.
+        for p in sorted(self._made, key=lambda p: len(p.parts), reverse=True):
+            if rmdir_if_empty(p):
+                self._made.discard(p)
 
     def existing(self, prefix: str = JOB_PREFIX) -> list[JobCgroup]:
-        names: set[str] = set()
-        for parent in self._parents().values():
-            try:
-                names.update(e.name for e in os.scandir(parent) if e.is_dir() and e.name.startswith(prefix))
-            except OSError:
-                continue
-        parents = self._parents()
+        found: list[JobCgroup] = []
+        groups = [self._parents()]
         if FREEZER in self.mounts:
-            parents[FREEZER] = self.mounts[FREEZER] / self.parent
-        return [
-            JobCgroupV1(n, {c: p / n for c, p in parents.items() if (p / n).is_dir() or c in V1_CONTROLLERS})
-            for n in sorted(names)
-        ]
+            groups[0][FREEZER] = self.mounts[FREEZER] / self.parent
+        if self.sessions is not None:
+            groups.append(self._session_parents())
+        for parents in groups:
+            names: set[str] = set()
+            for parent in parents.values():
+                try:
+                    names.update(e.name for e in os.scandir(parent) if e.is_dir() and e.name.startswith(prefix))
+                except OSError:
+                    continue
+            found += [
+                JobCgroupV1(n, {c: p / n for c, p in parents.items() if (p / n).is_dir() or c in V1_CONTROLLERS})
+                for n in sorted(names)
+            ]
+        return found
+
+
+def _set_memory_limit(memory: Path, limit: int) -> None:
+    """memory (and memory+swap: no swap) of a v1 cgroup to *limit*; memsw is never below memory, so the order."""
+    memsw = memory / "memory.memsw.limit_in_bytes"
+    files = [memory / "memory.limit_in_bytes"] + ([memsw] if memsw.exists() else [])
+    if limit > to_int(read_text(files[0])):
+        files.reverse()
+    for f in files:
+        write_value(f, str(limit))

@@ -24,6 +24,7 @@ from .cgroups import (
     Cgroups,
     CgroupStats,
     JobCgroup,
+    SessionBudget,
     keyed,
     kill_until_empty,
     mkdir_job,
@@ -46,6 +47,29 @@ class JobCgroupV2(JobCgroup):
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
         self.path = path
+        self._peak_fd = -1  # memory.peak, reset through this fd (kernel 6.12+): reads through it are per run
+
+    def reset_peak(self) -> bool:
+        if self._peak_fd < 0:
+            try:
+                self._peak_fd = os.open(self.path / "memory.peak", os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                return False  # before 6.12 memory.peak is read-only
+        try:
+            os.pwrite(self._peak_fd, b"reset\n", 0)
+        except OSError:
+            os.close(self._peak_fd)
+            self._peak_fd = -1
+            return False
+        return True
+
+    def _peak(self) -> int:
+        if self._peak_fd >= 0:
+            try:
+                return to_int(os.pread(self._peak_fd, 64, 0).decode())
+            except OSError:
+                pass
+        return to_int(read_text(self.path / "memory.peak"))
 
     def attach(self, pid: int) -> None:
         write_value(self.path / "cgroup.procs", str(pid))
@@ -63,7 +87,7 @@ class JobCgroupV2(JobCgroup):
         return to_int(read_text(self.path / "memory.current"))
 
     def stats(self) -> CgroupStats:
-        peak = to_int(read_text(self.path / "memory.peak"))
+        peak = self._peak()
         return CgroupStats(
             oom_kills=keyed(read_text(self.path / "memory.events"), "oom_kill"),
             peak_bytes=peak,
@@ -83,6 +107,9 @@ class JobCgroupV2(JobCgroup):
         return kill_until_empty([self.path / "cgroup.procs"])
 
     def remove(self) -> bool:
+        if self._peak_fd >= 0:
+            os.close(self._peak_fd)
+            self._peak_fd = -1
         return rmdir_cgroup(self.path)
 
 
@@ -103,6 +130,33 @@ class CgroupsV2(Cgroups):
         else:
             self.parent = mount / parent.strip("/")
         self.jobs = self.parent / "jobs" if self.delegated else self.parent
+        self.sessions: Path | None = None  # the sessions' parent, beside the jobs (configure_sessions)
+        self._made_sessions = False
+        self.budget: SessionBudget | None = None
+
+    def locate_sessions(self, name: str) -> None:
+        self.sessions = self.jobs / name
+
+    def configure_sessions(self, name: str, total: int, reserve: int) -> SessionBudget:
+        self.prepare()
+        self.locate_sessions(name)
+        path = self.jobs / name
+        try:
+            path.mkdir()
+            self._made_sessions = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise SandboxError(f"cgroup v2: cannot create {path}: {exc.strerror}") from None
+        self._enable(path)
+        if (path / "memory.swap.max").exists():
+            write_value(path / "memory.swap.max", "0")
+        self.budget = SessionBudget(
+            total, reserve, lambda limit: write_value(path / "memory.max", str(limit)),
+            lambda: to_int(read_text(path / "memory.current")),
+        )  # fmt: skip
+        self.budget.apply()
+        return self.budget
 
     def describe(self) -> str:
         how = "delegated by systemd" if self.delegated else "made by runnerd"
@@ -145,12 +199,16 @@ class CgroupsV2(Cgroups):
         self._enable(self.parent)
 
     def release(self) -> None:
+        if self._made_sessions and self.sessions is not None and rmdir_if_empty(self.sessions):
+            self._made_sessions = False
         if self._made_parent and rmdir_if_empty(self.parent):
             self._made_parent = False
 
     def create(self, name: str, limits: CgroupLimits, *, quota: bool = True, freezer: bool = False) -> JobCgroup:
         # One hierarchy: the CPU quota costs nothing more to set here.
-        path = self.jobs / name
+        if freezer and self.sessions is None:
+            raise SandboxError("cgroup v2: no parent for sessions (configure_sessions)")
+        path = (self.sessions if freezer and self.sessions else self.jobs) / name
         try:
             mkdir_job(path, self.prepare)
         except OSError as exc:
@@ -165,14 +223,21 @@ class CgroupsV2(Cgroups):
         except SandboxError:
             rmdir_cgroup(path, patience=0)
             raise
-        return JobCgroupV2(name, path)
+        cg = JobCgroupV2(name, path)
+        cg.budget = self.budget if freezer else None
+        return cg
 
     def existing(self, prefix: str = JOB_PREFIX) -> list[JobCgroup]:
-        try:
-            entries = [e.name for e in os.scandir(self.jobs) if e.is_dir() and e.name.startswith(prefix)]
-        except OSError:
-            return []
-        return [JobCgroupV2(n, self.jobs / n) for n in sorted(entries)]
+        found: list[JobCgroup] = []
+        for parent in (self.jobs, self.sessions):
+            if parent is None:
+                continue
+            try:
+                entries = [e.name for e in os.scandir(parent) if e.is_dir() and e.name.startswith(prefix)]
+            except OSError:
+                continue
+            found += [JobCgroupV2(n, parent / n) for n in sorted(entries)]
+        return found
 
 
 def delegated_unit(own: str, is_delegated: Callable[[str], bool]) -> str | None:

@@ -27,17 +27,20 @@ import errno
 import logging
 import os
 import signal
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SandboxError
+from ..errors import JobRejected, SandboxError
 
 log = logging.getLogger(__name__)
 
 JOB_PREFIX = "job-"
+# The parent of one daemon's session cgroups (SessionBudget), beside its jobs: SESSIONS_PREFIX + its tag.
+SESSIONS_PREFIX = "sessions-"
 # How long freezing a session's processes may take before it counts as failed.
 FREEZE_TIMEOUT_S = 5.0
 CPU_PERIOD_US = 100_000
@@ -56,6 +59,66 @@ class CgroupStats:
     peak_bytes: int = 0
     cpu_s: float = 0.0
     pids_limit_hits: int = 0
+
+    def since(self, before: CgroupStats) -> CgroupStats:
+        """What happened between *before* and these (a session's run): counters as deltas.
+
+        The peak is kept as read: per run where :meth:`JobCgroup.reset_peak` could reset it.
+        """
+        return CgroupStats(
+            oom_kills=max(0, self.oom_kills - before.oom_kills),
+            peak_bytes=self.peak_bytes,
+            cpu_s=round(max(0.0, self.cpu_s - before.cpu_s), 6),
+            pids_limit_hits=max(0, self.pids_limit_hits - before.pids_limit_hits),
+        )
+
+
+class SessionBudget:
+    """``session_memory_budget``, kept by the kernel: the limit of one parent cgroup of every session.
+
+    The sessions' cgroups live under it, so together they never hold more
+    than its limit: past it the kernel reclaims, then OOM-kills in one of
+    them (that session ends ``memory_limit``), and nothing outside is touched.
+    What is charged elsewhere is taken off its limit instead: a session's
+    input files (the daemon writes them, so their tmpfs pages are the
+    daemon's) while the session lives, and a fixed reserve for run code in
+    flight (a sealed memfd per run, the daemon's too).
+    """
+
+    def __init__(self, total: int, reserve: int, set_limit: Callable[[int], None], usage: Callable[[], int]) -> None:
+        self.total = total
+        self.reserve_bytes = reserve
+        self.inputs = 0
+        self._set_limit = set_limit
+        self._usage = usage
+        self._lock = threading.Lock()  # inputs are reserved from threads (the event loop hands writes off)
+
+    @property
+    def limit(self) -> int:
+        return max(0, self.total - self.reserve_bytes - self.inputs)
+
+    def apply(self) -> None:
+        self._set_limit(self.limit)
+
+    def reserve(self, size: int) -> None:
+        """Take *size* bytes of inputs off the sessions' limit; JobRejected (BUSY) if their memory is in the way."""
+        if size <= 0:
+            return
+        with self._lock:
+            room = self.limit - self._usage()
+            if size > room:
+                raise JobRejected(
+                    f"input files of {size} bytes do not fit the session memory budget (session_memory_budget "
+                    f"{self.total >> 20} MiB: {max(0, room) >> 20} MiB free); close a session or retry later",
+                    code="BUSY",
+                )
+            self.inputs += size
+            self._set_limit(self.limit)
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.inputs = max(0, self.inputs - size)
+            self._set_limit(self.limit)
 
 
 def write_value(path: Path, value: str) -> None:
@@ -171,6 +234,8 @@ def mkdir_job(path: Path, prepare: Callable[[], None]) -> None:
 
 class JobCgroup(ABC):
     name: str
+    # A session's: the budget its parent keeps (None for a job's).
+    budget: SessionBudget | None = None
 
     @abstractmethod
     def attach(self, pid: int) -> None:
@@ -213,6 +278,10 @@ class JobCgroup(ABC):
         """A process inside has a SIGKILL it cannot act on (cgroup v1: frozen); False where a kill always acts."""
         return False
 
+    def reset_peak(self) -> bool:
+        """Start the peak memory over (a session's run); False where the kernel cannot (it stays the cgroup's)."""
+        return False
+
 
 class Cgroups(ABC):
     version: int
@@ -242,3 +311,12 @@ class Cgroups(ABC):
     @abstractmethod
     def release(self) -> None:
         """Remove the parent cgroup(s) this process made, when no job cgroup is left in them."""
+
+    @abstractmethod
+    def locate_sessions(self, name: str) -> None:
+        """The sessions' parent is *name* (for :meth:`existing`); nothing is made or changed."""
+
+    @abstractmethod
+    def configure_sessions(self, name: str, total: int, reserve: int) -> SessionBudget:
+        """Session cgroups (``create(freezer=True)``) from now on go under a parent *name*, whose memory
+        limit is *total* less *reserve* and the inputs of open sessions; SandboxError if it cannot be made."""

@@ -25,7 +25,7 @@ from .. import incage
 from ..config import Config
 from ..errors import SandboxError
 from . import workspace
-from .cgroups import JOB_PREFIX, Cgroups
+from .cgroups import JOB_PREFIX, SESSIONS_PREFIX, Cgroups
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,10 @@ class HostState:
         # Job cgroups are shared by every runnerd on the host (one parent per
         # controller); the state dir's tag in their names keeps one
         # instance's sweep off another instance's jobs.
-        tag = hashlib.sha256(str(config.state_dir.resolve()).encode()).hexdigest()[:8]
-        self.job_prefix = f"{JOB_PREFIX}{tag}-"
+        self.tag = hashlib.sha256(str(config.state_dir.resolve()).encode()).hexdigest()[:8]
+        self.job_prefix = f"{JOB_PREFIX}{self.tag}-"
+        self.sessions_cgroup = SESSIONS_PREFIX + self.tag
+        cgroups.locate_sessions(self.sessions_cgroup)  # its leftovers are found (and swept) with the jobs
 
     def new_job_name(self) -> str:
         return f"{self.job_prefix}{int(time.time() * 1000):x}-{secrets.token_hex(4)}"
@@ -94,6 +96,10 @@ class HostState:
         check_traversable(c.harness_dir)
         self._install_harness()
         self.cgroups.prepare()
+        # Before the sweep: it looks for leftovers under the sessions' parent too.
+        self.cgroups.configure_sessions(
+            self.sessions_cgroup, c.session_memory_budget, c.concurrency * c.limits.max_code_bytes
+        )
         swept = 0
         self._lock_fd = os.open(c.state_dir / "state.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

@@ -44,6 +44,18 @@ def parse_report(raw: bytes) -> Report:
     return report
 
 
+def valid_text(value: str) -> str:
+    """*value* as valid UTF-8: a lone surrogate (JSON's ``"\\udc80"`` decodes to one) becomes U+FFFD.
+
+    msgpack cannot pack such a string: one left in a result would fail its reply.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return value
+
+
 def small_int(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and -(2**31) < value < 2**31:
         return value
@@ -58,7 +70,7 @@ def error_from_report(end: dict[str, Any] | None) -> ErrorInfo | None:
 
     def text(key: str, cap: int) -> str:
         value = e.get(key)
-        return value[:cap] if isinstance(value, str) else ""
+        return valid_text(value[:cap]) if isinstance(value, str) else ""
 
     return ErrorInfo(
         type=text("type", 200) or "Exception",
@@ -71,7 +83,7 @@ def error_from_report(end: dict[str, Any] | None) -> ErrorInfo | None:
 def value_from_report(end: dict[str, Any] | None, cap: int) -> str | None:
     """The trailing expression's repr the harness reported, capped again here (it is untrusted)."""
     value = (end or {}).get("value")
-    return value[:cap] if isinstance(value, str) else None
+    return valid_text(value[:cap]) if isinstance(value, str) else None
 
 
 def exit_status(trusted: int | None, report: Report) -> int | None:

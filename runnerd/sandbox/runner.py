@@ -73,14 +73,14 @@ async def execute_and_collect(
     policy: Policy,
     label: str,
     outputs: Callable[[], Collected] | None = None,
-    inline: bool = False,
 ) -> Result:
     """The per-job skeleton every runner shares: captures, execute, collect the outputs, the result.
 
     *execute* runs the job with the two captures and returns once every
     process of the job is dead (its cgroup's counters read), or frozen (a
     session's): only then are the outputs collected, from *ws* or by
-    *outputs* (on the event loop if *inline*), so nothing the job ran can touch them.
+    *outputs*, so nothing the job ran can touch them. Always in a thread:
+    a walk of /work takes as long as the job made it.
     A SandboxError goes to the caller, who owns the cage (see sandbox_failure).
     """
     limits = config.limits
@@ -94,8 +94,7 @@ async def execute_and_collect(
         def outputs() -> Collected:
             return collect(work, figures, exclude=exclude, limits=limits)
 
-    # *inline*: a few files (a session's print): a thread hop would cost more than the walk.
-    collected = outputs() if inline else await asyncio.to_thread(outputs)
+    collected = await asyncio.to_thread(outputs)
     return build_result(ex, out, err, collected, policy=policy, config=config, job_id=label)
 
 

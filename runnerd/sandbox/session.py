@@ -20,13 +20,11 @@ not stop within ``session_interrupt_grace_s`` is killed.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import select
 import signal
 import socket
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -35,7 +33,7 @@ from ..config import Config
 from ..errors import JobRejected, SandboxError
 from ..result import Outcome, Reason, Result, SessionEnd, SessionState
 from .artifacts import Collected, collect
-from .cgroups import FREEZE_TIMEOUT_S, JobCgroup, wait_for
+from .cgroups import FREEZE_TIMEOUT_S, CgroupStats, JobCgroup, wait_for
 from .job import InputFile, JobSpec
 from .output import StreamCapture
 from .policy import Policy
@@ -44,21 +42,21 @@ from .runner import execute_and_collect, sandbox_failure
 from .session_cage import (
     MAX_EVENTS_PER_RUN,
     Control,
+    Dirs,
     SessionCage,
     Snapshot,
     code_file,
+    control_frame,
     snapshot,
     user_pid,
     write_inputs,
 )
-from .supervise import Execution, OnOutput, supervise
+from .supervise import Execution, OnOutput, RunPipes, supervise
 from .workspace import resize_tmpfs_fd
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0  # a cold session's interpreter start, on a loaded host
-# A /work of at most this many files is walked on the event loop; a larger one in a thread.
-INLINE_COLLECT_FILES = 64
 # What a tmpfs may take beyond a file's bytes (its last page): /work grows by it per input.
 INPUT_SLACK_BYTES = 4096
 
@@ -108,7 +106,7 @@ class Session:
                     if not run.done.done():
                         run.done.set_result(None)
                 elif self.ended is None:
-                    await self._finish(self._end_reason(None))
+                    await self._finish(self.end_reason(None))
                 return
             kind = event.get("event")
             if kind == "exit" and run is not None:
@@ -116,7 +114,7 @@ class Session:
             elif kind == "done" and run is not None and not run.done.done():
                 run.done.set_result(None)
 
-    def _end_reason(self, exit_event: dict[str, Any] | None) -> SessionEnd:
+    def end_reason(self, exit_event: dict[str, Any] | None) -> SessionEnd:
         if self._killing is not None:
             return self._killing
         if self.control.broken:
@@ -148,6 +146,14 @@ class Session:
         finally:
             self.cage.close_fds()
             os.close(self.user_pidfd)
+            self.give_back_inputs()
+
+    def give_back_inputs(self) -> None:
+        """The inputs' pages are gone with the session's /work: the sessions' budget has them again."""
+        budget = self.cage.cgroup.budget
+        if budget is not None and self.input_bytes:
+            budget.release(self.input_bytes)
+        self.input_bytes = 0
 
     # ------------------------------------------------------------ Runner
 
@@ -170,32 +176,39 @@ class Session:
         if count > limits.max_files:
             raise JobRejected(f"session {self.id!r}: more than {limits.max_files} input files", code="TOO_LARGE")
 
-    def add_inputs(self, files: tuple[InputFile, ...]) -> None:
+    def add_inputs(self, files: tuple[InputFile, ...], dirs: Dirs) -> None:
         """Write this run's inputs into /work (the session is frozen); JobRejected if /work has one of the names.
 
         /work grows by their size first: its scratch space stays the same.
+        Their pages are charged to the daemon, not the session's cgroup: the
+        sessions' budget gives them up first (:meth:`~.cgroups.SessionBudget.reserve`).
         """
         self.check_inputs(files)
         if not files:
             return
         for f in files:
             try:
-                os.stat(f.name, dir_fd=self.cage.work_fd, follow_symlinks=False)
+                os.stat(f.name, dir_fd=dirs.work_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             raise JobRejected(f"session {self.id!r} already has a file {f.name!r} in /work (written by a run)")
         limits = self.config.limits
-        total = self.input_bytes + sum(len(f.data) for f in files)
+        added = sum(len(f.data) for f in files)
+        total = self.input_bytes + added
         count = len(self.input_names) + len(files)
+        budget = self.cage.cgroup.budget
+        if budget is not None:
+            budget.reserve(added)  # JobRejected (BUSY) when the sessions' memory cannot give it up
         try:
             room = total + count * INPUT_SLACK_BYTES  # a tmpfs counts whole pages
-            resize_tmpfs_fd(self.cage.work_fd, limits.scratch_bytes + room, limits.scratch_inodes + count)
-            write_inputs(self.cage.work_fd, files)
+            resize_tmpfs_fd(dirs.work_fd, limits.scratch_bytes + room, limits.scratch_inodes + count)
+            write_inputs(dirs.work_fd, files)
         except OSError as exc:
             raise SandboxError(f"cannot write the session's input files: {exc}") from None
+        finally:
+            self.input_bytes = total  # reserved: given back when the session ends, whatever was written
         for f in files:
             self.input_names.add(f.name)
-        self.input_bytes = total
 
     async def run(
         self, job: JobSpec, *, on_output: OnOutput | None = None, stop: asyncio.Future[Reason] | None = None,
@@ -212,56 +225,66 @@ class Session:
                 )
             )
         cg = self.cage.cgroup
-        cpu_before = cg.stats().cpu_s
         try:
-            if job.files:
-                await asyncio.to_thread(self.add_inputs, job.files)
-            cg.thaw()
-            self.runs += 1
-            result = await execute_and_collect(
-                lambda out, err: self._execute(job, out, err, on_output, stop),
-                None, config=self.config, policy=self.policy, label=label, outputs=self._collect,
-                inline=len(self.baseline) <= INLINE_COLLECT_FILES,
-            )  # fmt: skip
-        except SandboxError as exc:
-            # The host could not do its part (an input, the freezer): the session cannot go on safely.
+            with self.cage.hold() as dirs:
+                if job.files:
+                    await asyncio.to_thread(self.add_inputs, job.files, dirs)
+                before = cg.stats()
+                per_run_peak = cg.reset_peak()
+                cg.thaw()
+                self.runs += 1
+                result = await execute_and_collect(
+                    lambda out, err: self._execute(job, out, err, on_output, stop, before),
+                    None, config=self.config, policy=self.policy, label=label,
+                    outputs=lambda: self._collect(dirs),
+                )  # fmt: skip
+        except JobRejected:
+            raise  # nothing ran: the session is as it was (frozen)
+        except Exception as exc:
+            # The host could not do its part (an input, the freezer, a bug): whatever
+            # state the session is in, it cannot go on safely, and nothing of it stays.
+            if not isinstance(exc, SandboxError):
+                log.exception("session %s: run %s failed on the host", self.id, label)
             await self._finish(SessionEnd.SANDBOX_ERROR)
             return self._with_state(sandbox_failure(label, exc))
-        usage = replace(result.usage, cpu_s=round(max(0.0, result.usage.cpu_s - cpu_before), 4))
-        return self._with_state(replace(result, usage=usage))
+        if not per_run_peak:
+            result = replace(result, usage=replace(result.usage, peak_of="session"))
+        return self._with_state(result)
 
     def _with_state(self, result: Result) -> Result:
         return replace(result, session=SessionState(id=self.id, alive=self.alive, ended=self.ended))
 
-    def _collect(self) -> Collected:
+    def _collect(self, dirs: Dirs) -> Collected:
         if self.ended is not None:
             return Collected()
         before = self.baseline
-        after = snapshot(self.cage.work)
+        after = snapshot(dirs.work)
         self.baseline = after
         unchanged = frozenset(path for path, key in after.items() if before.get(path) == key)
         return collect(
-            self.cage.work, self.cage.figures, exclude=frozenset(self.input_names), limits=self.config.limits,
-            skip=unchanged,
-        )  # fmt: skip
+            dirs.work, dirs.figures, exclude=frozenset(self.input_names), limits=self.config.limits, skip=unchanged
+        )
 
     async def _execute(
         self, job: JobSpec, out: StreamCapture, err: StreamCapture, on_output: OnOutput | None,
-        stop: asyncio.Future[Reason] | None,
+        stop: asyncio.Future[Reason] | None, before: CgroupStats,
     ) -> Execution:  # fmt: skip
         loop = asyncio.get_running_loop()
         cg = self.cage.cgroup
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        rep_r, rep_w = os.pipe()
+        # The order is a few bytes, and the code a sealed file of its own: the send
+        # never waits on the session (one that does not read must not stall the daemon).
+        code_fd = code_file(job.code)  # first: nothing else is open yet if it fails
+        try:
+            run_pipes = RunPipes.open()
+        except OSError:
+            os.close(code_fd)
+            raise
+        out_r, err_r, rep_r = run_pipes.readers
+        out_w, err_w, rep_w = run_pipes.writers
         run = _RunState(done=loop.create_future())
         self._run = run
         self.control.budget = MAX_EVENTS_PER_RUN
-        # The order is a few bytes, and the code a sealed file of its own: the send
-        # never waits on the session (one that does not read must not stall the daemon).
-        code_fd = code_file(job.code)
-        body = json.dumps({"op": "run"}).encode()
-        frame = struct.pack(">I", len(body)) + body
+        frame = control_frame({"op": "run"})
         try:
             if socket.send_fds(self.control.sock, [frame], [out_w, err_w, rep_w, code_fd]) != len(frame):
                 raise BlockingIOError("a part of the order")
@@ -309,14 +332,14 @@ class Session:
             )  # fmt: skip
         finally:
             self._run = None
-        ex.stats = cg.stats()
+        ex.stats = cg.stats().since(before)
         end = ex.report.end
         if self._killing is SessionEnd.SANDBOX_ERROR and ex.stop_reason is None and not ex.cage_fault:
             ex.cage_fault = "the session did not freeze after its run, or did not take its order; it was ended"
         if self.control.closed or not interrupted_in_time or self._killing is not None:
             # The session's process is gone (or was killed for not stopping).
             exit_event = run.exit_event
-            reason = self._end_reason(exit_event)
+            reason = self.end_reason(exit_event)
             if self.control.broken and ex.stop_reason is None:
                 ex.cage_fault = "the run's code broke runnerd's protocol on the session's control socket"
             elif exit_event is not None and ex.stop_reason is None:
@@ -375,8 +398,10 @@ class Session:
         """Between runs: its process is gone (killed from outside), or (*deep*, slower) a kill waits on a thaw."""
         if self.ended is not None or self._run is not None:
             return False
-        readable, _, _ = select.select([self.user_pidfd], [], [], 0)
-        return bool(readable) or (deep and self.cage.cgroup.kill_pending())
+        # poll, not select: a pidfd numbered past FD_SETSIZE (1024) is fine here.
+        poller = select.poll()
+        poller.register(self.user_pidfd, select.POLLIN)
+        return bool(poller.poll(0)) or (deep and self.cage.cgroup.kill_pending())
 
     def memory_bytes(self) -> int:
         """What it holds: its cgroup's memory, and its inputs (the host wrote them: charged to the daemon)."""
@@ -389,6 +414,7 @@ async def start_session(
     """Wait for the session's interpreter, note U's pid, write the open's inputs, freeze it: a ready Session."""
     control = Control(cage.ctl, accept_fds=cage.figures_fd < 0)
     user = -1
+    session: Session | None = None
     try:
         event = await control.next(READY_TIMEOUT_S)
         if event is not None and event.get("event") == "mounted":
@@ -403,8 +429,9 @@ async def start_session(
             raise SandboxError("the session's interpreter did not start" + (f": {said}" if said else ""))
         user = os.pidfd_open(user_pid(cage.cgroup))
         session = Session(id=session_id, cage=cage, config=config, policy=policy, control=control, user_pidfd=user)
-        session.add_inputs(files)
-        session.baseline = snapshot(cage.work)
+        with cage.hold() as dirs:
+            await asyncio.to_thread(session.add_inputs, files, dirs)
+            session.baseline = await asyncio.to_thread(snapshot, dirs.work)
         if not cage.cgroup.freeze():
             raise SandboxError("the session's processes did not freeze")
     except BaseException as exc:
@@ -413,6 +440,8 @@ async def start_session(
         cage.close_fds()
         if user >= 0:
             os.close(user)
+        if session is not None:
+            session.give_back_inputs()
         if isinstance(exc, TimeoutError):
             raise SandboxError(f"the session's interpreter was not ready in {READY_TIMEOUT_S:.0f} s") from None
         raise

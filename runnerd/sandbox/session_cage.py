@@ -18,7 +18,8 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,36 @@ class SessionCage:
             if fd >= 0:
                 os.close(fd)
         self.work_fd = self.figures_fd = -1
+
+    @contextmanager
+    def hold(self) -> Iterator[Dirs]:
+        """Copies of the directory fds, for one host step (in a thread, maybe).
+
+        A step never uses :attr:`work_fd` by number: the session may end under
+        it, its fds be closed, and the number be reused for another session's
+        directory. A copy keeps naming this session's. SandboxError once it is gone.
+        """
+        if self.work_fd < 0 or self.figures_fd < 0:
+            raise SandboxError("the session's cage is gone")
+        work = os.dup(self.work_fd)
+        try:
+            figures = os.dup(self.figures_fd)
+        except OSError:
+            os.close(work)
+            raise
+        try:
+            yield Dirs(work, figures)
+        finally:
+            os.close(work)
+            os.close(figures)
+
+
+@dataclass(frozen=True)
+class Dirs:
+    """A session's /work and figures dir, by fds of a host step's own (:meth:`SessionCage.hold`)."""
+
+    work_fd: int
+    figures_fd: int
 
     @property
     def work(self) -> Path:
@@ -185,6 +216,12 @@ def snapshot(work: Path) -> Snapshot:
             else:  # links and special files too: a warning about one is news only once
                 found[relative] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     return found
+
+
+def control_frame(message: dict[str, Any]) -> bytes:
+    """One message on a control socket, as incage/session.py's recv_msg reads it: a 4-byte length, then JSON."""
+    body = json.dumps(message).encode()
+    return struct.pack(">I", len(body)) + body
 
 
 def code_file(code: str) -> int:

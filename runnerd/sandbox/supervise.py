@@ -140,6 +140,31 @@ def capped(buffer: bytearray, cap: int) -> Callable[[bytes], None]:
     return sink
 
 
+@dataclass(frozen=True)
+class RunPipes:
+    """A run's stdout, stderr and report pipes: the readers go to :func:`supervise`, the writers to the run."""
+
+    readers: tuple[int, int, int]
+    writers: tuple[int, int, int]
+
+    @classmethod
+    def open(cls) -> RunPipes:
+        fds: list[int] = []
+        try:
+            for _ in range(3):
+                fds.extend(os.pipe())
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return cls(readers=(fds[0], fds[2], fds[4]), writers=(fds[1], fds[3], fds[5]))
+
+    def close_readers(self) -> None:
+        """When the run never reached :func:`supervise` (which closes them)."""
+        for fd in self.readers:
+            os.close(fd)
+
+
 def read_pipe(
     loop: asyncio.AbstractEventLoop, fd: int, sink: Callable[[bytes], None], *, pace: Callable[[], bool] | None = None,
 ) -> asyncio.Future[None]:  # fmt: skip

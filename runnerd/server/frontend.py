@@ -32,6 +32,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from ..config import Config
 from ..errors import ConfigError, RunnerdError
 from . import protocol
+from .clients import Client
 from .protocol import CancelRequest, CloseRequest, OpenRequest, PingRequest, ProtocolError, RunRequest, StatsRequest
 from .scheduler import Scheduler
 
@@ -182,7 +183,7 @@ class Frontend:
     async def _serve_one(self, ep: Endpoint) -> None:
         while True:
             try:
-                frames = await ep.socket.recv_multipart(copy=True)
+                frames = await ep.socket.recv_multipart(copy=False)
             except zmq.ZMQError as exc:
                 if exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
                     return
@@ -194,7 +195,9 @@ class Frontend:
             except Exception:
                 log.exception("%s: unexpected error handling a frame", ep.address)
                 self._send(
-                    ep, frames[0], protocol.error_reply(None, protocol.INTERNAL, "internal error; see the daemon's log")
+                    ep,
+                    frames[0].bytes,
+                    protocol.error_reply(None, protocol.INTERNAL, "internal error; see the daemon's log"),
                 )
 
     def _send(self, ep: Endpoint, identity: bytes, frame: bytes) -> None:
@@ -208,9 +211,11 @@ class Frontend:
     def _sender(self, ep: Endpoint, identity: bytes) -> Callable[[bytes], None]:
         return lambda frame: self._send(ep, identity, frame)
 
-    def _handle(self, ep: Endpoint, frames: list[bytes]) -> None:
+    def _handle(self, ep: Endpoint, parts: list[zmq.Frame]) -> None:
+        frames = [p.bytes for p in parts]
         identity, payload = frames[0], frames[1:]
         send = self._sender(ep, identity)
+        client = _client_of(ep.address, identity, parts[-1])
         if len(payload) != 1:
             message = f"a request is one frame holding one msgpack map, got {len(payload)} frames; use a DEALER socket"
             self._error(send, None, protocol.BAD_REQUEST, message)
@@ -221,7 +226,7 @@ class Frontend:
             self._error(send, exc.request_id, exc.code, exc.message)
             return
         try:
-            self._dispatch(req, ep, identity, send)
+            self._dispatch(req, ep, identity, send, client)
         except ProtocolError as exc:
             self._error(send, req.id, exc.code, exc.message, exc.ended)
 
@@ -233,9 +238,11 @@ class Frontend:
             self.metrics.errors.labels(code).inc()
         send(protocol.error_reply(request_id, code, message, ended))
 
-    def _dispatch(self, req: protocol.Request, ep: Endpoint, identity: bytes, send: Callable[[bytes], None]) -> None:
+    def _dispatch(
+        self, req: protocol.Request, ep: Endpoint, identity: bytes, send: Callable[[bytes], None], client: Client
+    ) -> None:
         if isinstance(req, RunRequest):
-            self.scheduler.submit(req, (ep.address, identity), send)
+            self.scheduler.submit(req, (ep.address, identity), send, client)
         elif isinstance(req, CancelRequest):
             self.scheduler.cancel(req.id, send)
         elif isinstance(req, (OpenRequest, CloseRequest)):
@@ -243,12 +250,23 @@ class Frontend:
             if sessions is None:
                 raise ProtocolError(protocol.BAD_REQUEST, "this server has no sessions")
             if isinstance(req, OpenRequest):
-                sessions.open(req, send)
+                sessions.open(req, send, client)
             else:
-                sessions.close(req, send)
+                sessions.close(req, send, client)
         elif isinstance(req, PingRequest):
             send(protocol.reply(req.id, "pong", **self.info()))
         elif isinstance(req, StatsRequest):
             stats = self.scheduler.stats()
             stats.update(frames_in=self.frames_in, errors_out=self.errors_out, **self.info())
             send(protocol.reply(req.id, "stats", **stats))
+
+
+def _client_of(address: str, identity: bytes, frame: zmq.Frame) -> Client:
+    """Who sent *frame*: its CURVE key where the endpoint has CURVE (ZAP's User-Id), else its connection."""
+    try:
+        key = frame.get("User-Id")
+    except zmq.ZMQError:
+        key = None  # no ZAP on this endpoint (ipc, plain tcp)
+    if isinstance(key, str) and key:
+        return Client(name=f"key:{key}", key=key)
+    return Client(name=f"connection {identity.hex()} on {address}", key=None)

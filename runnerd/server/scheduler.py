@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections import Counter, deque
@@ -30,10 +31,12 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
 from ..errors import JobRejected
+from ..percentiles import percentiles_ms
 from ..result import Outcome, Reason, Result, SessionEnd
 from ..sandbox.job import JobSpec
 from ..sandbox.session import Session
 from . import protocol
+from .clients import LOCAL, Client
 from .protocol import ProtocolError, RunRequest
 from .sessions import SessionManager, SessionRecord, safe_send
 
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 Send = Callable[[bytes], None]
 Runner = Callable[..., Awaitable[Result]]  # (job, *, on_output, stop, name, job_id) -> Result
 LATENCY_WINDOW = 1000
+RESTART_DELAY_S = 0.05  # before a dead worker's slot gets a new one
 
 
 class State(str, enum.Enum):
@@ -71,6 +75,7 @@ class JobRecord:
     finished_at: float = 0.0
     size: int = 0
     session: str | None = None  # the session it runs in
+    client: Client = LOCAL  # who sent it: max_queued_per_client counts by it
     # That session's record itself: a later session of the same id is another one.
     srec: SessionRecord | None = None
 
@@ -80,18 +85,6 @@ class JobRecord:
 
 def _result_size(result: Result) -> int:
     return len(result.stdout) + len(result.stderr) + sum(len(a.data) for a in (*result.figures, *result.files)) + 1024
-
-
-def percentiles_ms(values: list[float]) -> dict[str, float]:
-    """p50/p95/p99 of *values* (seconds), in ms."""
-    if not values:
-        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
-    ordered = sorted(values)
-
-    def pick(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
-
-    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
 
 
 class Scheduler:
@@ -130,6 +123,7 @@ class Scheduler:
         self._run_wall: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._idle: set[int] = set()
+        self._closing = False
         self._started = time.monotonic()
         self.accepting = True
         self.refusal = "the queue is full"
@@ -147,19 +141,20 @@ class Scheduler:
         for slot in range(concurrency):
             task = self._workers.get(slot)
             if task is None or task.done():
-                self._workers[slot] = asyncio.create_task(self._worker(slot), name=f"runnerd-slot-{slot}")
+                self._start_worker(slot)
         for slot, task in list(self._workers.items()):
             if slot >= concurrency and slot in self._idle:
                 task.cancel()  # waiting on the queue: nothing is lost
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._workers.values():
             task.cancel()
         await asyncio.gather(*self._workers.values(), return_exceptions=True)
 
     # ------------------------------------------------------------ requests
 
-    def submit(self, req: RunRequest, peer: Hashable, send: Send) -> None:
+    def submit(self, req: RunRequest, peer: Hashable, send: Send, client: Client = LOCAL) -> None:
         """Take a run request (or resubscribe to a known id); ProtocolError (BUSY, BAD_REQUEST) if not."""
         record = self.jobs.get(req.id)
         if record is not None:
@@ -177,8 +172,17 @@ class Scheduler:
                 protocol.BUSY,
                 f"{self.running} jobs running and {self.queued} queued (queue_size {self.queue_size}); retry later",
             )
-        session = self._admit_to_session(req) if req.session is not None else None
-        record = JobRecord(id=req.id, digest=req.digest, spec=req.job, session=req.session, srec=session)
+        limit = self.sessions.config.max_queued_per_client if self.sessions is not None else None
+        if limit is not None:
+            waiting = sum(1 for r in self.jobs.values() if r.state is State.QUEUED and r.client == client)
+            if waiting >= limit:
+                raise ProtocolError(
+                    protocol.BUSY,
+                    f"this client ({client.name}) has {waiting} runs queued, the limit "
+                    f"(max_queued_per_client {limit}); wait for a result",
+                )
+        session = self._admit_to_session(req, client) if req.session is not None else None
+        record = JobRecord(id=req.id, digest=req.digest, spec=req.job, session=req.session, srec=session, client=client)
         self.jobs[req.id] = record
         self.queued += 1
         self._subscribe(record, peer, Subscriber(send, req.stream), replay=False)
@@ -191,12 +195,12 @@ class Scheduler:
             session.current = record
             self._queue.put_nowait(record)
 
-    def _admit_to_session(self, req: RunRequest) -> SessionRecord:
+    def _admit_to_session(self, req: RunRequest, client: Client) -> SessionRecord:
         """The session a run goes to; ProtocolError (NOT_FOUND, BUSY, BAD_REQUEST) if it cannot take it."""
         if self.sessions is None:
             raise ProtocolError(protocol.NOT_FOUND, "this server has no sessions")
         assert req.session is not None
-        record = self.sessions.live(req.session)
+        record = self.sessions.live(req.session, client)
         limit = self.sessions.config.session_max_pending_runs
         if (record.busy or record.session is None) and len(record.pending) >= limit:
             raise ProtocolError(
@@ -276,45 +280,93 @@ class Scheduler:
                 record = await self._queue.get()
             finally:
                 self._idle.discard(slot)
-            if record.state is not State.QUEUED:
-                continue  # cancelled while it waited
-            runner = self.runner
-            if record.session is not None:
-                session = self._session_of(record)
-                if session is None:
-                    continue  # the session ended while the run waited: answered NOT_FOUND
-                runner = session.run
-            self.queued -= 1
-            self.running += 1
-            record.state = State.RUNNING
-            record.stop = asyncio.get_running_loop().create_future()
-            started = time.monotonic()
-            assert record.spec is not None  # dropped only when the job ends
             try:
-                result = await runner(
-                    record.spec,
-                    on_output=lambda s, d, r=record: self._output(r, s, d),
-                    stop=record.stop,
-                    job_id=record.id,
-                )
+                await self._run_one(record)
             except asyncio.CancelledError:
-                self.running -= 1
                 raise
-            except JobRejected as exc:
-                # A session's run refused before anything ran (an input name its /work has).
-                self.running -= 1
-                self._refuse(record, exc.code, str(exc))
-                self._next_in_session(record)
-                continue
             except Exception:
-                log.exception("job %s: the runner failed", record.id)
-                result = Result(
-                    outcome=Outcome.FAILED, reason=Reason.SANDBOX_ERROR, warnings=("internal error in runnerd",)
-                )
-            self.running -= 1
-            self._finish(record, result, wall_s=time.monotonic() - started)
-            self._next_in_session(record)
+                # The bookkeeping around a run failed (not the run: the runner's
+                # failures are results). The job still gets an answer, and the slot lives on.
+                log.exception("job %s: runnerd failed around it", record.id)
+                self._internal_error(record)
         self._workers.pop(slot, None)
+
+    def _supervise(self, slot: int, task: asyncio.Task[None]) -> None:
+        """A worker that died (a bug) is logged and replaced: a slot is never lost."""
+        if task.cancelled() or self._workers.get(slot) is not task:
+            return
+        exc = task.exception()
+        if exc is not None and slot < self.concurrency:
+            log.error("slot %d: its worker died; starting another", slot, exc_info=exc)
+            # Not at once: a worker that dies at its start would spin.
+            asyncio.get_running_loop().call_later(RESTART_DELAY_S, self._restart, slot)
+
+    def _restart(self, slot: int) -> None:
+        task = self._workers.get(slot)
+        if (task is None or task.done()) and slot < self.concurrency and not self._closing:
+            self._start_worker(slot)
+
+    def _start_worker(self, slot: int) -> None:
+        task = asyncio.create_task(self._worker(slot), name=f"runnerd-slot-{slot}")
+        task.add_done_callback(functools.partial(self._supervise, slot))
+        self._workers[slot] = task
+
+    async def _run_one(self, record: JobRecord) -> None:
+        if record.state is not State.QUEUED:
+            return  # cancelled while it waited
+        runner = self.runner
+        if record.session is not None:
+            session = self._session_of(record)
+            if session is None:
+                return  # the session ended while the run waited: answered NOT_FOUND
+            runner = session.run
+        self.queued -= 1
+        self.running += 1
+        record.state = State.RUNNING
+        record.stop = asyncio.get_running_loop().create_future()
+        started = time.monotonic()
+        assert record.spec is not None  # dropped only when the job ends
+        try:
+            result = await runner(
+                record.spec,
+                on_output=lambda s, d, r=record: self._output(r, s, d),
+                stop=record.stop,
+                job_id=record.id,
+            )
+        except JobRejected as exc:
+            # A session's run refused before anything ran (an input name its /work has).
+            self._refuse(record, exc.code, str(exc))
+            self._next_in_session(record)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job %s: the runner failed", record.id)
+            result = Result(
+                outcome=Outcome.FAILED, reason=Reason.SANDBOX_ERROR, warnings=("internal error in runnerd",)
+            )
+        finally:
+            self.running -= 1
+        self._finish(record, result, wall_s=time.monotonic() - started)
+        self._next_in_session(record)
+
+    def _internal_error(self, record: JobRecord) -> None:
+        """Answer *record* with INTERNAL (unless it was answered), keep the counters true, free its session."""
+        if record.state is State.QUEUED:
+            self.queued -= 1
+        if record.state is not State.DONE:  # _finish packs the reply before it marks the job done
+            record.state = State.DONE
+            record.spec = None
+            self.jobs.pop(record.id, None)
+            frame = protocol.error_reply(
+                record.id, protocol.INTERNAL, "runnerd failed while handling this job (its log says why); resend it"
+            )
+            for sub in list(record.subscribers.values()):
+                safe_send(sub.send, frame)
+        try:
+            self._next_in_session(record)
+        except Exception:
+            log.exception("job %s: its session's next run could not start", record.id)
 
     # ------------------------------------------------------------ sessions' runs
 
@@ -406,6 +458,7 @@ class Scheduler:
                 safe_send(sub.send, frame)
 
     def _finish(self, record: JobRecord, result: Result, *, wall_s: float) -> None:
+        frame = protocol.result_reply(record.id, result)  # first: a result that cannot be packed changes nothing
         record.state = State.DONE
         record.result = result
         record.spec = None
@@ -434,7 +487,6 @@ class Scheduler:
                 self.on_finish(result, latency)
             except Exception:
                 log.exception("the job-finished hook failed")
-        frame = protocol.result_reply(record.id, result)
         for sub in list(record.subscribers.values()):
             safe_send(sub.send, frame)
         self._finished.append(record.id)
@@ -464,7 +516,10 @@ class Scheduler:
     async def evict_forever(self, interval: float = 5.0) -> None:
         while True:
             await asyncio.sleep(interval)
-            self.evict()
+            try:
+                self.evict()
+            except Exception:
+                log.exception("evicting finished jobs failed; it goes on")
 
     def stats(self) -> dict[str, object]:
         return {

@@ -36,6 +36,7 @@ from ..result import SessionEnd
 from ..sandbox.job import InputFile
 from ..sandbox.session import Session
 from . import protocol
+from .clients import LOCAL, Client
 from .protocol import CloseRequest, OpenRequest, ProtocolError
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 Send = Callable[[bytes], None]
 Opener = Callable[[str, tuple[InputFile, ...]], Awaitable[Session]]
 SWEEP_INTERVAL_S = 0.25
+# Resends of an open that wait for the same session to finish opening.
+MAX_OPEN_WAITERS = 16
 # How often idle sessions are looked at for a kill from outside they cannot act on (cgroup v1).
 KILL_CHECK_INTERVAL_S = 2.0
 
@@ -63,6 +66,7 @@ class SessionRecord:
     id: str
     digest: str
     idle_timeout: float
+    client: Client = LOCAL  # who opened it: counted against max_sessions_per_client, and its owner's key
     opened_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     session: Session | None = None  # None while it opens
@@ -97,6 +101,7 @@ class SessionManager:
         self.accepting = True
         self.started = time.monotonic()
         self._kill_checked = 0.0
+        self._open_slots = asyncio.Semaphore(config.concurrency)
         # Set by the scheduler: stops a run (closed or expired session) and answers queued ones.
         self.on_session_end: Callable[[SessionRecord], None] | None = None
         # Set by the scheduler: runs sent before the session was open go now (or hear why it did not open).
@@ -137,9 +142,16 @@ class SessionManager:
         how = SESSION_ENDS[record.ended] + (f" ({setting})" if setting else "")
         return f"session {record.id!r} ended: {how} ({record.ended.value})"
 
-    def live(self, session_id: str) -> SessionRecord:
-        """The open session *session_id*; ProtocolError NOT_FOUND saying why there is none."""
+    def _visible(self, session_id: str, client: Client) -> SessionRecord | None:
+        """The record of *session_id*, unless it belongs to another CURVE key: then it is none of *client*'s."""
         record = self.records.get(session_id)
+        if record is not None and record.client.key is not None and record.client.key != client.key:
+            return None
+        return record
+
+    def live(self, session_id: str, client: Client = LOCAL) -> SessionRecord:
+        """The open session *session_id*; ProtocolError NOT_FOUND saying why there is none."""
+        record = self._visible(session_id, client)
         if record is None:
             raise ProtocolError(protocol.NOT_FOUND, self.unknown(session_id))
         if record.ended is not None:
@@ -152,8 +164,13 @@ class SessionManager:
             )
         return record
 
-    def open(self, req: OpenRequest, send: Send) -> None:
-        record = self.records.get(req.session)
+    def open(self, req: OpenRequest, send: Send, client: Client = LOCAL) -> None:
+        record = self._visible(req.session, client)
+        if record is None and req.session in self.records:
+            # Another key's: this one cannot have it, nor learn that it exists.
+            raise ProtocolError(
+                protocol.BAD_REQUEST, f"session id {req.session!r} cannot be used; choose another (a random one)"
+            )
         if record is not None:
             if record.ended is not None:
                 raise ProtocolError(protocol.NOT_FOUND, self.how_it_ended(record), ended=_word(record))
@@ -163,6 +180,10 @@ class SessionManager:
                     f"session {req.session!r} is already open with other files or idle_timeout; use a new session id",
                 )
             if record.session is None:
+                if len(record.waiters) >= MAX_OPEN_WAITERS:
+                    raise ProtocolError(
+                        protocol.BUSY, f"session {req.session!r} is opening, with {MAX_OPEN_WAITERS} opens waiting"
+                    )
                 record.waiters.append((req.id, send, True))
             else:
                 send(self._opened(req.id, record, duplicate=True))
@@ -182,6 +203,13 @@ class SessionManager:
             raise ProtocolError(
                 protocol.BUSY, f"{self.open_count} sessions are open, the limit (max_sessions {c.max_sessions})"
             )
+        held = sum(1 for r in self.records.values() if r.ended is None and r.client == client)
+        if held >= c.max_sessions_per_client:
+            raise ProtocolError(
+                protocol.BUSY,
+                f"this client ({client.name}) has {held} sessions open, the limit "
+                f"(max_sessions_per_client {c.max_sessions_per_client}); close one first",
+            )
         used = self.memory_bytes()
         if used >= c.session_memory_budget:
             raise ProtocolError(
@@ -189,7 +217,7 @@ class SessionManager:
                 f"open sessions use {used >> 20} MiB, the session memory budget "
                 f"(session_memory_budget {c.session_memory_budget >> 20} MiB); close one or retry later",
             )
-        record = SessionRecord(id=req.session, digest=req.digest, idle_timeout=idle)
+        record = SessionRecord(id=req.session, digest=req.digest, idle_timeout=idle, client=client)
         record.waiters.append((req.id, send, False))
         self.records[req.session] = record
         self._opening.add(self._spawn(self._open(record, req.files)))
@@ -197,7 +225,8 @@ class SessionManager:
     async def _open(self, record: SessionRecord, files: tuple[InputFile, ...]) -> None:
         started = time.monotonic()
         try:
-            session = await self.opener(record.id, files)
+            async with self._open_slots:  # a cold open is an nsjail start: as many at once as jobs run
+                session = await self.opener(record.id, files)
         except asyncio.CancelledError:
             # The daemon is stopping: what the open had made is gone already (the opener's cleanup).
             if self.records.get(record.id) is record and record.ended is None:
@@ -255,8 +284,8 @@ class SessionManager:
     def _opened(self, request_id: str, record: SessionRecord, *, duplicate: bool) -> bytes:
         return protocol.reply(request_id, "opened", session=record.id, duplicate=duplicate, limits=self.limits(record))
 
-    def close(self, req: CloseRequest, send: Send) -> None:
-        record = self.live(req.session)
+    def close(self, req: CloseRequest, send: Send, client: Client = LOCAL) -> None:
+        record = self.live(req.session, client)
         self.end(record, SessionEnd.CLOSED, reply=(req.id, send))
 
     def end(self, record: SessionRecord, reason: SessionEnd, reply: tuple[str, Send] | None = None) -> None:
@@ -302,26 +331,22 @@ class SessionManager:
     async def sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("the sessions' sweep failed; it goes on")  # the clocks must never stop
 
     def sweep(self, now: float | None = None) -> None:
         """End idle and expired sessions; forget ended ones past retention."""
         now = time.monotonic() if now is None else now
-        lifetime = self.config.session_max_lifetime_s
         check_kills = now - self._kill_checked >= KILL_CHECK_INTERVAL_S
         if check_kills:
             self._kill_checked = now
         for record in list(self.records.values()):
-            if record.ended is not None or record.session is None:
-                continue
-            if not record.busy and record.session.broken(deep=check_kills):
-                self.end(record, SessionEnd.SANDBOX_ERROR)
-            elif now - record.opened_at >= lifetime:
-                record.expiring = True
-                if not record.busy:
-                    self.end(record, SessionEnd.MAX_LIFETIME)
-            elif not record.busy and now - record.last_active >= record.idle_timeout:
-                self.end(record, SessionEnd.IDLE_TIMEOUT)
+            try:
+                self._sweep_one(record, now, check_kills)
+            except Exception:
+                log.exception("session %s: its sweep failed; skipped this time", record.id)
         retention = self.config.retention_s
         while self._ended_order:
             gone = self.records.get(self._ended_order[0])
@@ -330,6 +355,19 @@ class SessionManager:
             self._ended_order.popleft()
             if gone is not None and gone.ended is not None:
                 del self.records[gone.id]
+
+    def _sweep_one(self, record: SessionRecord, now: float, check_kills: bool) -> None:
+        if record.ended is not None or record.session is None:
+            return
+        if not record.busy and record.session.broken(deep=check_kills):
+            # A frozen OOM victim (the sessions' budget ran out) is ended memory_limit.
+            self.end(record, record.session.end_reason(None))
+        elif now - record.opened_at >= self.config.session_max_lifetime_s:
+            record.expiring = True
+            if not record.busy:
+                self.end(record, SessionEnd.MAX_LIFETIME)
+        elif not record.busy and now - record.last_active >= record.idle_timeout:
+            self.end(record, SessionEnd.IDLE_TIMEOUT)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,21 @@
+"""Who a request comes from, for the limits one client may hold and for who owns a session.
+
+A client is its CURVE key where the endpoint has CURVE (every connection
+with that key is one client, and a session it opened is only its own),
+else its ZeroMQ connection (a client with several connections counts as
+several, and session ids are the only secret: docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Client:
+    name: str  # what limits are counted by, and what BUSY messages name
+    key: str | None  # the CURVE key (Z85), when the endpoint authenticated one
+
+
+# Requests made inside the daemon, and tests that drive the scheduler without a front end.
+LOCAL = Client(name="local", key=None)
