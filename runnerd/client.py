@@ -1,4 +1,4 @@
-"""Clients for a runnerd daemon: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
+"""Clients for a runnerd daemon: :class:`Client` (blocking), and :class:`AsyncClient` (asyncio) re-exported.
 
 Both speak protocol ``runnerd/1`` over a ZeroMQ DEALER socket::
 
@@ -23,24 +23,38 @@ A *session* keeps Python state across runs (docs/protocol.md, Sessions)::
 
 Its runs are ordinary runs carrying ``session``, so they are resent and
 deduplicated like any other; ``open`` and ``close`` are resent too (both are
-idempotent on the daemon's side).
+idempotent on the daemon's side). An open that gets no answer in time may
+still happen on the daemon: the client then closes that session id (best
+effort, on the open's own socket), and the session takes a new id.
 
-This module is the I/O (sockets, clocks, waiting); what both clients know
-without it (the events, the resend and deadline policy, a session's state)
-is :mod:`runnerd.exchange`, and its public names are importable from here.
+This module is the blocking client's I/O (sockets, clocks, waiting). The
+asyncio client is :mod:`runnerd.async_client`; what both share about their
+connection (endpoint, keys, socket set-up) is :mod:`runnerd.connection`, and
+what they know without I/O (the events, the resend and deadline policy, a
+session's state) is :mod:`runnerd.exchange`. What a caller needs of the
+three is importable from here (``__all__``). None of them imports the
+daemon: frames are :mod:`runnerd.wire`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
+import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
+from .async_client import AsyncClient, AsyncSession
+from .connection import (
+    CONTROL_TIMEOUT_S,
+    DEFAULT_ENDPOINT,
+    RESEND_INTERVAL_S,
+    SESSION_TIMEOUT_S,
+    ClientBase,
+    curve_keys,
+    resolve_endpoint,
+)
 from .errors import ClientError, RemoteError
 from .exchange import (
     WAIT_MARGIN_S,
@@ -57,7 +71,6 @@ from .exchange import (
     session_end_from,
 )
 from .result import Result
-from .server import protocol
 
 __all__ = [
     "CONTROL_TIMEOUT_S",
@@ -80,60 +93,10 @@ __all__ = [
     "session_end_from",
 ]
 
-DEFAULT_ENDPOINT = "ipc:///run/runnerd/runnerd.sock"
-RESEND_INTERVAL_S = 5.0
-CONTROL_TIMEOUT_S = 10.0
-# An open may start a cage (cold mode), behind other cages starting on a loaded host.
-SESSION_TIMEOUT_S = 60.0
+log = logging.getLogger(__name__)
 
 
-def resolve_endpoint(endpoint: str | None) -> str:
-    return endpoint or os.environ.get("RUNNERD_ENDPOINT") or DEFAULT_ENDPOINT
-
-
-def curve_keys(
-    client_secret_file: str | os.PathLike[str], server_public_file: str | os.PathLike[str]
-) -> dict[str, bytes]:
-    """The ``curve=`` argument of a client, from certificate files made by ``runnerd keygen``."""
-    import zmq.auth
-
-    public, secret = zmq.auth.load_certificate(os.fspath(client_secret_file))
-    server, _ = zmq.auth.load_certificate(os.fspath(server_public_file))
-    if not secret:
-        raise ValueError(f"{client_secret_file} holds no secret key (give the .key_secret file)")
-    return {"public": public, "secret": secret, "server": server}
-
-
-class _Base:
-    def __init__(self, endpoint: str | None, *, resend_interval: float, curve: Mapping[str, bytes] | None) -> None:
-        self.endpoint = resolve_endpoint(endpoint)
-        self.resend_interval = resend_interval
-        self._curve = curve
-
-    def _decode(self, frame: bytes) -> dict[str, Any]:
-        try:
-            return protocol.decode_reply(frame)
-        except ValueError as exc:
-            raise ClientError(f"undecodable reply from {self.endpoint}: {exc}") from None
-
-    def _configure(self, sock: zmq.Socket) -> None:
-        sock.setsockopt(zmq.LINGER, 0)
-        if self._curve:
-            sock.curve_secretkey = self._curve["secret"]
-            sock.curve_publickey = self._curve["public"]
-            sock.curve_serverkey = self._curve["server"]
-        sock.connect(self.endpoint)
-
-    def _ask(
-        self, op: str, request_id: str, expect: tuple[str, ...], timeout: float,
-        fields: Mapping[str, Any] | None, resend: bool, now: float,
-    ) -> _Ask:  # fmt: skip
-        """The exchange of a control request (one reply); resent only with *resend* (for idempotent requests)."""
-        interval = self.resend_interval if resend else None
-        return _Ask(op, request_id, expect, timeout, interval, self.endpoint, now, fields)
-
-
-class Client(_Base):
+class Client(ClientBase):
     """A blocking client. Not thread-safe: one per thread."""
 
     def __init__(
@@ -206,17 +169,33 @@ class Client(_Base):
         try:
             self._configure(sock)
             ask = self._ask(op, request_id, expect, timeout, fields, resend, time.monotonic())
-            sock.send(ask.request)
-            while True:
-                if not sock.poll(int(ask.timeout(time.monotonic()) * 1000)):
-                    if ask.resend_due(time.monotonic()):
-                        sock.send(ask.request)
-                    continue
-                answer = ask.answer(self._decode(sock.recv()))
-                if answer is not None:
-                    return answer
+            try:
+                return self._exchange(sock, ask)
+            except RemoteError:
+                raise
+            except ClientError:
+                undo = ask.undo(time.monotonic())
+                if undo is not None:
+                    # Best effort: the caller hears of the timeout, whatever becomes of the undoing.
+                    try:
+                        self._exchange(sock, undo)
+                    except ClientError as exc:
+                        log.debug("%s after an unanswered %s %s: %s", undo.op, op, request_id, exc)
+                raise
         finally:
             sock.close(0)
+
+    def _exchange(self, sock: zmq.Socket, ask: _Ask) -> dict[str, Any]:
+        """Send *ask*'s request on *sock* and wait for its answer, resending it as its policy says."""
+        sock.send(ask.request)
+        while True:
+            if not sock.poll(int(ask.timeout(time.monotonic()) * 1000)):
+                if ask.resend_due(time.monotonic()):
+                    sock.send(ask.request)
+                continue
+            answer = ask.answer(self._decode(sock.recv()))
+            if answer is not None:
+                return answer
 
     def ping(self, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
         return self._control("ping", new_id(), ("pong",), timeout)
@@ -241,111 +220,6 @@ class Client(_Base):
         return Session(self, files, idle_timeout, session_id=session_id, timeout=timeout)
 
 
-class AsyncClient(_Base):
-    """The asyncio client. Not safe to share between concurrent runs: use one per task."""
-
-    def __init__(
-        self,
-        endpoint: str | None = None,
-        *,
-        resend_interval: float = RESEND_INTERVAL_S,
-        curve: Mapping[str, bytes] | None = None,
-        context: zmq.asyncio.Context | None = None,
-    ) -> None:
-        super().__init__(endpoint, resend_interval=resend_interval, curve=curve)
-        self._ctx = context or zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._configure(self._sock)
-
-    def close(self) -> None:
-        self._sock.close(0)
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    async def _recv(self, timeout: float) -> dict[str, Any] | None:
-        try:
-            frame = await asyncio.wait_for(self._sock.recv(), timeout=max(0.0, timeout))
-        except TimeoutError:
-            return None
-        return self._decode(frame)
-
-    async def stream(
-        self, code: str, files: Files = None, timeout: float | None = None, *,
-        wait: float | None = None, job_id: str | None = None,
-    ) -> AsyncIterator[Event]:  # fmt: skip
-        job_id, request, wait = _run_plan(code, files, timeout, wait, job_id, stream=True)
-        async for event in self._drive(job_id, request, wait):
-            yield event
-
-    async def run(
-        self, code: str, files: Files = None, timeout: float | None = None, *,
-        wait: float | None = None, job_id: str | None = None,
-    ) -> Result:  # fmt: skip
-        job_id, request, wait = _run_plan(code, files, timeout, wait, job_id, stream=False)
-        async for event in self._drive(job_id, request, wait):
-            if isinstance(event, Finished):
-                return event.result
-        raise ClientError("no result")  # pragma: no cover
-
-    async def _drive(self, job_id: str, request: bytes, wait: float) -> AsyncIterator[Event]:
-        loop = asyncio.get_running_loop()
-        exchange = _RunExchange(job_id, wait, self.resend_interval, self.endpoint, loop.time())
-        await self._sock.send(request)
-        while True:
-            msg = await self._recv(exchange.timeout(loop.time()))
-            if msg is None:
-                if exchange.resend_due(loop.time()):
-                    await self._sock.send(request)
-                continue
-            for event in exchange.events(msg, loop.time()):
-                yield event
-                if isinstance(event, Finished):
-                    return
-
-    async def _control(
-        self, op: str, request_id: str, expect: tuple[str, ...], timeout: float, *,
-        fields: Mapping[str, Any] | None = None, resend: bool = False,
-    ) -> dict[str, Any]:  # fmt: skip
-        sock = self._ctx.socket(zmq.DEALER)
-        try:
-            self._configure(sock)
-            loop = asyncio.get_running_loop()
-            ask = self._ask(op, request_id, expect, timeout, fields, resend, loop.time())
-            await sock.send(ask.request)
-            while True:
-                try:
-                    frame = await asyncio.wait_for(sock.recv(), timeout=ask.timeout(loop.time()))
-                except TimeoutError:
-                    if ask.resend_due(loop.time()):
-                        await sock.send(ask.request)
-                    continue
-                answer = ask.answer(self._decode(frame))
-                if answer is not None:
-                    return answer
-        finally:
-            sock.close(0)
-
-    async def ping(self, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
-        return await self._control("ping", new_id(), ("pong",), timeout)
-
-    async def stats(self, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
-        return await self._control("stats", new_id(), ("stats",), timeout)
-
-    async def cancel(self, job_id: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
-        return await self._control("cancel", job_id, ("cancelling",), timeout)
-
-    def session(
-        self, files: Files = None, idle_timeout: float | None = None, *,
-        session_id: str | None = None, timeout: float = SESSION_TIMEOUT_S,
-    ) -> AsyncSession:  # fmt: skip
-        """A session (not yet open): ``async with client.session() as s`` opens it and closes it at the end."""
-        return AsyncSession(self, files, idle_timeout, session_id=session_id, timeout=timeout)
-
-
 class Session(_SessionState):
     """A session of a blocking :class:`Client`; made by :meth:`Client.session`.
 
@@ -361,10 +235,21 @@ class Session(_SessionState):
         self.client = client
 
     def open(self) -> Session:
-        """Open it (RemoteError if the daemon refuses: BUSY, BAD_REQUEST, NOT_FOUND for an id that ended)."""
-        reply = self.client._control(
-            "open", new_id(), ("opened",), self.timeout, fields=self._open_fields(), resend=True
-        )
+        """Open it (RemoteError if the daemon refuses: BUSY, BAD_REQUEST, NOT_FOUND for an id that ended).
+
+        ClientError if no answer comes within ``timeout``: the daemon may
+        still open it, so that id has been closed (best effort), and the
+        session takes a new id for the next :meth:`open`.
+        """
+        try:
+            reply = self.client._control(
+                "open", new_id(), ("opened",), self.timeout, fields=self._open_fields(), resend=True
+            )
+        except RemoteError:
+            raise
+        except ClientError:
+            self._renew()
+            raise
         self._on_opened(reply)
         return self
 
@@ -438,93 +323,3 @@ class Session(_SessionState):
             self._gone(exc)
             raise
         raise ClientError("no result")  # pragma: no cover - _drive returns only after Finished
-
-
-class AsyncSession(_SessionState):
-    """A session of an :class:`AsyncClient`; made by :meth:`AsyncClient.session`.
-
-    Its runs share the client's socket: run one at a time (the daemon runs a
-    session's runs one at a time anyway). ``close`` has a socket of its own,
-    so it may be awaited while a run is under way (that run is stopped).
-    """
-
-    def __init__(
-        self, client: AsyncClient, files: Files = None, idle_timeout: float | None = None, *,
-        session_id: str | None = None, timeout: float = SESSION_TIMEOUT_S,
-    ) -> None:  # fmt: skip
-        super().__init__(session_id, files, idle_timeout, timeout)
-        self.client = client
-
-    async def open(self) -> AsyncSession:
-        reply = await self.client._control(
-            "open", new_id(), ("opened",), self.timeout, fields=self._open_fields(), resend=True
-        )
-        self._on_opened(reply)
-        return self
-
-    async def reopen(self) -> AsyncSession:
-        await self.close()
-        self._renew()
-        return await self.open()
-
-    async def ensure_open(self) -> bool:
-        if self.alive:
-            return False
-        if not self.opened:
-            await self.open()
-            return False
-        await self.reopen()
-        return True
-
-    async def close(self) -> None:
-        if not self._close_needed():
-            return
-        try:
-            await self.client._control(
-                "close", new_id(), ("closed",), self.timeout, fields={"session": self.id}, resend=True
-            )
-        except RemoteError as exc:
-            if not self._gone(exc):
-                raise
-        else:
-            self._on_closed()
-
-    async def __aenter__(self) -> AsyncSession:
-        return await self.open()
-
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            await self.close()
-            return
-        try:
-            await self.close()
-        except ClientError:
-            pass
-
-    async def stream(
-        self, code: str, files: Files = None, timeout: float | None = None, *,
-        wait: float | None = None, job_id: str | None = None,
-    ) -> AsyncIterator[Event]:  # fmt: skip
-        job_id, request, wait, given = self._run_args(code, files, timeout, wait, job_id, stream=True)
-        try:
-            async for event in self.client._drive(job_id, request, wait):
-                self._observe(event, given)
-                yield event
-        except RemoteError as exc:
-            self._gone(exc)
-            raise
-
-    async def run(
-        self, code: str, files: Files = None, timeout: float | None = None, *,
-        wait: float | None = None, job_id: str | None = None,
-    ) -> Result:  # fmt: skip
-        job_id, request, wait, given = self._run_args(code, files, timeout, wait, job_id, stream=False)
-        try:
-            async for event in self.client._drive(job_id, request, wait):
-                self._observe(event, given)
-                if isinstance(event, Finished):
-                    return event.result
-        except RemoteError as exc:
-            self._gone(exc)
-            raise
-        raise ClientError("no result")  # pragma: no cover

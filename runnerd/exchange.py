@@ -1,9 +1,11 @@
 """The protocol state machines both clients drive: what a client knows of a run, a request and a session, without I/O.
 
-:mod:`runnerd.client` owns the sockets and the clocks; everything here is
-pure (it is handed ``now`` and the decoded replies) and unit-tested without a
-daemon. The events a run yields (:class:`Accepted`, :class:`Output`,
-:class:`Finished`) are defined here and re-exported by ``runnerd.client``.
+:mod:`runnerd.client` and :mod:`runnerd.async_client` own the sockets and
+the clocks; everything here is pure (it is handed ``now`` and the decoded
+replies) and unit-tested without a daemon. The events a run yields
+(:class:`Accepted`, :class:`Output`, :class:`Finished`) are defined here and
+re-exported by ``runnerd.client``. Frames are :mod:`runnerd.wire`'s: no part
+of the daemon is imported.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import wire
 from .errors import ClientError, RemoteError
 from .result import Result, SessionEnd
-from .server import protocol
 
 WAIT_MARGIN_S = 30.0
+# An open that got no answer in time is closed (the daemon may open it yet): how long its close is given.
+# Long enough for the close to leave the socket; its answer may come later, once the open is done, and
+# nothing waits for it.
+ABANDON_WAIT_S = 1.0
 
 Files = Mapping[str, bytes] | None
 
@@ -67,7 +73,7 @@ def _run_request(
         fields["timeout"] = timeout
     if session is not None:
         fields["session"] = session
-    return protocol.request("run", job_id, **fields)
+    return wire.request("run", job_id, **fields)
 
 
 def _wait_for(timeout: float | None, wait: float | None) -> float:
@@ -172,7 +178,8 @@ class _Ask:
     ``request`` is the frame to send (*op* with *fields*). With a
     *resend_interval* it goes out again after that much silence (for requests
     the daemon takes idempotently: open, close); ClientError once *wait*
-    seconds pass without the answer.
+    seconds pass without the answer. An open left unanswered has an
+    :meth:`undo`.
     """
 
     def __init__(
@@ -181,7 +188,8 @@ class _Ask:
     ) -> None:  # fmt: skip
         self.op = op
         self.request_id = request_id
-        self.request = protocol.request(op, request_id, **(fields or {}))
+        self.fields = dict(fields or {})
+        self.request = wire.request(op, request_id, **self.fields)
         self.expect = expect
         self.wait = wait
         self.deadline = now + wait
@@ -210,6 +218,20 @@ class _Ask:
         if msg.get("type") == "error":
             raise _remote_error(msg)
         return msg if msg.get("type") in self.expect else None
+
+    def undo(self, now: float) -> _Ask | None:
+        """After no answer in time: the request that undoes this one, else None.
+
+        An open that timed out may still happen on the daemon, and that
+        session would be left open, unused, until its idle timeout: its close
+        undoes it. It must go on the open's socket, so the daemon reads it
+        after the open (it ends a session being opened once it is open); its
+        answer is waited for at most :data:`ABANDON_WAIT_S`, never resent.
+        """
+        if self.op != "open" or "session" not in self.fields:
+            return None
+        fields = {"session": self.fields["session"]}
+        return _Ask("close", new_id(), ("closed",), ABANDON_WAIT_S, None, self.endpoint, now, fields)
 
 
 _WORD_RE = re.compile(r"[a-z_]+")
@@ -302,7 +324,7 @@ class _SessionState:
 
     def _gone(self, exc: RemoteError) -> bool:
         """Note a NOT_FOUND for this session (it ended, or the daemon forgot it); True if that is what *exc* is."""
-        if exc.code != protocol.NOT_FOUND:
+        if exc.code != wire.NOT_FOUND:
             return False
         self.alive = False
         word = _END_WORDS.get(exc.ended) if exc.ended else None

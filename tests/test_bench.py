@@ -11,7 +11,7 @@ import msgpack
 import pytest
 import zmq
 
-from runnerd import bench_bare, bench_memory, bench_report, bench_sessions, bench_workloads
+from runnerd.bench import bare, memory, report, sessions, workloads
 
 
 def test_wire_skips_other_replies_and_returns_the_terminal_one(tmp_path: Path) -> None:
@@ -37,9 +37,9 @@ def test_wire_skips_other_replies_and_returns_the_terminal_one(tmp_path: Path) -
     th = threading.Thread(target=serve)
     th.start()
     try:
-        with bench_sessions.Wire(endpoint) as wire:
+        with sessions.Wire(endpoint) as wire:
             assert wire.open("s1")["session"] == "s1"
-            assert bench_sessions._run_ok(wire.run("s1", "print(1)"), None)
+            assert sessions._run_ok(wire.run("s1", "print(1)"), None)
     finally:
         th.join(5)
         router.close()
@@ -48,7 +48,7 @@ def test_wire_skips_other_replies_and_returns_the_terminal_one(tmp_path: Path) -
 
 
 def test_bare_session_keeps_its_namespace(tmp_path: Path) -> None:
-    s = bench_bare.BareSession(Path(sys.executable), str(tmp_path))
+    s = bare.BareSession(Path(sys.executable), str(tmp_path))
     try:
         assert s.run("x = 41") == (True, 0)
         assert s.run("print(x + 1)") == (True, 0)
@@ -59,28 +59,28 @@ def test_bare_session_keeps_its_namespace(tmp_path: Path) -> None:
 
 
 def test_smaps_rollup_of_this_process() -> None:
-    r = bench_memory.smaps_rollup(os.getpid())
+    r = memory.smaps_rollup(os.getpid())
     assert r["Pss"] > 0 and r["Rss"] >= r["Pss"]
-    assert bench_memory.smaps_rollup(2**22 + 1) == {}
+    assert memory.smaps_rollup(2**22 + 1) == {}
 
 
 def test_table_prints_notes_ratios_and_targets() -> None:
-    w1 = bench_report.row_of("W1", "warm", [0.006] * 5, 0)
-    s2 = bench_report.row_of("S2", "warm", [0.0015] * 5, 0)
+    w1 = report.row_of("W1", "warm", [0.006] * 5, 0)
+    s2 = report.row_of("S2", "warm", [0.0015] * 5, 0)
     s2.notes.append("S2 warm: a note")
-    s4 = bench_report.row_of("S4", "warm", [0.02] * 3, 0)
+    s4 = report.row_of("S4", "warm", [0.02] * 3, 0)
     s4.memory = {"idle": {"tree_growth_per_session_mib": 12.5}}
-    text = bench_report.table([w1, s2, s4])
+    text = report.table([w1, s2, s4])
     assert "S2 warm: a note" in text
     assert "S2/W1 warm p50 ratio" in text and ": 0.250" in text
     assert "target S2 warm p50 <= 2 ms: 1.50 ms, met" in text
     assert "12.5 MiB, met" in text
     # No session rows: the table as it was.
-    assert bench_report.table([w1]).splitlines()[-1].startswith("W1")
+    assert report.table([w1]).splitlines()[-1].startswith("W1")
 
 
 def test_s3_is_w2_cut_at_its_read() -> None:
-    w2, s3 = bench_workloads.WORKLOADS["W2"](), bench_workloads.WORKLOADS["S3"]()
+    w2, s3 = workloads.WORKLOADS["W2"](), workloads.WORKLOADS["S3"]()
     assert s3.setup == 'import pandas as pd\nimport matplotlib.pyplot as plt\ndf = pd.read_csv("data.csv")\n'
     assert s3.setup + s3.code == w2.code
     assert "import" not in s3.code and "read_csv" not in s3.code and 'savefig("plot.png")' in s3.code
@@ -88,17 +88,17 @@ def test_s3_is_w2_cut_at_its_read() -> None:
 
 
 def test_table_says_what_a_session_adds_over_its_floor() -> None:
-    rows = [bench_report.row_of("S3", "bare", [0.010] * 5, 0), bench_report.row_of("S3", "warm", [0.025] * 5, 0)]
-    text = bench_report.table(rows)
+    rows = [report.row_of("S3", "bare", [0.010] * 5, 0), report.row_of("S3", "warm", [0.025] * 5, 0)]
+    text = report.table(rows)
     assert "S3 warm over its floor" in text and "the session adds +15.00 ms" in text
     assert "target S3 warm p50 <= 40 ms: 25.00 ms, met" in text
 
 
 def test_bare_session_reads_its_input_files(tmp_path: Path) -> None:
-    w = bench_workloads.Workload(
+    w = workloads.Workload(
         "S9", "t", "x = open('data.csv').read()", files=(("data.csv", b"a,b\n"),), kind="run", setup="y = 1"
     )
-    row = bench_bare.bench_bare_session(Path(sys.executable), w, 3, bench_report.Progress())
+    row = bare.bench_bare_session(Path(sys.executable), w, 3, report.Progress())
     assert row.jobs == 3 and row.failures == 0
 
 
@@ -112,10 +112,10 @@ def _env_python() -> Path:
 
 
 def test_bare_session_renders_as_the_cage_does(tmp_path: Path) -> None:
-    s3 = bench_workloads.WORKLOADS["S3"]()
+    s3 = workloads.WORKLOADS["S3"]()
     for name, data in s3.files:
         (tmp_path / name).write_bytes(data)
-    s = bench_bare.BareSession(_env_python(), str(tmp_path))
+    s = bare.BareSession(_env_python(), str(tmp_path))
     try:
         assert s.run(s3.setup) == (True, 0)
         assert s.run(s3.code) == (True, 1)  # saved, so not rendered again: it counts as its file

@@ -23,7 +23,7 @@ import pytest
 
 from runnerd.client import Accepted, AsyncClient, Client, Finished, Output, Session
 from runnerd.errors import AttemptNotRun, ClientError, RemoteError
-from runnerd.exchange import _Ask, _run_request, _SessionState, session_end_from
+from runnerd.exchange import ABANDON_WAIT_S, _Ask, _run_request, _SessionState, session_end_from
 from runnerd.explain import SESSION_ENDS, session_note
 from runnerd.gemini import output_text
 from runnerd.loop import Attempt, arun_loop, feedback, run_loop
@@ -148,6 +148,16 @@ def test_unit_ask_takes_only_its_answer():
     with pytest.raises(RemoteError) as info:
         ask.answer({"id": "r1", "type": "error", "code": "NOT_FOUND", "message": "session 's' ended: closed"})
     assert info.value.code == "NOT_FOUND" and info.value.message == "session 's' ended: closed"
+
+
+def test_unit_an_open_left_unanswered_is_undone_by_its_close():
+    opening = _Ask("open", "r1", ("opened",), 5.0, 5.0, "ipc://x", 0.0, {"session": "s1", "idle_timeout": 9})
+    undo = opening.undo(7.0)
+    assert undo is not None and undo.op == "close" and undo.request_id != "r1"
+    assert msgpack.unpackb(undo.request) == {"v": 1, "op": "close", "id": undo.request_id, "session": "s1"}
+    assert undo.resend_interval is None and undo.timeout(7.0) == ABANDON_WAIT_S  # never resent, never long
+    assert _Ask("ping", "r2", ("pong",), 1.0, None, "e", 0.0).undo(2.0) is None
+    assert _Ask("close", "r3", ("closed",), 1.0, None, "e", 0.0, {"session": "s1"}).undo(2.0) is None
 
 
 def test_unit_run_request_names_its_session():
@@ -609,3 +619,40 @@ def test_threads_each_with_a_session(daemon):
     for t in threads:
         t.join()
     assert values == {i: str(i * 100) for i in range(4)}
+
+
+def _sessions_after(c: Client, before: dict, deadline: float) -> dict:
+    """The daemon's session counts once an open beyond *before* happened and ended closed (its state, polled)."""
+    while True:
+        now = c.stats()["sessions"]
+        if now["opened"] > before["opened"] and now["closed"] > before["closed"] and now["open"] == before["open"]:
+            return now
+        assert time.monotonic() < deadline, f"the timed-out open was not closed: before {before}, now {now}"
+        time.sleep(0.05)
+
+
+def test_an_open_that_times_out_is_closed_not_orphaned(daemon):
+    # A cold open starts a cage (about 50 ms here): a 10 ms timeout gives up before the daemon answers, and
+    # the daemon opens the session anyway. The client must close that id, or it lives to its idle timeout.
+    async def async_open(sid: str, handle: list) -> None:
+        async with AsyncClient(daemon.ipc) as ac:
+            handle.append(ac.session(session_id=sid, timeout=0.01))
+            await handle[0].open()
+
+    with Client(daemon.ipc) as c:
+        for flavour in ("sync", "async"):
+            sid = f"t-{flavour}-{uuid.uuid4().hex}"
+            before = c.stats()["sessions"]
+            handle: list = []
+            with pytest.raises(ClientError, match="no answer to open") as timed_out:
+                if flavour == "sync":
+                    handle.append(c.session(session_id=sid, timeout=0.01))
+                    handle[0].open()
+                else:
+                    asyncio.run(async_open(sid, handle))
+            assert not isinstance(timed_out.value, RemoteError)
+            assert handle[0].id != sid and not handle[0].opened  # a next open() is a new session
+            _sessions_after(c, before, time.monotonic() + 20)
+            with pytest.raises(RemoteError) as ended:  # that very id: opened by the daemon, then closed
+                c.session(session_id=sid).open()
+            assert ended.value.code == "NOT_FOUND" and ended.value.ended == "closed", ended.value

@@ -1,8 +1,10 @@
-"""Wire protocol ``runnerd/1``: message kinds, validation, msgpack encoding.
+"""Wire protocol ``runnerd/1``, the daemon's side: message kinds and the checking of requests.
 
 Every message is one ZeroMQ frame holding one msgpack map (strings as str,
 bytes as bin). docs/protocol.md is the contract for clients in any
-language; this module is its implementation on both sides.
+language. The codec both sides share (the version, the error codes, the
+encoding of requests and replies) is :mod:`runnerd.wire`; its names are
+importable from here too, so the daemon's modules need one import.
 
 Requests carry ``v: 1``, ``op`` and ``id``; replies carry ``v: 1``, the
 request's ``id`` and ``type``. :func:`decode_request` turns a frame into a
@@ -16,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,18 +25,51 @@ import msgpack
 
 from ..config import Limits
 from ..errors import JobRejected
-from ..result import Result
 from ..sandbox.job import InputFile, JobSpec, make_job
+from ..wire import (
+    BAD_REQUEST,
+    BUSY,
+    ERROR_CODES,
+    INTERNAL,
+    NOT_FOUND,
+    TOO_LARGE,
+    UNSUPPORTED_VERSION,
+    VERSION,
+    decode_reply,
+    encode,
+    error_reply,
+    reply,
+    request,
+    result_reply,
+)
 
-VERSION = 1
-
-BAD_REQUEST = "BAD_REQUEST"
-TOO_LARGE = "TOO_LARGE"
-BUSY = "BUSY"
-UNSUPPORTED_VERSION = "UNSUPPORTED_VERSION"
-NOT_FOUND = "NOT_FOUND"
-INTERNAL = "INTERNAL"
-ERROR_CODES = (BAD_REQUEST, TOO_LARGE, BUSY, UNSUPPORTED_VERSION, NOT_FOUND, INTERNAL)
+__all__ = [
+    "BAD_REQUEST",
+    "BUSY",
+    "ERROR_CODES",
+    "ID_RE",
+    "INTERNAL",
+    "NOT_FOUND",
+    "OPS",
+    "TOO_LARGE",
+    "UNSUPPORTED_VERSION",
+    "VERSION",
+    "CancelRequest",
+    "CloseRequest",
+    "OpenRequest",
+    "PingRequest",
+    "ProtocolError",
+    "Request",
+    "RunRequest",
+    "StatsRequest",
+    "decode_reply",
+    "decode_request",
+    "encode",
+    "error_reply",
+    "reply",
+    "request",
+    "result_reply",
+]
 
 ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 OPS = ("run", "cancel", "ping", "stats", "open", "close")
@@ -222,37 +256,3 @@ def _files(msg: dict[str, Any], limits: Limits) -> list[tuple[Any, Any]]:
             raise ProtocolError(BAD_REQUEST, f"files[{index}] must have exactly the fields name and data")
         files.append((f["name"], f["data"]))
     return files
-
-
-# ---------------------------------------------------------------- replies
-
-
-def encode(message: Mapping[str, Any]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
-
-
-def decode_reply(frame: bytes) -> dict[str, Any]:
-    """A reply as a client sees it; ValueError if it is not a map with a type."""
-    msg = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-    if not isinstance(msg, dict) or "type" not in msg:
-        raise ValueError(f"not a runnerd reply: {msg!r:.200}")
-    return msg
-
-
-def reply(request_id: str | None, type_: str, **fields: Any) -> bytes:
-    return encode({"v": VERSION, "id": request_id, "type": type_, **fields})
-
-
-def error_reply(request_id: str | None, code: str, message: str, ended: str | None = None) -> bytes:
-    """An error; for a session that ended, ``ended`` says how (also in words, last, in the message)."""
-    if ended is not None:
-        return reply(request_id, "error", code=code, message=message, ended=ended)
-    return reply(request_id, "error", code=code, message=message)
-
-
-def result_reply(request_id: str, result: Result) -> bytes:
-    return reply(request_id, "result", **result.to_wire())
-
-
-def request(op: str, request_id: str, **fields: Any) -> bytes:
-    return encode({"v": VERSION, "op": op, "id": request_id, **fields})

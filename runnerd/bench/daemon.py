@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ClientError, RunnerdError
+from ..errors import ClientError, RunnerdError
 
 # The daemons the bench started, by endpoint -> pid: S4 reads their process tree.
 STARTED: dict[str, int] = {}
@@ -35,7 +35,7 @@ class BenchDaemon:
         STARTED[self.endpoint] = self.proc.pid
 
     def wait_ready(self, timeout: float = 300) -> None:
-        from .client import Client
+        from ..client import Client
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import IO
 
-from .bench_memory import MiB, smaps_rollup
-from .bench_report import Progress, Row, row_of
-from .bench_workloads import SESSIONS_FOR_MEMORY, Workload
-from .errors import RunnerdError
-from .sandbox.sandbox_env import MPLCONFIG
-from .server.scheduler import percentiles_ms
+from ..errors import RunnerdError
+from ..percentiles import percentiles_ms
+from ..sandbox.sandbox_env import MPLCONFIG
+from .memory import MiB, smaps_rollup
+from .report import Progress, Row, row_of
+from .workloads import SESSIONS_FOR_MEMORY, Workload
 
 
 def _bare_env(env_python: Path, home: str) -> dict[str, str]:

@@ -16,14 +16,15 @@ from typing import Any
 
 import zmq
 
-from .bench_daemon import STARTED
-from .bench_memory import MiB, frozen_cgroups, memory_reading, smaps_rollup, tree_pss
-from .bench_report import Progress, Row, row_of
-from .bench_workloads import SESSIONS_FOR_MEMORY, Workload
-from .errors import RunnerdError
-from .result import Outcome
-from .server.protocol import decode_reply, request
-from .server.scheduler import percentiles_ms
+from ..errors import RunnerdError
+from ..percentiles import percentiles_ms
+from ..result import Outcome
+from ..wire import decode_reply, request
+from .daemon import STARTED
+from .memory import MiB, frozen_cgroups, memory_reading, smaps_rollup, tree_pss
+from .report import Progress, Row, row_of
+from .tickets import Tickets
+from .workloads import SESSIONS_FOR_MEMORY, Workload
 
 # S4: after the opens (and the runs), before reading memory: the zygote re-arms its next child.
 MEMORY_SETTLE_S = 2.0
@@ -174,10 +175,7 @@ def _bench_run(endpoint: str, mode: str, w: Workload, n: int, clients: int, prog
         )
     rows = [row]
 
-    lock = threading.Lock()
-    state = {"next": 0, "failures": 0}
-    ctimes: list[float] = []
-    total = max(n, 4 * clients)
+    tickets = Tickets(max(n, 4 * clients), f"{w.name} {mode} x{clients}", progress)
     ready = threading.Barrier(clients + 1)
 
     def worker() -> None:
@@ -185,21 +183,10 @@ def _bench_run(endpoint: str, mode: str, w: Workload, n: int, clients: int, prog
             with Wire(endpoint) as wire, _session(wire, w) as sid:
                 wire.run(sid, w.code)
                 ready.wait()
-                while True:
-                    with lock:
-                        if state["next"] >= total:
-                            return
-                        state["next"] += 1
-                    t = time.perf_counter()
-                    r = wire.run(sid, w.code)
-                    with lock:
-                        ctimes.append(time.perf_counter() - t)
-                        state["failures"] += not _run_ok(r, w.figures)
-                        progress(f"{w.name} {mode} x{clients}", len(ctimes), total)
+                tickets.serve(lambda: _run_ok(wire.run(sid, w.code), w.figures))
         except Exception as exc:  # a failed client must not leave the others (or the bench) at the barrier
             sys.stderr.write(f"{exc}\n")
-            with lock:
-                state["failures"] += 1
+            tickets.failed()
             ready.abort()
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -211,11 +198,8 @@ def _bench_run(endpoint: str, mode: str, w: Workload, n: int, clients: int, prog
     for th in threads:
         th.join()
     elapsed = time.perf_counter() - t0
-    if ctimes:
-        crow = row_of(w.name, f"{mode} x{clients}", ctimes, state["failures"])
-        crow.throughput_jobs_s = round(len(ctimes) / elapsed, 2)
-        crow.clients = clients
-        rows.append(crow)
+    if tickets.times:
+        rows.append(tickets.row(w.name, f"{mode} x{clients}", clients, elapsed))
     return rows
 
 

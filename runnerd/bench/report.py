@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from .server.scheduler import percentiles_ms
+from ..percentiles import percentiles_ms
 
 # Targets of issue 12 for the warm rows: (workload, mode) -> p50 ms.
 SESSION_TARGETS_MS = {("S2", "warm"): 2.0, ("S3", "warm"): 40.0}
@@ -181,7 +181,7 @@ fig.savefig("bench.png", dpi=110)
 
 def plot(endpoint: str, report: dict[str, object]) -> bytes | None:
     """The latency distributions as a PNG, rendered in a runnerd job."""
-    from .client import Client
+    from ..client import Client
 
     with Client(endpoint) as c:
         result = c.run(PLOT_CODE, files={"bench.json": json.dumps(report).encode()}, wait=120)
