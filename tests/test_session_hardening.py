@@ -12,7 +12,6 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import zmq
@@ -22,7 +21,7 @@ from runnerd.result import Reason, SessionEnd
 from runnerd.server.protocol import request
 
 from .conftest import DaemonProc
-from .test_sessions import Wire, _home, assert_clean, launch, new_id, wait_until
+from .test_sessions import Wire, _home, assert_clean, daemon_factory, launch, new_id, wait_until
 
 UID_BASE = 2_700_000  # apart from test_sessions.py's range
 
@@ -81,17 +80,7 @@ def test_a_lone_surrogate_in_a_report_takes_no_slot(hd):
 @pytest.fixture
 def daemons16(home16: Config) -> Iterator[Callable[..., DaemonProc]]:
     """Daemons with settings of a test's own; each must stop with 0 and leave nothing."""
-    started: list[DaemonProc] = []
-
-    def start(name: str, **settings: Any) -> DaemonProc:
-        d = launch(home16, name, **settings)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        assert d.stop() == 0, d.log()[-5000:]
-    assert_clean(home16)
+    yield from daemon_factory(home16)
 
 
 def sessions_cgroup(home: Config) -> Path:

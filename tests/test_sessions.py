@@ -420,6 +420,10 @@ def wire(sd: DaemonProc) -> Iterator[Wire]:
 @pytest.fixture
 def daemons(home: Config) -> Iterator[Callable[..., DaemonProc]]:
     """Start daemons with settings of a test's own; each must stop with 0 and leave nothing."""
+    yield from daemon_factory(home)
+
+
+def daemon_factory(home: Config) -> Iterator[Callable[..., DaemonProc]]:
     started: list[DaemonProc] = []
 
     def start(name: str, **settings: Any) -> DaemonProc:
