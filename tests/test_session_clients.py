@@ -160,6 +160,13 @@ def test_unit_an_open_left_unanswered_is_undone_by_its_close():
     assert _Ask("close", "r3", ("closed",), 1.0, None, "e", 0.0, {"session": "s1"}).undo(2.0) is None
 
 
+def test_unit_the_client_does_not_import_the_daemon():
+    code = "import runnerd.client, sys; print(' '.join(m for m in sys.modules if m.startswith('runnerd.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "runnerd.client" in loaded and "runnerd.async_client" in loaded
+    assert not [m for m in loaded if m.startswith(("runnerd.server", "runnerd.sandbox"))], loaded
+
+
 def test_unit_run_request_names_its_session():
     msg = msgpack.unpackb(_run_request("j1", "x", {"a.csv": b"1"}, 5, True, session="s1"), raw=False)
     assert msg == {
