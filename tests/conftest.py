@@ -140,9 +140,12 @@ def free_port() -> int:
 
 def start_daemon(
     state_dir: Path, name: str, env_path: Path, *, extra_env: dict[str, str] | None = None,
-    extra_args: tuple[str, ...] = (), wait: bool = True, **settings: Any,
+    extra_args: tuple[str, ...] = (), wait: bool = True, own_session: bool = False, **settings: Any,
 ) -> DaemonProc:  # fmt: skip
-    """Start ``python -m runnerd serve`` with its own config; wait until it answers ping."""
+    """Start ``python -m runnerd serve`` with its own config; wait until it answers ping.
+
+    *own_session*: in a session (and process group) of its own, which a test may signal as a whole.
+    """
     from runnerd.client import Client
     from runnerd.errors import ClientError
 
@@ -169,6 +172,7 @@ def start_daemon(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env={**os.environ, CANARY_ENV: CANARY, **(extra_env or {})},
+        start_new_session=own_session,
     )
     daemon = DaemonProc(proc, ipc, tcp, config_path, log_path)
     if not wait:

@@ -35,12 +35,8 @@ JSON, file descriptors as SCM_RIGHTS.
                      "max_figures": 32, "max_value": 8192}
     host -> zygote  {"op": "quit"} (or closes the socket)
 
-"open" gives the armed child to a session (incage/session.py) instead of a
-job: G attaches the tmpfs the host made for the session's /work (a mount
-fd: the host's, root's and sticky, so the inputs it writes there are not
-the session's to change), mounts fresh tmpfs at home and figures, and
-sends the host an fd of the figures dir; U runs the session's runs as they
-come over the session's socket. The zygote reaps G when the session ends.
+"open" gives the armed child to a session instead of a job: its G is
+incage/session_init.py's, its U runs the session's runs (incage/session.py).
 
 The next child is prepared while a job runs, so "prepared", "arm" and
 "armed" interleave with a job's "run" and "exit".
@@ -87,7 +83,6 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND = 32, 4096
-AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH = -100, 4
 
 
 def _load_session() -> types.ModuleType:
@@ -104,9 +99,10 @@ def _load_session() -> types.ModuleType:
 session = _load_session()
 send_msg, recv_msg = session.send_msg, session.recv_msg
 lockdown = session.sibling("lockdown")
+session_init = session.sibling("session_init")
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     lockdown.check(
         lockdown.libc.mount(
             source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
@@ -117,8 +113,18 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 
 
 def _bind(source: str, target: str, flags: int) -> None:
-    _mount(source, target, None, MS_BIND)
-    _mount(None, target, None, MS_BIND | MS_REMOUNT | flags)
+    mount(source, target, None, MS_BIND)
+    mount(None, target, None, MS_BIND | MS_REMOUNT | flags)
+
+
+def mount_fresh() -> None:
+    """The policy's tmpfs mounts (/tmp, /dev/shm), fresh for this job or session; /spool covered."""
+    for t in SHAPE["tmpfs"]:
+        flags = (MS_NOSUID if t["nosuid"] else 0) | (MS_NODEV if t["nodev"] else 0) | (MS_NOEXEC if t["noexec"] else 0)
+        mount("tmpfs", t["dst"], "tmpfs", flags, t["options"] or None)
+    # Every job's directory lives under /spool: cover it (the cage's own
+    # mount cannot be unmounted from a less privileged namespace).
+    mount("tmpfs", SPOOL, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4096,nr_inodes=2,mode=0555")
 
 
 # ---------------------------------------------------------------- the child
@@ -149,33 +155,7 @@ def _mount_job(job: dict[str, Any]) -> None:
     _bind(os.path.join(d, "home"), SHAPE["home"], safe)
     _bind(os.path.join(d, "figures"), SHAPE["figures"], safe)
     _bind(os.path.join(d, "main.py"), SHAPE["code"], safe | MS_RDONLY)
-    for t in SHAPE["tmpfs"]:  # the policy's /tmp and /dev/shm, fresh for this job
-        flags = (MS_NOSUID if t["nosuid"] else 0) | (MS_NODEV if t["nodev"] else 0) | (MS_NOEXEC if t["noexec"] else 0)
-        _mount("tmpfs", t["dst"], "tmpfs", flags, t["options"] or None)
-    # Every job's directory lives under /spool: cover it (the cage's own
-    # mount cannot be unmounted from a less privileged namespace).
-    _mount("tmpfs", SPOOL, "tmpfs", safe | MS_RDONLY, "size=4096,nr_inodes=2,mode=0555")
-
-
-def _mount_session(job: dict[str, Any], work: int) -> int:
-    """A session's view of the file system: the host's /work (*work*, a mount fd), its own home and figures."""
-    safe = MS_NOSUID | MS_NODEV | MS_NOEXEC
-    uid = SHAPE["uid"]
-    lockdown.check(
-        lockdown.libc.syscall(
-            lockdown.NR_MOVE_MOUNT, work, b"", AT_FDCWD, SHAPE["work"].encode(), MOVE_MOUNT_F_EMPTY_PATH
-        ),
-        "move_mount /work",
-    )
-    for dst, (size, inodes) in ((SHAPE["home"], job["home"]), (SHAPE["figures"], job["figures"])):
-        _mount("tmpfs", dst, "tmpfs", safe, f"size={int(size)},nr_inodes={int(inodes)},mode=0755")
-    for path in (SHAPE["home"], SHAPE["figures"]):
-        os.chown(path, uid, uid)
-    for t in SHAPE["tmpfs"]:
-        flags = (MS_NOSUID if t["nosuid"] else 0) | (MS_NODEV if t["nodev"] else 0) | (MS_NOEXEC if t["noexec"] else 0)
-        _mount("tmpfs", t["dst"], "tmpfs", flags, t["options"] or None)
-    _mount("tmpfs", SPOOL, "tmpfs", safe | MS_RDONLY, "size=4096,nr_inodes=2,mode=0555")
-    return os.open(SHAPE["figures"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    mount_fresh()
 
 
 def _set_rlimits() -> None:
@@ -185,7 +165,7 @@ def _set_rlimits() -> None:
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
-def _lock_down(rlimits: bool = True) -> None:
+def lock_down(rlimits: bool = True) -> None:
     """Job limits, no capabilities, no new privileges, the stacked seccomp filter."""
     if rlimits:
         _set_rlimits()
@@ -203,7 +183,7 @@ def _reseed() -> None:
 def _user(sock: socket.socket, harness: types.ModuleType) -> None:
     """U: the process that runs the user's code; made, and locked down, before its job. Never returns."""
     try:
-        _lock_down(rlimits=False)
+        lock_down(rlimits=False)
         job, fds = recv_msg(sock, max_fds=3)
         if job is not None and job.get("op") == "open" and len(fds) == 1:
             # A session's process lives across its runs: a CPU-time rlimit would add
@@ -232,7 +212,7 @@ def _user(sock: socket.socket, harness: types.ModuleType) -> None:
 def _job_init(zygote_sock: socket.socket, harness: types.ModuleType) -> None:
     """G: PID 1 of the job's pid namespace, made before its job. Never returns."""
     try:
-        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
         g_end, u_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         user = os.fork()
         if user == 0:
@@ -242,13 +222,13 @@ def _job_init(zygote_sock: socket.socket, harness: types.ModuleType) -> None:
         u_end.close()
         job, fds = recv_msg(zygote_sock, max_fds=3)
         if job is not None and job.get("op") == "open" and len(fds) == 2:
-            _session_init(zygote_sock, g_end, user, job, fds, harness)
+            session_init.init(sys.modules[__name__], zygote_sock, g_end, user, job, fds, harness)
         if job is None or len(fds) != 3:
             os._exit(0)  # the zygote is going away; U dies with this namespace
         _mount_job(job)
         # U could open /proc/1/fd/... of a dumpable PID 1: not of this one.
         lockdown.check(lockdown.libc.prctl(4, 0, 0, 0, 0), "PR_SET_DUMPABLE")
-        _lock_down()
+        lock_down()
         harness.ignore_signals()
         report = harness.reporter(os.dup(fds[2]))
         report(event="start")  # before U can write anything of its own
@@ -260,34 +240,6 @@ def _job_init(zygote_sock: socket.socket, harness: types.ModuleType) -> None:
         os.write(2, f"runnerd: the job's sandbox could not be set up: {exc}\n".encode())
         os._exit(125)
     code = _reap(user, harness, report)
-    try:
-        send_msg(zygote_sock, {"status": code})
-    except OSError:
-        pass
-    os._exit(code)
-
-
-def _session_init(
-    zygote_sock: socket.socket, g_end: socket.socket, user: int, job: dict[str, Any], fds: list[int],
-    harness: types.ModuleType,
-) -> None:  # fmt: skip
-    """G of a session: its mounts, the fds of /work and figures to the host, U started; reaps. Never returns."""
-    ctl_fd, work = fds
-    ctl = socket.socket(fileno=ctl_fd)
-    try:
-        figures_fd = _mount_session(job, work)
-        os.close(work)
-        lockdown.check(lockdown.libc.prctl(4, 0, 0, 0, 0), "PR_SET_DUMPABLE")
-        _lock_down()
-        harness.ignore_signals()
-        send_msg(ctl, {"event": "mounted"}, [figures_fd])
-        os.close(figures_fd)
-        send_msg(g_end, job, [ctl_fd])
-        g_end.close()
-    except BaseException as exc:
-        os.write(2, f"runnerd: the session's sandbox could not be set up: {exc}\n".encode())
-        os._exit(125)
-    code = session.reap_session(user, ctl, harness)
     try:
         send_msg(zygote_sock, {"status": code})
     except OSError:

@@ -1,6 +1,7 @@
 """nsjail itself: starting it with a config on a pipe, the config text runnerd adds, and reading its log.
 
-nsjail is started with ``--config /dev/fd/N`` (:func:`spawn_nsjail`): it
+nsjail is started with ``--config /dev/fd/N`` (:func:`spawn_nsjail`), in
+a session of its own (every cage: cold jobs, cold sessions, zygotes): it
 blocks reading the config pipe, so the host can move it into the job's
 cgroup *before* it forks anything, then write the checked policy text plus
 the job's mounts and uid map into the pipe. Its log (on a pipe of its own)
@@ -108,6 +109,9 @@ def spawn_nsjail(
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
             pass_fds=(cfg_r, kafel_r, log_w, *pass_fds), env={"PATH": "/usr/bin:/bin"},
+            # A session of its own: a signal to the daemon's process group (Ctrl-C on
+            # ``runnerd serve``) is the daemon's to act on (a stop), never the cage's.
+            start_new_session=True,
         )  # fmt: skip
     except OSError as exc:
         for fd in (cfg_r, cfg_w, kafel_r, kafel_w):

@@ -1,4 +1,4 @@
-"""The warm path, host side: a pool of zygotes (:mod:`.zygotes`), each in its own nsjail cage.
+"""The warm path, host side: pools of zygotes (:mod:`.job_zygote`, :mod:`.session_zygote`), each in its own cage.
 
 A zygote (runnerd/incage/zygote.py, inside the cage) has the heavy libraries
 imported (a *full* one: numpy, pandas, Matplotlib) or only the harness (a
@@ -43,11 +43,13 @@ from ..errors import SandboxError
 from ..result import Reason, Result
 from .host import HostState
 from .job import InputFile, JobSpec
+from .job_zygote import JobZygote, NotHandedOver
 from .policy import Policy
 from .runner import sandbox_failure
 from .session import Session
+from .session_zygote import SessionZygote
 from .supervise import OnOutput
-from .zygotes import NotHandedOver, Zygote, ZygoteGone
+from .zygotes import Zygote, ZygoteGone
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,9 @@ class WarmCage:
         full = config.warm_full_zygotes or len(os.sched_getaffinity(0))
 
         def make(index: int, kind: str) -> Zygote:
-            return Zygote(index, config, policy, kafel, host, nsjail, kind)
+            if kind == "session":
+                return SessionZygote(index, config, policy, kafel, host, nsjail)
+            return JobZygote(index, config, policy, kafel, host, nsjail, kind)
 
         # Light zygotes cost a few MiB: twice as many keep one armed for every
         # slot while the last one's next child is still being prepared.
@@ -115,7 +119,7 @@ class WarmCage:
         }
         self._recycling: set[asyncio.Task[None]] = set()
         # Session zygotes out of their pool (a failed re-arm) whose sessions still run.
-        self._retired: set[Zygote] = set()
+        self._retired: set[SessionZygote] = set()
         self._closing = False
         self.busy = 0
 
@@ -166,6 +170,7 @@ class WarmCage:
                 zygote = await self._take(pool, deadline)
             except SandboxError as exc:
                 return sandbox_failure(job_id or name or "?", exc)
+            assert isinstance(zygote, JobZygote)
             self.busy += 1
             try:
                 return await zygote.run(job, on_output=on_output, stop=stop, job_id=job_id)
@@ -183,6 +188,7 @@ class WarmCage:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             zygote = await self._take(pool, deadline)
+            assert isinstance(zygote, SessionZygote)
             try:
                 return await zygote.open_session(session_id, files)
             except ZygoteGone:
@@ -221,7 +227,7 @@ class WarmCage:
                 break
             except SandboxError as exc:
                 log.warning("%s zygote %d: %s; replacing it", pool.kind, zygote.index, exc)
-                if zygote.live_sessions and not zygote.dead:
+                if isinstance(zygote, SessionZygote) and zygote.live_sessions and not zygote.dead:
                     # Its sessions live in its cage: it takes no new one, and goes when they end.
                     self._retire(zygote)
                 else:
@@ -236,7 +242,7 @@ class WarmCage:
         if not self._closing:
             pool.ready.put_nowait(zygote)
 
-    def _retire(self, zygote: Zygote) -> None:
+    def _retire(self, zygote: SessionZygote) -> None:
         async def when_its_sessions_end() -> None:
             await zygote.sessions_done.wait()
             await zygote.close()
@@ -257,7 +263,7 @@ class WarmCage:
         # A reload's old pool: its open sessions live on in their zygotes' cages
         # until they end (closed, idle, lifetime, shutdown); only then do those go.
         everyone = [*self.zygotes, *self._retired]
-        hosting = [z for z in everyone if z.live_sessions]
+        hosting = [z for z in everyone if isinstance(z, SessionZygote) and z.live_sessions]
         await asyncio.gather(*(z.close() for z in everyone if z not in hosting), return_exceptions=True)
         if hosting:
             log.info("keeping %d session zygote(s) until their sessions end", len(hosting))

@@ -1,12 +1,12 @@
-"""One zygote, host side: its cage, its control socket, its spool, and each job it runs.
+"""One zygote, host side: its cage, its control socket, its spool, and the arming of its next child.
 
 A :class:`Zygote` starts ``incage/zygote.py`` in an nsjail cage of its own
-(the job's policy less what a child lifts: policy.zygote_kafel), keeps its next child armed (prepared in
-fresh namespaces, already in the cgroup of the job it will run), and runs
-one job at a time: the job's directory written into the spool, the job and
-three fresh pipes sent over the control socket, the job supervised like a
-cold cage (:func:`~.supervise.supervise`), its outputs collected from the
-spool once every process of the job is dead. The pool is :mod:`.warm`.
+(the job's policy less what a child lifts: policy.zygote_kafel) and keeps
+its next child armed: prepared in fresh namespaces, already in the cgroup
+it will live in. What the children are for is a subclass's: a
+:class:`~.job_zygote.JobZygote` runs one job at a time in them, a
+:class:`~.session_zygote.SessionZygote` gives them to sessions. The pool is
+:mod:`.warm`.
 """
 
 from __future__ import annotations
@@ -18,65 +18,70 @@ import logging
 import os
 import secrets
 import socket
-import struct
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .. import incage
 from ..config import Config
 from ..errors import SandboxError
-from ..result import Reason, Result
 from .cgroups import CgroupLimits, JobCgroup
+from .control import HEADER, frame, size_of
 from .host import HostState, SlotLease
-from .job import InputFile, JobSpec
 from .nsjail import MAX_LOG_BYTES, pb_bind, pb_idmaps, spawn_nsjail
-from .output import StreamCapture
 from .policy import Policy, nsjail_problems
-from .runner import execute_and_collect, sandbox_failure, teardown
+from .runner import teardown
 from .sandbox_env import MPLCONFIG
-from .session import Session, start_session
-from .session_cage import SESSION_HOME, SessionCage, session_figures
 from .shape import INCAGE_DIR
-from .spool import PLACEHOLDER, SPOOL_BASE_BYTES, SPOOL_BASE_INODES, mount_spool
-from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
-from .workspace import MplConfig, Workspace, detached_tmpfs, job_size, resize_tmpfs
+from .spool import PLACEHOLDER, mount_spool
+from .supervise import capped, read_pipe, watch_exit
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 ZYGOTE_IN_CAGE = f"{INCAGE_DIR}/zygote.py"
 WARM_TIMEOUT_S = 180.0  # imports on a cold disk cache can take a while
 EVENT_TIMEOUT_S = 30.0  # a prepared child, an exit after a kill
-KILL_GRACE_S = 5.0
-# Inputs below this are written on the event loop itself.
-INLINE_BYTES = 1 << 20
 # The zygote itself: its interpreter, nsjail, and a child before it moves out.
 ZYGOTE_PIDS = 32
 NO_MESSAGE = "no message"
 
 
-def _frame(message: dict[str, Any]) -> bytes:
-    body = json.dumps(message).encode()
-    return struct.pack(">I", len(body)) + body
+async def to_the_end(step: Callable[[], object]) -> None:
+    """Run a host step (it makes or removes a cgroup, a mount, a process) in a thread, to its end.
+
+    A stop cancels what a zygote is doing. A cancelled ``to_thread`` stops
+    waiting, not its thread: what the thread then made would be nobody's,
+    left for the next start's sweep. So the step is awaited through a
+    cancellation, which is raised once the step is over; each step records
+    what it makes on the zygote itself, where the clean-up finds it.
+    """
+    done = asyncio.ensure_future(asyncio.to_thread(step))
+    cancelled = False
+    while not done.done():
+        try:
+            await asyncio.wait((done,))
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        done.exception()  # retrieved: the cancellation is what goes on
+        raise asyncio.CancelledError
+    done.result()
 
 
 class ZygoteGone(SandboxError):
     """The zygote died or stopped answering."""
 
 
-class NotHandedOver(ZygoteGone):
-    """The zygote was gone before it took the job: nothing of the job ran, it can go elsewhere."""
-
-
-class Zygote:
-    """One warm slot."""
+class Zygote(ABC):
+    """One warm slot: a *kind* of zygote ("full" imports the heavy libraries, "light" the harness alone)."""
 
     def __init__(
         self, index: int, config: Config, policy: Policy, kafel: str, host: HostState, nsjail: Path, kind: str = "full"
     ) -> None:  # fmt: skip
         self.index = index
-        # "session": a full zygote whose children go to sessions, not jobs.
-        self.for_sessions = kind == "session"
-        self.kind = "full" if self.for_sessions else kind
+        self.kind = kind
         self.config = config
         self.policy = policy
         self.shape = policy.shape()
@@ -96,15 +101,12 @@ class Zygote:
         }
         self.arming: asyncio.Task[None] | None = None
         self.armed: tuple[str, JobCgroup] | None = None
+        # The cgroup of the child being armed, until it is armed (or removed).
+        self.unarmed: JobCgroup | None = None
         self.spool: Path | None = None
-        self._leftover: tuple[JobCgroup, Workspace | None] | None = None
         self.dead = False
         self.closing = False  # set by close(): its end from then on is on purpose
         self.warm_ms = 0.0
-        # Sessions whose processes live in this zygote's cage (they die with it).
-        self.live_sessions = 0
-        self.sessions_done = asyncio.Event()
-        self.sessions_done.set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._stderr = bytearray()
         self._nsjail_log = bytearray()
@@ -135,24 +137,24 @@ class Zygote:
         self.lease = self.host.lease_slot()
         name = f"{self.host.job_prefix}zygote{self.index}-{secrets.token_hex(3)}"
         limits = self.policy.limits
-        self.cgroup = await asyncio.to_thread(
-            self.host.cgroups.create, name, CgroupLimits(limits.memory_bytes, ZYGOTE_PIDS, limits.cpu_ms_per_sec)
-        )
-        lim = self.config.limits
+
+        def make_cgroup() -> None:
+            self.cgroup = self.host.cgroups.create(
+                name, CgroupLimits(limits.memory_bytes, ZYGOTE_PIDS, limits.cpu_ms_per_sec)
+            )
+
+        await to_the_end(make_cgroup)
         self.spool = self.config.jobs_dir / name
-        if self.for_sessions:
-            # A session's files are in tmpfs mounts of their own: nothing comes through the spool.
-            size, inodes = SPOOL_BASE_BYTES, SPOOL_BASE_INODES
-        else:
-            size = lim.scratch_bytes + lim.max_files_bytes + lim.max_code_bytes + (8 << 20)
-            inodes = lim.scratch_inodes + lim.max_files + 64
-        await asyncio.to_thread(mount_spool, self.spool, size, inodes)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        await to_the_end(functools.partial(mount_spool, self.spool, *self.spool_size()))
+        self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         err_r, err_w = os.pipe()
         log_r, log_w = os.pipe()
-        try:
-            self.proc = await asyncio.to_thread(
-                spawn_nsjail, self.nsjail, self._cage_config(self.lease.uid, self.spool), self.kafel, self.cgroup,
+        cage_config, cgroup = self._cage_config(self.lease.uid, self.spool), self.cgroup
+        assert cgroup is not None
+
+        def spawn() -> None:
+            self.proc = spawn_nsjail(
+                self.nsjail, cage_config, self.kafel, cgroup,
                 # No CPU rlimit for the zygote itself: it counts the zygote's own
                 # CPU time over every job it serves. Each child sets the job's.
                 args=("--time_limit", "0", "--proc_rw", "--rlimit_cpu", "inf"),
@@ -161,14 +163,18 @@ class Zygote:
                          self.shape.for_zygote()],  # fmt: skip
                 stdout=err_w, stderr=err_w, log_w=log_w, pass_fds=(theirs.fileno(),),
             )  # fmt: skip
+
+        try:
+            await to_the_end(spawn)
         finally:
+            # Only once nsjail has them: a cancelled wait does not end the spawn.
             theirs.close()
             os.close(err_w)
             os.close(log_w)
-        self.ctl = ours
         read_pipe(loop, err_r, capped(self._stderr, MAX_LOG_BYTES))
         read_pipe(loop, log_r, capped(self._nsjail_log, MAX_LOG_BYTES))
         self._tasks.append(asyncio.create_task(self._read_events(), name=f"runnerd-zygote-{self.index}"))
+        assert self.proc is not None
         exited = watch_exit(loop, self.proc.pid)
         exited.add_done_callback(lambda _: self._gone("its cage exited"))
         event = await self._next("warm", WARM_TIMEOUT_S)
@@ -176,6 +182,18 @@ class Zygote:
         self.pid = self._only_child(self.proc.pid)
         await self.arm()
         log.info("%s zygote %d ready (pid %d, warmed in %.0f ms)", self.kind, self.index, self.pid, self.warm_ms)
+
+    @abstractmethod
+    def spool_size(self) -> tuple[int, int]:
+        """Bytes and inodes of the spool (bound at /spool in the cage)."""
+
+    @abstractmethod
+    def child_cgroup(self, name: str) -> JobCgroup:
+        """A new cgroup for the next child (called in a thread)."""
+
+    @abstractmethod
+    async def cleanup(self) -> None:
+        """Remove what the last child's use left on the host (a job's cgroup and directory)."""
 
     def diagnostics(self) -> str:
         """What the zygote and its nsjail said, for the log and for sandbox errors."""
@@ -197,10 +215,7 @@ class Zygote:
         reader, _ = await asyncio.open_unix_connection(sock=self.ctl.dup())
         try:
             while True:
-                head = await reader.readexactly(4)
-                (size,) = struct.unpack(">I", head)
-                if size > 1 << 20:
-                    raise ValueError(f"zygote message of {size} bytes")
+                size = size_of(await reader.readexactly(HEADER.size))
                 event = json.loads(await reader.readexactly(size))
                 queue = self.events.get(str(event.get("event"))) if isinstance(event, dict) else None
                 if queue is None:
@@ -246,32 +261,43 @@ class Zygote:
         raise ZygoteGone(f"zygote {self.index}: its child {ns_pid} is not there")
 
     async def arm(self) -> None:
-        """Move the zygote's next child into a fresh job cgroup, then let it make its job's cage."""
+        """Move the zygote's next child into a fresh job cgroup, then let it make its job's cage.
+
+        The cgroup is :attr:`unarmed` until the child is armed: an error removes
+        it at once; a stop that cancels the arming (while the child makes its
+        namespaces, which a loaded host can stretch past a second) leaves it
+        to :meth:`close`.
+        """
         event = await self._next("prepared", EVENT_TIMEOUT_S)
         child = self._host_pid(int(event["pid"]))
         name = self.host.new_job_name()
-        # The job's own memory, pids (and CPU-time) cgroup; its CPU quota is
-        # its zygote's (one job at a time), which saves a v1 hierarchy per job.
-        # A session zygote's children live on side by side: each has a quota of its own.
-        sessions = self.for_sessions
-        cg = await asyncio.to_thread(
-            functools.partial(self.host.cgroups.create, name, self.policy.limits, quota=sessions, freezer=sessions)
-        )
+
+        def make_cgroup() -> None:
+            self.unarmed = self.child_cgroup(name)
+            self.unarmed.attach(child)
+
         try:
-            await asyncio.to_thread(cg.attach, child)
+            await to_the_end(make_cgroup)
             assert self.ctl is not None
-            self.ctl.sendall(_frame({"op": "arm"}))
+            self.ctl.sendall(frame({"op": "arm"}))
             await self._next("armed", EVENT_TIMEOUT_S)
-        except (SandboxError, OSError) as exc:
-            await asyncio.to_thread(teardown, cg, None)
+        except asyncio.CancelledError:
+            # Killing the child now would end a zygote whose sessions live on
+            # (a reload's old pool): close() removes it, once the zygote quits.
+            raise
+        except BaseException as exc:
+            cg, self.unarmed = self.unarmed, None
+            if cg is not None:
+                await to_the_end(functools.partial(teardown, cg, None))
             if isinstance(exc, OSError):
                 self._gone(f"arming failed: {exc}")
                 raise ZygoteGone(f"zygote {self.index} is gone") from None
             raise
-        self.armed = (name, cg)
+        assert self.unarmed is not None
+        self.armed, self.unarmed = (name, self.unarmed), None
 
     async def next_ready(self) -> None:
-        """After a job: tear it down, and wait for (or start) the arming of the next child."""
+        """After a child's use (a job, a session's open): clean up, and wait for (or start) the next arming."""
         await self.cleanup()
         task, self.arming = self.arming, None
         if task is not None:
@@ -288,9 +314,14 @@ class Zygote:
         await self.cleanup()
         if self.ctl is not None and not self.dead:
             try:
-                self.ctl.sendall(_frame({"op": "quit"}))
+                self.ctl.sendall(frame({"op": "quit"}))
             except OSError:
                 pass
+        if self.unarmed is not None:
+            # A child whose arming was given up: the zygote's quit need not wait
+            # until it has made its namespaces (see arm).
+            cg, self.unarmed = self.unarmed, None
+            await to_the_end(functools.partial(teardown, cg, None))
         if self.proc is not None:
             try:
                 await asyncio.wait_for(asyncio.to_thread(self.proc.wait), 5)
@@ -302,196 +333,12 @@ class Zygote:
         if self.ctl is not None:
             self.ctl.close()
         for cg in ([self.armed[1]] if self.armed else []) + ([self.cgroup] if self.cgroup else []):
-            await asyncio.to_thread(teardown, cg, None)
+            await to_the_end(functools.partial(teardown, cg, None))
         self.armed = None
         if self.spool is not None:
-            await asyncio.to_thread(Workspace(self.spool).destroy)
+            await to_the_end(Workspace(self.spool).destroy)
             self.spool = None
         if self.lease is not None:
             self.lease.release()
             self.lease = None
         self.dead = True
-
-    # ------------------------------------------------------------ a session
-
-    async def open_session(self, session_id: str, files: tuple[InputFile, ...]) -> Session:
-        """Give the armed child to a session: its own /work (a tmpfs of the host's, attached by G), home, figures."""
-        assert self.armed is not None and self.ctl is not None
-        name, cg = self.armed
-        self.armed = None
-        lim = self.config.limits
-
-        async def end() -> None:
-            try:
-                await asyncio.to_thread(teardown, cg, None)
-            finally:
-                self.live_sessions -= 1
-                if not self.live_sessions:
-                    self.sessions_done.set()
-
-        self.live_sessions += 1
-        self.sessions_done.clear()
-        work = -1
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # Root's with the sticky bit: the inputs the host writes into it stay as they are.
-            work = detached_tmpfs(lim.scratch_bytes, lim.scratch_inodes, 0o1777)
-            order = {
-                "op": "open",
-                "home": SESSION_HOME,
-                "figures": session_figures(lim),
-                "max_figures": lim.max_figures,
-                "max_value": lim.max_value_chars,
-            }
-            socket.send_fds(self.ctl, [_frame(order)], [theirs.fileno(), work])
-        except (OSError, SandboxError) as exc:
-            ours.close()
-            if work >= 0:
-                os.close(work)
-            await end()
-            self._gone(f"giving it a session failed: {exc}")
-            raise ZygoteGone(f"zygote {self.index} is gone") from None
-        finally:
-            theirs.close()
-        self.arming = asyncio.create_task(self.arm(), name=f"runnerd-arm-session-{self.index}")
-
-        def diagnostics() -> str:
-            said = self.diagnostics()
-            return "" if said == NO_MESSAGE else said
-
-        cage = SessionCage(cgroup=cg, ctl=ours, work_fd=work, figures_fd=-1, end=end, diagnostics=diagnostics)
-        return await start_session(session_id, cage, self.config, self.policy, files)
-
-    # ------------------------------------------------------------ a job
-
-    async def run(
-        self, job: JobSpec, *, on_output: OnOutput | None, stop: asyncio.Future[Reason] | None, job_id: str | None,
-    ) -> Result:  # fmt: skip
-        assert self.armed is not None and self.lease is not None and self.ctl is not None
-        assert self.spool is not None
-        name, cg = self.armed
-        label = job_id or name
-        self.armed = None
-        limits = self.config.limits
-        ws: Workspace | None = None
-        try:
-            # The spool holds one job at a time: give it exactly this job's size,
-            # as a cold cage's own tmpfs would have.
-            size, inodes = job_size(job, limits.scratch_bytes, limits.scratch_inodes, MplConfig())
-            # Microseconds of work for a small job: a thread hop would cost more.
-            resize_tmpfs(self.spool, size + SPOOL_BASE_BYTES, inodes + SPOOL_BASE_INODES)
-            make_ws = functools.partial(
-                Workspace.create, self.spool, name, job, uid=self.lease.uid, gid=self.lease.uid,
-                scratch_bytes=limits.scratch_bytes, scratch_inodes=limits.scratch_inodes,
-                # the zygote has Matplotlib loaded already: no font cache to copy
-                mplconfig=MplConfig(), mount=False,
-            )  # fmt: skip
-            ws = make_ws() if job.files_bytes < INLINE_BYTES else await asyncio.to_thread(make_ws)
-            job_ws = ws
-            return await execute_and_collect(
-                lambda out, err: self._execute(job, name, job_ws, cg, out, err, on_output, stop),
-                ws, config=self.config, policy=self.policy, label=label,
-            )  # fmt: skip
-        except NotHandedOver:
-            raise
-        except SandboxError as exc:
-            return sandbox_failure(label, exc)
-        finally:
-            # Torn down by the slot's recycle step, after the result is on its way.
-            self._leftover = (cg, ws)
-
-    async def cleanup(self) -> None:
-        """Remove the last job's cgroup (killing its last process, G) and its directory."""
-        if self._leftover is not None:
-            cg, ws = self._leftover
-            self._leftover = None
-            await asyncio.shield(asyncio.to_thread(functools.partial(teardown, cg, ws, mounted=False)))
-
-    async def _execute(
-        self, job: JobSpec, name: str, ws: Workspace, cg: JobCgroup, out: StreamCapture, err: StreamCapture,
-        on_output: OnOutput | None, stop: asyncio.Future[Reason] | None,
-    ) -> Execution:  # fmt: skip
-        loop = asyncio.get_running_loop()
-        assert self.ctl is not None
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        rep_r, rep_w = os.pipe()
-        message = {
-            "op": "run",
-            "dir": name,
-            "inputs": list(ws.input_names),
-            "max_figures": self.config.limits.max_figures,
-            "max_value": self.config.limits.max_value_chars,
-        }
-        try:
-            socket.send_fds(self.ctl, [_frame(message)], [out_w, err_w, rep_w])
-        except OSError as exc:
-            for fd in (out_r, err_r, rep_r):
-                os.close(fd)
-            self._gone(f"sending it a job failed: {exc}")
-            raise NotHandedOver(f"zygote {self.index} is gone") from None
-        finally:
-            for fd in (out_w, err_w, rep_w):
-                os.close(fd)
-        # The zygote prepares the next child while this job runs.
-        self.arming = asyncio.create_task(self.arm(), name=f"runnerd-arm-{self.kind}-{self.index}")
-
-        exit_event: asyncio.Future[dict[str, Any]] = loop.create_future()
-
-        async def wait_exit() -> None:
-            try:
-                exit_event.set_result(await self._next("exit", job.timeout + 3600))
-            except ZygoteGone as exc:
-                exit_event.set_exception(exc)
-
-        waiter = asyncio.create_task(wait_exit())
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def settle(_: object) -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        exit_event.add_done_callback(settle)
-
-        async def kill() -> None:
-            await asyncio.to_thread(cg.kill)
-            try:
-                await asyncio.wait_for(asyncio.shield(exit_event), KILL_GRACE_S)
-            except (TimeoutError, ZygoteGone):
-                self._gone("no exit report after the job was killed")
-
-        try:
-            ex = await supervise(
-                exited=exited, kill=kill, out_r=out_r, err_r=err_r, rep_r=rep_r, out=out, err=err,
-                timeout=job.timeout, output_kill_bytes=self.config.limits.output_kill_bytes,
-                on_output=on_output, stop=stop,
-            )  # fmt: skip
-        finally:
-            # Nothing of the job runs any more but G (which killed the rest before it
-            # reported); the cleanup step removes the cgroup, and G, off the result's path.
-            waiter.cancel()
-        if exit_event.done() and not exit_event.cancelled() and exit_event.exception() is None:
-            event = exit_event.result()
-            ex.status = -int(event["signal"]) if "signal" in event else int(event.get("code", -1))
-        else:
-            ex.status = None
-            if ex.stop_reason is None:
-                if not ex.report.started:
-                    # A zygote being killed still takes a message until its
-                    # (slow) exit closes its socket; its G never said "start",
-                    # so nothing of the job ran: it can go elsewhere.
-                    raise NotHandedOver(f"zygote {self.index} died before the job started")
-                # The job ran: its result (sandbox_error, with its output and
-                # usage so far) comes from build_result, like a cold cage's.
-                said = self.diagnostics()
-                ex.cage_fault = f"zygote {self.index} died during the job" + (f": {said}" if said != NO_MESSAGE else "")
-        if ex.status == 125:
-            # G could not set the job up (zygote.py); it said why on its own
-            # stderr, which is the zygote's, not the job's.
-            ex.problem = self.diagnostics()
-        if ex.cage_fault:
-            # No G reaped the job: its processes may outlive the zygote for a
-            # moment. None may run while the outputs are collected.
-            await asyncio.to_thread(cg.kill)
-        ex.stats = cg.stats()  # a few small reads
-        return ex

@@ -2,7 +2,9 @@
 
 Signals: the handlers only record the signal; the event loop acts on it.
 
-* SIGTERM or SIGINT: stop taking runs (they get BUSY, "shutting down");
+* SIGTERM or SIGINT, to the daemon or to its process group (Ctrl-C in a
+  terminal: the cages are in sessions of their own, so only the daemon
+  hears it): stop taking runs (they get BUSY, "shutting down");
   queued jobs are answered with a BUSY error (they never ran: send them
   again after the restart); running jobs get ``shutdown_grace_s`` to finish,
   then their cages are killed and their clients get a result with reason
