@@ -228,3 +228,24 @@ def test_a_run_reports_its_own_counters_not_the_sessions(hd):
         assert r.reason is Reason.EXCEPTION, r  # not memory_limit: that was the last run
         assert not any("out-of-memory" in x for x in r.warnings), r.warnings
         assert r.usage.peak_of == "run" and r.usage.max_rss_bytes < 512 << 20, r.usage
+
+
+BREAK_PROTOCOL = (
+    "import os, socket, stat, struct\n"
+    "fds = [int(f) for f in os.listdir('/proc/self/fd') if int(f) > 2 and os.path.exists(f'/proc/self/fd/{f}')]\n"
+    "ctl = next(socket.socket(fileno=f) for f in fds if stat.S_ISSOCK(os.fstat(f).st_mode))\n"
+    "ctl.sendall(struct.pack('>I', 1 << 30))\n"  # a frame far past the limit: only code can send that
+    "import time\ntime.sleep(30)\n"
+)
+
+
+def test_code_that_breaks_the_control_protocol_is_the_codes_fault(hd):
+    """It read sandbox_error ("not the code's fault"), so a model loop ran the same code again."""
+    with Wire(hd.ipc) as w:
+        session = new_id("s")
+        w.opened(session)
+        r = w.result(w.start(BREAK_PROTOCOL, session, timeout=20))
+        assert r.reason is Reason.SIGNAL and r.exit_code == -9, r
+        assert r.session is not None and r.session.ended is SessionEnd.EXITED, r
+        assert any("control socket" in x for x in r.warnings), r.warnings
+        assert w.ok("print(1)").stdout == "1\n"

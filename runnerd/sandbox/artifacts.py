@@ -46,6 +46,9 @@ _IMAGE_MIME = {
 }
 
 
+SNIFF_BYTES = 2048  # what sniff_image looks at
+
+
 def sniff_image(data: bytes) -> str | None:
     """The image mime type *data* really is, from its first bytes; None if not an image."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -60,7 +63,7 @@ def sniff_image(data: bytes) -> str | None:
         return "image/bmp"
     if data.startswith((b"II*\x00", b"MM\x00*")):
         return "image/tiff"
-    head = data[:2048].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    head = data[:SNIFF_BYTES].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith((b"<?xml", b"<svg", b"<!--", b"<!doctype svg")) and b"<svg" in head:
         return "image/svg+xml"
     return None
@@ -202,6 +205,18 @@ def _read_capped(path: Path, cap: int) -> bytes | None:
         os.close(fd)
 
 
+def _head(path: Path, size: int = SNIFF_BYTES) -> bytes:
+    """The first bytes of a regular file (what :func:`sniff_image` looks at); empty if it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, size) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    finally:
+        os.close(fd)
+
+
 class _Budget:
     def __init__(self, limits: Limits, out: Collected) -> None:
         self.limits = limits
@@ -239,11 +254,19 @@ class _Budget:
             out.warnings.lost(f"dropped {name}: the outputs passed {lim.max_artifacts_total_bytes} bytes in all")
             out.dropped = True
             return
+        suffix = os.path.splitext(relative)[1].lower()
+        claimed = _IMAGE_MIME.get(suffix)
+        # The count caps before the read: past them a file costs a warning, not its bytes.
+        files_full = len(out.files) >= lim.max_artifact_files
+        if files_full and (not claimed or len(out.figures) >= lim.max_figures or not sniff_image(_head(path))):
+            kind = "figures" if claimed and len(out.figures) >= lim.max_figures else "files"
+            cap = lim.max_figures if kind == "figures" else lim.max_artifact_files
+            out.warnings.lost(f"dropped {name}: more than {cap} {kind}")
+            out.dropped = True
+            return
         data = _read_capped(path, lim.max_artifact_bytes)
         if data is None:
             return
-        suffix = os.path.splitext(relative)[1].lower()
-        claimed = _IMAGE_MIME.get(suffix)
         actual = sniff_image(data) if claimed else None
         if claimed and actual:
             if len(out.figures) >= lim.max_figures:

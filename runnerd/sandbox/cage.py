@@ -47,7 +47,7 @@ from .sandbox_env import MPLCONFIG
 from .session import Session, start_session
 from .session_cage import SESSION_HOME, SessionCage, session_figures
 from .shape import INCAGE_DIR, CageShape
-from .supervise import Execution, OnOutput, capped, read_pipe, supervise, watch_exit
+from .supervise import Execution, OnOutput, RunPipes, capped, read_pipe, supervise, watch_exit
 from .workspace import MplConfig, Workspace, mount_tmpfs
 
 log = logging.getLogger(__name__)
@@ -254,10 +254,15 @@ class Cage:
     ) -> Execution:
         loop = asyncio.get_running_loop()
         limits = self.config.limits
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        log_r, log_w = os.pipe()
-        rep_r, rep_w = os.pipe()
+        pipes = RunPipes.open()
+        out_r, err_r, rep_r = pipes.readers
+        out_w, err_w, rep_w = pipes.writers
+        try:
+            log_r, log_w = os.pipe()  # nsjail's own
+        except OSError:
+            pipes.close_readers()
+            pipes.close_writers()
+            raise
         try:
             proc = spawn_nsjail(
                 self.nsjail,
@@ -271,12 +276,12 @@ class Cage:
                 stdout=out_w, stderr=err_w, log_w=log_w, pass_fds=(rep_w,),
             )  # fmt: skip
         except SandboxError:
-            for fd in (out_r, err_r, log_r, rep_r):
-                os.close(fd)
+            pipes.close_readers()
+            os.close(log_r)
             raise
         finally:
-            for fd in (out_w, err_w, log_w, rep_w):
-                os.close(fd)
+            pipes.close_writers()
+            os.close(log_w)
 
         exited = watch_exit(loop, proc.pid)
 

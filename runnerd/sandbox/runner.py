@@ -11,22 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ..config import Config
 from ..result import Observation, Outcome, Reason, Result, Usage, decide
 from .artifacts import Collected, collect
 from .cgroups import JobCgroup
 from .host import SlotLease
-from .job import InputFile, JobSpec
+from .job import JobSpec
 from .output import StreamCapture
 from .policy import Policy
 from .report import error_from_report, exit_status, small_int, value_from_report
 from .supervise import Execution, OnOutput
 from .workspace import Workspace
-
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +51,6 @@ class Runner(Protocol):
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop taking jobs; wait up to *grace* s for running ones, then end them."""
-        ...
-
-
-class SessionRunner(Runner, Protocol):
-    """A runner that also opens sessions (the cold cage, the warm pool); a session is a Runner itself."""
-
-    async def open_session(self, session_id: str, files: tuple[InputFile, ...]) -> Session:
-        """A ready session; SandboxError if its cage could not be made."""
         ...
 
 
@@ -152,6 +141,8 @@ def build_result(
         problem = ex.problem or err.text().strip()[-2000:] or "the cage exited before the job started"
         warnings.append(f"sandbox error: {problem}")
         log.error("job %s: the cage failed to start: %s", job_id, problem)
+    if ex.note:
+        warnings.append(ex.note)
     warnings += oddities
     return Result(
         outcome=outcome,

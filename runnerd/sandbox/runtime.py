@@ -23,8 +23,7 @@ from .cage import Cage
 from .host import HostState
 from .job import InputFile
 from .policy import Policy
-from .runner import SessionRunner
-from .session import Session
+from .session import Session, SessionRunner
 from .warm import WarmCage
 
 log = logging.getLogger(__name__)

@@ -27,18 +27,19 @@ import signal
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import Config
 from ..errors import JobRejected, SandboxError
 from ..result import Outcome, Reason, Result, SessionEnd, SessionState
 from .artifacts import Collected, collect
 from .cgroups import FREEZE_TIMEOUT_S, CgroupStats, JobCgroup, wait_for
+from .control import frame
 from .job import InputFile, JobSpec
 from .output import StreamCapture
 from .policy import Policy
 from .report import small_int
-from .runner import execute_and_collect, sandbox_failure
+from .runner import Runner, execute_and_collect, sandbox_failure
 from .session_cage import (
     MAX_EVENTS_PER_RUN,
     Control,
@@ -46,7 +47,6 @@ from .session_cage import (
     SessionCage,
     Snapshot,
     code_file,
-    control_frame,
     snapshot,
     user_pid,
     write_inputs,
@@ -118,7 +118,7 @@ class Session:
         if self._killing is not None:
             return self._killing
         if self.control.broken:
-            return SessionEnd.SANDBOX_ERROR
+            return SessionEnd.EXITED  # its code broke the control protocol: killed, the code's doing
         if self.cage.cgroup.stats().oom_kills:
             return SessionEnd.MEMORY_LIMIT
         return SessionEnd.EXITED if exit_event is not None else SessionEnd.SANDBOX_ERROR
@@ -280,13 +280,12 @@ class Session:
             os.close(code_fd)
             raise
         out_r, err_r, rep_r = run_pipes.readers
-        out_w, err_w, rep_w = run_pipes.writers
         run = _RunState(done=loop.create_future())
         self._run = run
         self.control.budget = MAX_EVENTS_PER_RUN
-        frame = control_frame({"op": "run"})
+        order = frame({"op": "run"})
         try:
-            if socket.send_fds(self.control.sock, [frame], [out_w, err_w, rep_w, code_fd]) != len(frame):
+            if socket.send_fds(self.control.sock, [order], [*run_pipes.writers, code_fd]) != len(order):
                 raise BlockingIOError("a part of the order")
         except BlockingIOError:
             # Its socket is full: it does not read its orders. It cannot run anything.
@@ -296,8 +295,8 @@ class Session:
         except OSError:
             run.done.set_result(None)  # the session is gone: its watcher says how
         finally:
-            for fd in (out_w, err_w, rep_w, code_fd):
-                os.close(fd)
+            run_pipes.close_writers()
+            os.close(code_fd)
         grace = self.config.session_interrupt_grace_s
         interrupted_in_time = True
 
@@ -341,7 +340,7 @@ class Session:
             exit_event = run.exit_event
             reason = self.end_reason(exit_event)
             if self.control.broken and ex.stop_reason is None:
-                ex.cage_fault = "the run's code broke runnerd's protocol on the session's control socket"
+                self._code_broke_protocol(ex, "wrote to the session's control socket (runnerd's own)")
             elif exit_event is not None and ex.stop_reason is None:
                 signum = small_int(exit_event.get("signal"))
                 ex.status = -signum if signum else small_int(exit_event.get("exit_code"))
@@ -356,10 +355,17 @@ class Session:
         else:
             # "done" with no end in the run's report: not the session's loop but the
             # run's code speaking on the control socket. The session cannot be trusted on.
-            ex.cage_fault = "the session broke runnerd's protocol (a run said done before it ended)"
-            self._killing = SessionEnd.SANDBOX_ERROR
-            await self._finish(SessionEnd.SANDBOX_ERROR)
+            self._code_broke_protocol(ex, "said on the session's control socket that it was done before it ended")
+            self._killing = SessionEnd.EXITED
+            await self._finish(SessionEnd.EXITED)
         return ex
+
+    @staticmethod
+    def _code_broke_protocol(ex: Execution, what: str) -> None:
+        """Only the run's code can break the control protocol (runnerd's side in the cage never does):
+        the code's fault, not the sandbox's, so a model loop does not run the same code again."""
+        ex.status = -signal.SIGKILL
+        ex.note = f"the code {what}, so its session was killed (runnerd's protocol with it was broken)"
 
     async def _settle(self, cg: JobCgroup) -> None:
         """After the run: freeze the session (unless it ended) before its pipes are drained and outputs read."""
@@ -406,6 +412,14 @@ class Session:
     def memory_bytes(self) -> int:
         """What it holds: its cgroup's memory, and its inputs (the host wrote them: charged to the daemon)."""
         return self.cage.cgroup.memory_bytes() + self.input_bytes if self.ended is None else 0
+
+
+class SessionRunner(Runner, Protocol):
+    """A runner that also opens sessions (the cold cage, the warm pool); a session is a Runner itself."""
+
+    async def open_session(self, session_id: str, files: tuple[InputFile, ...]) -> Session:
+        """A ready session; SandboxError if its cage could not be made."""
+        ...
 
 
 async def start_session(

@@ -17,7 +17,6 @@ import json
 import os
 import socket
 import stat
-import struct
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,9 +26,9 @@ from typing import Any
 from ..config import Limits
 from ..errors import SandboxError
 from .cgroups import JobCgroup
+from .control import HEADER, size_of
 from .job import InputFile
 
-MAX_CONTROL_MESSAGE = 1 << 16
 # A session's home (Matplotlib's and pip's caches, dotfiles): a tmpfs of this size and inode count.
 SESSION_HOME = (16 << 20, 1024)
 
@@ -146,15 +145,17 @@ class Control:
             self._eof()
             return
         self._buffer += data
-        while len(self._buffer) >= 4:
-            (size,) = struct.unpack(">I", self._buffer[:4])
-            if size > MAX_CONTROL_MESSAGE:
+        while len(self._buffer) >= HEADER.size:
+            try:
+                size = size_of(self._buffer[: HEADER.size])
+            except ValueError:
                 self.broken = True  # the session broke the protocol: it is treated as gone
                 self._eof()
                 return
-            if len(self._buffer) < 4 + size:
+            end = HEADER.size + size
+            if len(self._buffer) < end:
                 break
-            body, self._buffer = self._buffer[4 : 4 + size], self._buffer[4 + size :]
+            body, self._buffer = self._buffer[HEADER.size : end], self._buffer[end:]
             self.budget -= 1
             if self.budget < 0:
                 self.broken = True
@@ -216,12 +217,6 @@ def snapshot(work: Path) -> Snapshot:
             else:  # links and special files too: a warning about one is news only once
                 found[relative] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     return found
-
-
-def control_frame(message: dict[str, Any]) -> bytes:
-    """One message on a control socket, as incage/session.py's recv_msg reads it: a 4-byte length, then JSON."""
-    body = json.dumps(message).encode()
-    return struct.pack(">I", len(body)) + body
 
 
 def code_file(code: str) -> int:

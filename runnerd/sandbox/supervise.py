@@ -46,6 +46,7 @@ class Execution:
     report: Report = field(default_factory=Report)  # what the harness said; untrusted
     problem: str = ""  # why the cage did not start, when it did not
     cage_fault: str = ""  # why the cage itself broke while the job ran, when it did
+    note: str = ""  # a warning the result carries (what the code did that the host had to act on)
     stats: CgroupStats = field(default_factory=CgroupStats)
 
 
@@ -162,6 +163,11 @@ class RunPipes:
     def close_readers(self) -> None:
         """When the run never reached :func:`supervise` (which closes them)."""
         for fd in self.readers:
+            os.close(fd)
+
+    def close_writers(self) -> None:
+        """Once the run's processes hold them (or could not be given them): EOF comes from them alone."""
+        for fd in self.writers:
             os.close(fd)
 
 

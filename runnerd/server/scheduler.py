@@ -22,75 +22,38 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass, field
 
 from ..errors import JobRejected
 from ..percentiles import percentiles_ms
 from ..result import Outcome, Reason, Result, SessionEnd
-from ..sandbox.job import JobSpec
-from ..sandbox.session import Session
 from . import protocol
 from .clients import LOCAL, Client
 from .protocol import ProtocolError, RunRequest
-from .sessions import SessionManager, SessionRecord, safe_send
+from .records import JobRecord, Send, State, Subscriber, safe_send
+from .session_runs import SessionRuns
+from .sessions import SessionManager
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[bytes], None]
-Runner = Callable[..., Awaitable[Result]]  # (job, *, on_output, stop, name, job_id) -> Result
+# A Runner's run method (sandbox/runner.py): (job, *, on_output, stop, name, job_id) -> Result.
+RunFn = Callable[..., Awaitable[Result]]
 LATENCY_WINDOW = 1000
 RESTART_DELAY_S = 0.05  # before a dead worker's slot gets a new one
-
-
-class State(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-
-
-@dataclass
-class Subscriber:
-    send: Send
-    stream: bool
-
-
-@dataclass
-class JobRecord:
-    id: str
-    digest: str  # what a resend is compared with, once the spec is gone
-    spec: JobSpec | None  # dropped when the job ends: its inputs may be 64 MiB
-    state: State = State.QUEUED
-    subscribers: dict[Hashable, Subscriber] = field(default_factory=dict)
-    chunks: list[tuple[str, int, bytes]] = field(default_factory=list)
-    offsets: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
-    stop: asyncio.Future[Reason] | None = None
-    result: Result | None = None
-    accepted_at: float = field(default_factory=time.monotonic)
-    finished_at: float = 0.0
-    size: int = 0
-    session: str | None = None  # the session it runs in
-    client: Client = LOCAL  # who sent it: max_queued_per_client counts by it
-    # That session's record itself: a later session of the same id is another one.
-    srec: SessionRecord | None = None
-
-    def chunk_frame(self, stream: str, offset: int, data: bytes) -> bytes:
-        return protocol.reply(self.id, stream, data=data, offset=offset)
 
 
 def _result_size(result: Result) -> int:
     return len(result.stdout) + len(result.stderr) + sum(len(a.data) for a in (*result.figures, *result.files)) + 1024
 
 
-class Scheduler:
+class Scheduler(SessionRuns):
     def __init__(
         self,
-        runner: Runner,
+        runner: RunFn,
         *,
         concurrency: int,
         queue_size: int,
@@ -194,34 +157,6 @@ class Scheduler:
         else:
             session.current = record
             self._queue.put_nowait(record)
-
-    def _admit_to_session(self, req: RunRequest, client: Client) -> SessionRecord:
-        """The session a run goes to; ProtocolError (NOT_FOUND, BUSY, BAD_REQUEST) if it cannot take it."""
-        if self.sessions is None:
-            raise ProtocolError(protocol.NOT_FOUND, "this server has no sessions")
-        assert req.session is not None
-        record = self.sessions.live(req.session, client)
-        limit = self.sessions.config.session_max_pending_runs
-        if (record.busy or record.session is None) and len(record.pending) >= limit:
-            raise ProtocolError(
-                protocol.BUSY,
-                f"session {req.session!r} has a run going and {len(record.pending)} waiting, the limit "
-                f"(session_max_pending_runs {limit}); wait for a result",
-            )
-        if record.session is not None:
-            names = [f.name for r in record.pending if r.spec for f in r.spec.files]
-            if record.current is not None and record.current.spec is not None:
-                names += [f.name for f in record.current.spec.files]
-            for f in req.job.files:
-                if f.name in names:
-                    raise ProtocolError(
-                        protocol.BAD_REQUEST, f"session {req.session!r} already has an input file {f.name!r}"
-                    )
-            try:
-                record.session.check_inputs(req.job.files)
-            except JobRejected as exc:
-                raise ProtocolError(exc.code, str(exc)) from None
-        return record
 
     def _subscribe(self, record: JobRecord, peer: Hashable, sub: Subscriber, *, replay: bool) -> None:
         known = peer in record.subscribers
@@ -368,19 +303,6 @@ class Scheduler:
         except Exception:
             log.exception("job %s: its session's next run could not start", record.id)
 
-    # ------------------------------------------------------------ sessions' runs
-
-    def _session_of(self, record: JobRecord) -> Session | None:
-        """The live session a queued run goes to; None (the run answered NOT_FOUND) if it ended."""
-        assert self.sessions is not None and record.session is not None
-        srec = record.srec
-        if srec is not None and srec.ended is None and srec.session is not None:
-            return srec.session
-        self.queued -= 1
-        message = self.sessions.how_it_ended(srec) if srec and srec.ended else self.sessions.unknown(record.session)
-        self._refuse(record, protocol.NOT_FOUND, message, srec.ended if srec else None)
-        return None
-
     def _refuse(self, record: JobRecord, code: str, message: str, ended: SessionEnd | None = None) -> None:
         """Answer a run that did not run with an error, and forget it (the id is free again)."""
         record.state = State.DONE
@@ -388,63 +310,6 @@ class Scheduler:
         frame = protocol.error_reply(record.id, code, message, ended.value if ended else None)
         for sub in record.subscribers.values():
             safe_send(sub.send, frame)
-
-    def _next_in_session(self, record: JobRecord) -> None:
-        """A session's run ended: its next waiting run (if any) goes to the queue; the idle clock restarts."""
-        srec, record.srec = record.srec, None  # a retained result need not keep its session
-        if srec is None or self.sessions is None or srec.current is not record:
-            return
-        srec.last_active = time.monotonic()
-        srec.current = None
-        if srec.expiring and srec.ended is None:
-            self.sessions.end(srec, SessionEnd.MAX_LIFETIME)  # its waiting runs hear NOT_FOUND (max_lifetime)
-            return
-        self._dispatch_next(srec)
-
-    def _dispatch_next(self, srec: SessionRecord) -> None:
-        """The session's first waiting run goes to the queue (it is the session's current run from now)."""
-        while srec.pending:
-            nxt = srec.pending.popleft()
-            if nxt.state is State.QUEUED:
-                srec.current = nxt
-                self._queue.put_nowait(nxt)
-                return
-
-    def _drop_from_session(self, record: JobRecord) -> None:
-        srec = record.srec
-        if srec is None:
-            return
-        if record in srec.pending:
-            srec.pending.remove(record)
-            record.srec = None
-        elif srec.current is record:
-            self._next_in_session(record)
-
-    def _session_opened(self, srec: SessionRecord, error: tuple[str, str] | None) -> None:
-        """Runs sent while the session opened: the first goes to the queue; all hear it if it did not open."""
-        if error is not None:
-            while srec.pending:
-                record = srec.pending.popleft()
-                if record.state is State.QUEUED:
-                    self.queued -= 1
-                    self._refuse(record, *error)
-            return
-        if srec.current is None:
-            self._dispatch_next(srec)
-
-    def _session_ended(self, srec: SessionRecord) -> None:
-        """A session ended: its waiting runs are answered NOT_FOUND; a running one is cancelled (closed)."""
-        assert self.sessions is not None
-        message = self.sessions.how_it_ended(srec)
-        while srec.pending:
-            record = srec.pending.popleft()
-            if record.state is State.QUEUED:
-                self.queued -= 1
-                self._refuse(record, protocol.NOT_FOUND, message, srec.ended)
-        current = srec.current
-        if current is not None and current.state is State.RUNNING and current.stop is not None:
-            if not current.stop.done() and srec.ended is SessionEnd.CLOSED:
-                current.stop.set_result(Reason.CANCELLED)
 
     def _output(self, record: JobRecord, stream: str, data: bytes) -> None:
         offset = record.offsets[stream]

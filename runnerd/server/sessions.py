@@ -3,7 +3,7 @@
 A session (:class:`~runnerd.sandbox.session.Session`) is opened by the
 runtime (cold: its own nsjail; warm: a session zygote's armed child) and
 then runs one run at a time: the scheduler queues a session's runs behind
-each other (:meth:`SessionRecord.admit`) and runs each in a slot like a
+each other (:mod:`.session_runs`) and runs each in a slot like a
 job. This module keeps what outlives a session's cage: its record, so that
 a run, close or resend for a session that ended is answered NOT_FOUND with
 how it ended, for as long as job results are retained.
@@ -26,7 +26,6 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config
@@ -38,14 +37,13 @@ from ..sandbox.session import Session
 from . import protocol
 from .clients import LOCAL, Client
 from .protocol import CloseRequest, OpenRequest, ProtocolError
+from .records import Send, SessionRecord, safe_send
 
 if TYPE_CHECKING:
     from .metrics import Metrics
-    from .scheduler import JobRecord
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[bytes], None]
 Opener = Callable[[str, tuple[InputFile, ...]], Awaitable[Session]]
 SWEEP_INTERVAL_S = 0.25
 # Resends of an open that wait for the same session to finish opening.
@@ -59,32 +57,6 @@ _SETTING = {
     SessionEnd.MAX_LIFETIME: "session_max_lifetime_s, {lifetime:g} s",
     SessionEnd.INTERRUPT_IGNORED: "session_interrupt_grace_s, {grace:g} s",
 }
-
-
-@dataclass
-class SessionRecord:
-    id: str
-    digest: str
-    idle_timeout: float
-    client: Client = LOCAL  # who opened it: counted against max_sessions_per_client, and its owner's key
-    opened_at: float = field(default_factory=time.monotonic)
-    last_active: float = field(default_factory=time.monotonic)
-    session: Session | None = None  # None while it opens
-    # Opens answered once it is open: (request id, send, a resend of the first?).
-    waiters: list[tuple[str, Send, bool]] = field(default_factory=list)
-    # Closes sent while it opened: answered once the cage it was getting is gone.
-    closers: list[tuple[str, Send]] = field(default_factory=list)
-    ended: SessionEnd | None = None
-    ended_at: float = 0.0
-    # The scheduler's: runs waiting behind the one queued or running.
-    pending: deque[JobRecord] = field(default_factory=deque)
-    current: JobRecord | None = None
-    expiring: bool = False  # past its lifetime: ends once its current run is done
-    runs: int = 0
-
-    @property
-    def busy(self) -> bool:
-        return self.current is not None
 
 
 class SessionManager:
@@ -401,11 +373,3 @@ class SessionManager:
 
 def _word(record: SessionRecord) -> str | None:
     return record.ended.value if record.ended is not None else None
-
-
-def safe_send(send: Send, frame: bytes) -> None:
-    """Send, never raising: a transport's problem never reaches the scheduler or the sessions."""
-    try:
-        send(frame)
-    except Exception:
-        log.exception("dropping a reply: the send failed")
