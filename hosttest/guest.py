@@ -411,18 +411,18 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
 
         import zmq
 
-        from runnerd.server import protocol
+        from runnerd import wire
 
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.connect(SOCKET)
 
         def ask(op: str, want: str, **fields: Any) -> dict[str, Any]:
             request_id = uuid.uuid4().hex[:12]
-            sock.send(protocol.request(op, request_id, **fields))
+            sock.send(wire.request(op, request_id, **fields))
             while True:
                 if not sock.poll(120_000):
                     raise StepFailed(f"no answer to {op}")
-                msg = protocol.decode_reply(sock.recv())
+                msg = wire.decode_reply(sock.recv())
                 if msg.get("id") == request_id and msg["type"] in (want, "error"):
                     expect(msg["type"] == want, f"{op}: {msg}")
                     return msg

@@ -28,11 +28,11 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+from . import wire
 from .client import AsyncClient, AsyncSession, resolve_endpoint
 from .errors import ClientError, RemoteError
 from .explain import how_it_ended, session_note, what_happened
 from .result import Outcome, Result, SessionEnd
-from .server import protocol
 
 TOOL_DESCRIPTION = (
     "Run Python 3 code in a sandbox (no network, 30 s, numpy, pandas, matplotlib, scipy, scikit-learn, "
@@ -115,7 +115,7 @@ class SessionSlot:
             try:
                 return await session.run(code, files=_new_files(session, inputs), timeout=timeout), notes
             except RemoteError as exc:
-                if exc.code != protocol.NOT_FOUND:
+                if exc.code != wire.NOT_FOUND:
                     raise
             # It ended since the last call said it was alive (an idle timeout, most likely).
             notes.append(_replaced(session.ended))
