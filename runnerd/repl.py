@@ -12,23 +12,35 @@ input, and the prompt says so.
 The core, :func:`interact`, reads lines from any iterable and writes to any
 text streams, so it runs without a terminal; :func:`main` adds the
 terminal: prompts, readline and its history.
+
+A Ctrl-C during a run must become a cancel, and only once the daemon has
+the run: the cancel goes on a socket of its own, so sent earlier it may
+reach the daemon before the run does and hear NOT_FOUND, which after the
+run's ``accepted`` means it finished. And Python raises KeyboardInterrupt
+wherever the main thread is, so while a run streams SIGINT is taken by a
+handler of the run's own (:class:`_CtrlC`), which raises only inside the
+wait for the daemon's next reply and otherwise notes the press for the
+run's loop to act on.
 """
 
 from __future__ import annotations
 
 import codecs
 import codeop
+import contextlib
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TextIO
 
-from .client import Client, Finished, Output, Session, new_id, resolve_endpoint
+from . import wire
+from .client import Accepted, Client, Event, Finished, Output, Session, new_id, resolve_endpoint
 from .errors import ClientError, RemoteError
 from .explain import how_it_ended, what_happened
 from .result import Result
-from .server import protocol
 
 PS1 = ">>> "
 PS2 = "... "
@@ -109,6 +121,62 @@ class _Echo:
             self.stdout_ends_line = text.endswith("\n")
 
 
+class _CtrlC:
+    """SIGINT while a run streams: noted, and raised as KeyboardInterrupt only inside the wait for a reply.
+
+    Raised anywhere else it could land between the run loop's steps (after
+    a reply was taken, while a cancel is decided, in a finalizer, where it
+    is dropped) and leave the run uncancelled; noted, the loop acts on it
+    after the step it came in.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.waiting = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.pressed = True  # kept if the exception is lost: the next reply acts on it
+        if self.waiting:
+            self.waiting = False
+            raise KeyboardInterrupt
+
+    def take(self) -> bool:
+        """Whether Ctrl-C was pressed since the last take."""
+        pressed, self.pressed = self.pressed, False
+        return pressed
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        """SIGINT comes here inside the block, whatever its handler was (ignored too): a run's Ctrl-C is the repl's."""
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is None or threading.current_thread() is not threading.main_thread():
+            # A handler that is not Python's is left alone; and Python runs handlers in the main thread only.
+            yield
+            return
+        # A press just before the swap is not lost: the previous handler raises (the run is not sent yet),
+        # or this one notes it.
+        signal.signal(signal.SIGINT, self)
+        try:
+            yield
+        finally:
+            # A press noted after the last reply was taken is dropped: the run has ended.
+            signal.signal(signal.SIGINT, previous)
+
+    def waits(self, events: Iterator[Event]) -> Iterator[Event]:
+        """*events*, each waited for where Ctrl-C raises KeyboardInterrupt."""
+        while True:
+            self.waiting = True
+            try:
+                if self.take():
+                    raise KeyboardInterrupt  # pressed just before this wait: not after the next reply
+                event = next(events)
+            except StopIteration:
+                return
+            finally:
+                self.waiting = False
+            yield event
+
+
 class Repl:
     """A session driven line by line: :meth:`feed` each line, :meth:`finish` at the end of input."""
 
@@ -183,7 +251,7 @@ class Repl:
             try:
                 result, echo = self._run(source)
             except RemoteError as exc:
-                if exc.code != protocol.NOT_FOUND:
+                if exc.code != wire.NOT_FOUND:
                     raise
                 # Ended since its last result (an idle timeout): run this in a new one.
                 self.say(f"the session ended ({how_it_ended(self.session.ended)}); earlier variables are gone")
@@ -199,25 +267,45 @@ class Repl:
     def _run(self, source: str) -> tuple[Result, _Echo]:
         job_id = new_id()
         echo = _Echo(self.out, self.err)
-        while True:
-            try:
-                for event in self.session.stream(source, timeout=self.timeout, job_id=job_id):
-                    if isinstance(event, Output):
-                        echo.write(event.stream, event.data)
-                    elif isinstance(event, Finished):
-                        return event.result, echo
-            except KeyboardInterrupt:
-                self._cancel(job_id)
-            # Streaming again with the same id loses nothing: the daemon replays the run's replies.
-            echo.resume()
+        ctrl_c = _CtrlC()
+        accepted = False  # the daemon has the run: a cancel sent from now on cannot overtake it
+        cancel = False  # Ctrl-C asked for a cancel not sent yet
+        with ctrl_c.handling():
+            while True:
+                try:
+                    for event in ctrl_c.waits(self.session.stream(source, timeout=self.timeout, job_id=job_id)):
+                        if isinstance(event, Accepted):
+                            accepted = True
+                        elif isinstance(event, Output):
+                            echo.write(event.stream, event.data)
+                        elif isinstance(event, Finished):
+                            return event.result, echo
+                        cancel = ctrl_c.take() or cancel
+                        if cancel and accepted:
+                            cancel = False
+                            self._cancel(job_id)
+                except KeyboardInterrupt:
+                    # The wait (or a write) was broken off. A run not accepted yet may not have
+                    # been sent: streaming it again sends it (the same id never runs twice), and
+                    # its accepted sends the cancel.
+                    ctrl_c.take()
+                    cancel = True
+                except RemoteError as exc:
+                    if exc.code == wire.NOT_FOUND and (cancel or ctrl_c.take()):
+                        # Its session ended before the run was taken: not to be run again in a
+                        # new one (as execute would), the Ctrl-C stands.
+                        raise KeyboardInterrupt from exc
+                    raise
+                # Streaming again with the same id loses nothing: the daemon replays the run's replies.
+                echo.resume()
 
     def _cancel(self, job_id: str) -> None:
         try:
             self.client.cancel(job_id)
             self.say("cancelling the run")
         except RemoteError as exc:
-            if exc.code != protocol.NOT_FOUND:
-                self.say(f"cancel: {exc}")  # NOT_FOUND: it finished meanwhile; its result follows
+            if exc.code != wire.NOT_FOUND:
+                self.say(f"cancel: {exc}")  # NOT_FOUND after accepted: it finished meanwhile; its result follows
         except (ClientError, KeyboardInterrupt):
             self.say("cancel not sent; Ctrl-C again to retry")
 
@@ -318,13 +406,23 @@ def main(
     out = out or sys.stdout
     err = err or sys.stderr
     save_history = _history() if sys.stdin.isatty() else (lambda: None)
-    with Client(resolve_endpoint(endpoint), curve=curve) as client:
-        client.ping()  # a daemon that is not there is said in seconds, not after an open's wait
-        repl = Repl(client, out, err, files=files, idle_timeout=idle_timeout, figures=figures, timeout=timeout)
-        repl.start()
-        repl.say(f"figures go to {figures}/; Ctrl-C stops a run, Ctrl-D ends")
-        try:
-            interact(_prompted(repl), repl)
-        finally:
-            save_history()
+    # Started with SIGINT ignored (what a shell without job control does to a
+    # command run with &, and what that command's children inherit), Python
+    # leaves it ignored, and the prompt would promise a Ctrl-C that never comes.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with Client(resolve_endpoint(endpoint), curve=curve) as client:
+            client.ping()  # a daemon that is not there is said in seconds, not after an open's wait
+            repl = Repl(client, out, err, files=files, idle_timeout=idle_timeout, figures=figures, timeout=timeout)
+            repl.start()
+            repl.say(f"figures go to {figures}/; Ctrl-C stops a run, Ctrl-D ends")
+            try:
+                interact(_prompted(repl), repl)
+            finally:
+                save_history()
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0

@@ -28,7 +28,7 @@ from runnerd.explain import SESSION_ENDS, session_note
 from runnerd.gemini import output_text
 from runnerd.loop import Attempt, arun_loop, feedback, run_loop
 from runnerd.mcp_server import result_text
-from runnerd.repl import PS1, PS2, InputBuffer, Repl, _Echo, interact
+from runnerd.repl import PS1, PS2, InputBuffer, Repl, _CtrlC, _Echo, interact
 from runnerd.result import Outcome, Reason, Result, SessionEnd, SessionState
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -114,6 +114,32 @@ def test_unit_repl_echo_writes_a_resumed_stream_once_and_rewrites_an_interrupted
     for byte in "é\n".encode():
         split.write("stdout", bytes([byte]))  # a character cut between chunks
     assert out.getvalue() == "é\n" and split.stdout_ends_line
+
+
+def test_unit_repl_ctrl_c_raises_only_in_the_wait_for_a_reply_and_is_noted_elsewhere():
+    before = signal.getsignal(signal.SIGINT)
+    ctrl_c = _CtrlC()
+    replies = [Accepted("j", "running"), Output("j", "stdout", b"x")]
+
+    def daemon_replies():
+        yield replies[0]
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C while the client waits for the next reply
+        yield replies[1]
+
+    with ctrl_c.handling():
+        assert signal.getsignal(signal.SIGINT) is ctrl_c
+        signal.raise_signal(signal.SIGINT)  # between two waits: noted, not raised here
+        assert ctrl_c.pressed
+        with pytest.raises(KeyboardInterrupt):
+            next(ctrl_c.waits(iter(replies)))  # the next wait does not start: the press is acted on first
+        assert not ctrl_c.pressed
+        waits = ctrl_c.waits(daemon_replies())
+        assert next(waits) == replies[0]
+        with pytest.raises(KeyboardInterrupt):
+            next(waits)
+        assert ctrl_c.take() and not ctrl_c.waiting
+        assert list(ctrl_c.waits(iter(replies))) == replies
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_unit_session_end_from_not_found_messages():
@@ -576,13 +602,21 @@ def test_repl_runs_blocks_shows_values_saves_figures_and_cancels_on_ctrl_c(daemo
     assert repl.session.ended is SessionEnd.CLOSED  # the end of input closed it
 
 
-def test_runnerd_repl_command_with_ctrl_c_and_ctrl_d(daemon, tmp_path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_runnerd_repl_command_with_ctrl_c_and_ctrl_d(daemon, tmp_path, sigint):
     data = tmp_path / "data.csv"
     data.write_bytes(b"x,y\n1,2\n2,5\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runnerd", "repl", "--endpoint", daemon.tcp, "--file", str(data), "--figures", "figs"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, text=True,
-    )  # fmt: skip
+    # "ignored": started as a shell without job control starts `cmd &` (a test run started so
+    # passes it on to the repl): Python then leaves SIGINT ignored, and the Ctrl-C went nowhere.
+    # A Python handler here is SIG_DFL in the child (exec resets it); SIG_IGN is inherited.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler if sigint == "default" else signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runnerd", "repl", "--endpoint", daemon.tcp, "--file", str(data), "--figures", "figs"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, text=True,
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     script = (
         "import pandas as pd\n"
         "df = pd.read_csv('data.csv')\n"
@@ -610,6 +644,70 @@ def test_runnerd_repl_command_with_ctrl_c_and_ctrl_d(daemon, tmp_path):
     assert "cancelling the run" in text
     assert "2\n" in rest and "figure saved: figs/run7-figure_001.png" in rest
     assert (tmp_path / "figs" / "run7-figure_001.png").read_bytes().startswith(b"\x89PNG")
+
+
+class _CtrlCAtSend:
+    """The client's socket, where Ctrl-C comes as the run request is sent, and the request is held back.
+
+    *overtaken*: the request reaches the daemon only after the first cancel
+    was answered, as when the cancel (on a connection of its own) is read
+    first; else it never goes (Ctrl-C came before it was sent), and only a
+    later send of the run brings it.
+    """
+
+    def __init__(self, sock: object, overtaken: bool) -> None:
+        self.sock = sock
+        self.overtaken = overtaken
+        self.held: list[bytes] = []
+        self.armed = True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+    def send(self, frame: bytes, *args: object, **kwargs: object) -> object:
+        if not self.armed:
+            return self.sock.send(frame, *args, **kwargs)
+        self.armed = False
+        self.held.append(frame)
+        signal.raise_signal(signal.SIGINT)  # the handler runs here: KeyboardInterrupt in the client's wait
+        raise AssertionError("SIGINT did not interrupt the run")
+
+    def release(self) -> None:
+        if self.overtaken:
+            while self.held:
+                self.sock.send(self.held.pop())
+
+
+@pytest.mark.parametrize("when", ["before_send", "overtaken"])
+def test_repl_ctrl_c_before_the_daemon_has_the_run_cancels_it(daemon, when):
+    # The cancel went out at once, heard NOT_FOUND (no such run yet), took that for "finished", and
+    # streamed the run again: the run ran to its deadline. Now it waits for the run's accepted.
+    out = io.StringIO()
+    with Client(daemon.ipc) as c:
+        repl = Repl(c, out, timeout=10)
+        repl.start()
+        assert repl.feed("x = 1") is not None
+        sock = _CtrlCAtSend(c._sock, overtaken=when == "overtaken")
+        c._sock = sock
+        cancel = c.cancel
+
+        def cancel_then_release(job_id: str, timeout: float = 10.0) -> dict:
+            try:
+                return cancel(job_id, timeout)
+            finally:
+                sock.release()
+
+        c.cancel = cancel_then_release
+        result = repl.feed("import time; time.sleep(60)")
+        after = repl.feed("x + 1")
+        repl.finish()
+    text = out.getvalue()
+    assert result is not None and result.reason is Reason.CANCELLED, (result, text)  # not its deadline
+    assert "cancelling the run" in text
+    assert not sock.held or when == "before_send"  # overtaken: the run reached the daemon after the cancel
+    # The prompt goes on: in the same session, or (a cancel that reaches the session before its code
+    # starts is lost in the cage, and the daemon kills it as interrupt_ignored) in a new one, said so.
+    assert after is not None and (after.value == "2" or "the session ended" in text), (after, text)
 
 
 def test_threads_each_with_a_session(daemon):

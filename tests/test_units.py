@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -595,6 +596,139 @@ def test_value_of_a_failing_repr_and_errors_keep_their_lines():
     assert error["type"] == "NameError" and error["lineno"] == 3 and "cell2.py" in error["traceback"]
 
 
+def _values_that_fit() -> list[object]:
+    from collections import OrderedDict, defaultdict, deque, namedtuple
+
+    class L(list):
+        pass
+
+    class S(set):
+        pass
+
+    class F(frozenset):
+        pass
+
+    class Q(deque):
+        pass
+
+    class T(str):
+        pass
+
+    looped: list[object] = []
+    looped.append(looped)
+    inside: dict[int, object] = {}
+    inside[1] = inside
+    through = ([],)
+    through[0].append(through)
+    ring: deque[object] = deque()
+    ring.append(ring)
+    return [
+        [], (), {}, set(), frozenset(), deque(), deque(maxlen=2), "", b"", (1,), [1, (2,)], {1: [2]}, {3},
+        frozenset({4}), looped, inside, through, ring, L([1]), S({1}), S(), F(), F({2}), Q([1], maxlen=3),
+        T("x'y"), "it's", 'a "quote"', "both ' and \"", b"it's", b"both ' \"", "\x00\t\\\u00e9\u200b\U0001f600\ud800",
+        bytes(range(256)), OrderedDict(a=1), defaultdict(int, b=2), namedtuple("P", "x y")(1, 2),
+        [None, 1.5, 10**20, True, {"k": (b"v", {frozenset({1})})}],
+    ]  # fmt: skip
+
+
+def test_a_value_that_fits_is_its_repr_exactly():
+    from runnerd.incage import harness
+
+    for value in _values_that_fit():
+        assert harness._values.value_repr(value, 8192) == repr(value), value
+
+
+def _cut_apart(text: str) -> tuple[str, int, str, str]:
+    """A cut repr's head, the count and unit its marker line says, and its tail."""
+    head, rest = text.split("\n... [", 1)
+    said, tail = rest.split(" cut] ...\n", 1)
+    count, unit = said.split(" ")
+    return head, int(count), unit, tail
+
+
+def test_a_long_value_keeps_its_reprs_head_and_tail_and_counts_what_was_cut():
+    from collections import deque
+
+    from runnerd.incage import harness
+
+    cap = 8192
+    numbers = list(range(100_000))
+    cases: list[tuple[object, str]] = [
+        (numbers, "items"), (tuple(numbers), "items"), (set(numbers), "items"), (frozenset(numbers), "items"),
+        (deque(numbers, maxlen=200_000), "items"), ({i: str(i) for i in numbers}, "items"),
+        ({"k": numbers}, "items"), ([["x" * 10**6]], "characters"), ("\u00e9\n" * 10**5, "characters"),
+        (bytes(range(256)) * 1000, "bytes"), ([str(i) * 50 for i in range(1000)], "items"),
+    ]  # fmt: skip
+    for value, unit in cases:
+        full = repr(value)
+        got = harness._values.value_repr(value, cap)
+        head, count, said, tail = _cut_apart(got)
+        assert len(got) <= cap and said == unit, (type(value), got[:100])
+        assert full.startswith(head) and full.endswith(tail) and len(head) + len(tail) > cap * 0.9, type(value)
+    # The count is of what is not shown whole: items of the list, characters of the string (not of its repr)
+    head, count, _, tail = _cut_apart(harness._values.value_repr(numbers, cap))
+    whole, start, end_of_head, start_of_tail = 0, 1, len(head), len(repr(numbers)) - len(tail)
+    for n in numbers:  # where each item is in the whole repr
+        whole += start + len(repr(n)) <= end_of_head or start >= start_of_tail
+        start += len(repr(n)) + len(", ")
+    assert count == len(numbers) - whole
+    text = "\u00e9\n" * 10**5
+    head, count, _, tail = _cut_apart(harness._values.value_repr(text, cap))
+    assert count == len(text) - len(re.findall(r"\\n|\u00e9", head[1:])) - len(re.findall(r"\\n|\u00e9", tail[:-1]))
+    head, count, _, tail = _cut_apart(harness._values.value_repr([["x" * 10**6]], cap))
+    assert (head[:3], tail[-3:], count) == ("[['", "']]", 10**6 - (len(head) - 3) - (len(tail) - 3))
+    # A str with nothing to escape is cut exactly as the cap cuts its whole repr.
+    plain = "a" * 100_000 + "END"
+    assert harness._values.value_repr(plain, cap) == harness._values.cut(repr(plain), cap)
+
+
+def test_a_long_value_is_cut_without_making_its_whole_repr():
+    import tracemalloc
+
+    from runnerd.incage import harness
+
+    class Counted:
+        __slots__ = ()
+        made = 0
+
+        def __repr__(self) -> str:
+            type(self).made += 1
+            return "C"
+
+    many = [Counted() for _ in range(10**6)]
+    got = harness._values.value_repr(many, 8192)
+    # Only the items the head and the tail show had their repr made (each once), not a million.
+    assert len(got) <= 8192 and Counted.made <= 2 * (8192 // len("C, ")) + 2, Counted.made
+    del many
+    # What repr() would make: 88 MB for the list, 100 MB for the str; the cut ones take less than 1 MiB.
+    for value in (list(range(10**7)), "a" * 10**8):
+        started = not tracemalloc.is_tracing()
+        tracemalloc.start()
+        tracemalloc.reset_peak()
+        try:
+            got = harness._values.value_repr(value, 8192)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            if started:
+                tracemalloc.stop()
+        assert len(got) <= 8192 and "cut] ..." in got and peak < 2**20, (type(value), peak)
+
+
+def test_a_repr_that_raises_or_nests_too_deep_inside_a_container_is_said_as_before():
+    from runnerd.incage import harness
+
+    class Bad:
+        def __repr__(self) -> str:
+            raise ZeroDivisionError
+
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    for value, raised in (([Bad()], "ZeroDivisionError"), ([1] * 100_000 + [Bad()], "ZeroDivisionError"),
+                          (deep, "RecursionError")):  # fmt: skip
+        assert harness._values.value_repr(value, 8192) == f"<list object; repr() raised {raised}>"
+
+
 # ---------------------------------------------------------------- issue 16: host steps and untrusted strings
 
 
@@ -661,3 +795,22 @@ def test_session_budget_takes_inputs_off_the_limit_and_refuses_what_does_not_fit
     assert info.value.code == "BUSY"
     budget.release(300)
     assert limits == [900, 600, 900]
+
+
+def test_files_past_the_count_caps_are_not_read(tmp_path, monkeypatch):
+    """Issue 16: each file was read before the count caps were checked (16,000 files, 16,000 reads)."""
+    work, figures = tmp_path / "work", tmp_path / "figures"
+    work.mkdir()
+    figures.mkdir()
+    for i in range(200):
+        (work / f"f{i:03}.txt").write_text("x")
+        (work / f"g{i:03}.png").write_bytes(b"not an image")
+    reads = []
+    real = artifacts._read_capped
+    monkeypatch.setattr(artifacts, "_read_capped", lambda path, cap: reads.append(path) or real(path, cap))
+    limits = Limits(max_artifact_files=5, max_figures=3)
+    out = collect(work, figures, exclude=frozenset(), limits=limits)
+    assert len(out.files) == 5 and out.dropped
+    assert len(reads) == 5  # the .png files are not images: files too, and the files were full
+    text = "\n".join(out.warnings.final()[0])
+    assert "more than 5 files" in text

@@ -21,7 +21,10 @@ and can write to the fd too. The report can only make a result look worse
 The API the warm zygote uses (it loads this file by path): :func:`reporter`,
 :func:`ignore_signals`, :func:`install_backend_finder`, :func:`run_user_code`,
 :func:`end_the_rest`
-(the job's process), :func:`reap` (its PID 1) and :func:`close_reports`.
+(the job's process), :func:`reap` (its PID 1) and :func:`close_reports`. A
+session's interpreter (session.py, cold or warm) runs its cells with
+:func:`prepare_user_process`, :func:`fresh_main`, :func:`execute`,
+:func:`describe` and :func:`render_figures`.
 """
 
 import ast
@@ -49,15 +52,20 @@ USER_FILES = {FILENAME}
 _REPORT_FDS: list[int] = []
 
 
-def _cut(text, limit):
-    """*text* in at most *limit* characters: its head, a line saying how much was cut, its tail."""
-    if len(text) <= limit:
-        return text
-    # The marker's longest form: the host caps at *limit* again, so all of it must fit.
-    room = max(0, limit - len(f"\n... [{len(text)} characters cut] ...\n"))
-    head = room // 4
-    tail = room - head
-    return f"{text[:head]}\n... [{len(text) - head - tail} characters cut] ...\n{text[len(text) - tail :]}"
+def sibling(name: str) -> types.ModuleType:
+    """Another in-cage file, loaded by its path (-I keeps this file's folder off sys.path); once per process."""
+    module = sys.modules.get(f"runnerd_{name}")
+    if module is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"runnerd_{name}", path)
+        assert spec is not None and spec.loader is not None, path
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+_values = sibling("value_repr")
 
 
 class _BackendFinder:
@@ -88,12 +96,6 @@ def _user_frames(te):
     return te
 
 
-def _type_name(exc_type):
-    module = getattr(exc_type, "__module__", "builtins")
-    name = getattr(exc_type, "__qualname__", exc_type.__name__)
-    return name if module in ("builtins", "__main__") else f"{module}.{name}"
-
-
 def describe(exc):
     """The error record of an exception raised by the user's code."""
     te = _user_frames(traceback.TracebackException.from_exception(exc))
@@ -106,13 +108,13 @@ def describe(exc):
     try:
         message = str(exc)
     except Exception:  # a user exception whose __str__ raises
-        message = f"<{_type_name(type(exc))} with an unprintable message>"
+        message = f"<{_values.type_name(type(exc))} with an unprintable message>"
     if isinstance(exc, SyntaxError) and exc.msg:
         message = exc.msg
     return {
-        "type": _type_name(type(exc)),
-        "message": _cut(message, MAX_MESSAGE),
-        "traceback": _cut(text, MAX_TRACEBACK),
+        "type": _values.type_name(type(exc)),
+        "message": _values.cut(message, MAX_MESSAGE),
+        "traceback": _values.cut(text, MAX_TRACEBACK),
         "lineno": lineno,
     }
 
@@ -151,14 +153,6 @@ def _split_value(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:
     return tree, None
 
 
-def _repr(value: object, cap: int) -> str:
-    try:
-        text = repr(value)
-    except Exception as exc:  # a user object whose __repr__ raises
-        text = f"<{_type_name(type(value))} object; repr() raised {_type_name(type(exc))}>"
-    return _cut(text, cap)
-
-
 def execute(source: str, filename: str, namespace: dict, max_value: int) -> tuple[int, dict | None, str | None]:
     """Run *source* in *namespace*: (exit code, error record, the trailing expression's repr or None).
 
@@ -175,7 +169,7 @@ def execute(source: str, filename: str, namespace: dict, max_value: int) -> tupl
         if last is None:
             return 0, None, None
         value = eval(compile(last, filename, "eval", dont_inherit=True), namespace)
-        return 0, None, None if value is None else _repr(value, max_value)
+        return 0, None, None if value is None else _values.value_repr(value, max_value)
     except SystemExit as exc:
         return _exit_code(exc), None, None
     except BaseException as exc:
