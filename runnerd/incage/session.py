@@ -120,11 +120,31 @@ def _close_figures() -> None:
             pass
 
 
-def _run(harness: types.ModuleType, code: str, filename: str, namespace: dict, max_value: int) -> tuple:
+class _Pressed:
+    """SIGINT between taking a run's order and its code starting: kept, so the run starts interrupted.
+
+    Installed only once the order is taken (after the host was told
+    ``running``, when its stop may send SIGINT): between runs SIGINT stays
+    ignored, so one that comes late for the last run is dropped, never
+    kept for the next.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.pressed = True
+
+
+def _run(
+    harness: types.ModuleType, code: str, filename: str, namespace: dict, max_value: int, early: _Pressed
+) -> tuple:
     """One run of user code, interruptible by SIGINT only while the user's code runs."""
     try:
         try:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            if early.pressed:
+                raise KeyboardInterrupt
             return harness.execute(code, filename, namespace, max_value)
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -146,6 +166,9 @@ def serve_runs(sock: socket.socket, harness: types.ModuleType, max_figures: int,
             for fd in fds:
                 os.close(fd)
             os._exit(0)  # closed (or a host that broke the protocol): the session ends
+        early = _Pressed()
+        signal.signal(signal.SIGINT, early)
+        send_msg(sock, {"event": "running"})  # the host sends a stop's SIGINT only from now on
         code = _read_code(fds.pop())
         count += 1
         os.dup2(fds[0], 1)
@@ -155,7 +178,7 @@ def serve_runs(sock: socket.socket, harness: types.ModuleType, max_figures: int,
         report = harness.reporter(fds[2])
         report(event="start")
         _clear_figures()
-        exit_code, error, value = _run(harness, code, f"cell{count}.py", module.__dict__, max_value)
+        exit_code, error, value = _run(harness, code, f"cell{count}.py", module.__dict__, max_value, early)
         rendered = dropped = 0
         if error is not None and error["type"] == "KeyboardInterrupt":
             # Stopped at its deadline (or cancelled): what it drew is dropped, not rendered,

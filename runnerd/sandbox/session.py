@@ -57,6 +57,9 @@ from .workspace import resize_tmpfs_fd
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0  # a cold session's interpreter start, on a loaded host
+SESSION_PEAK_WARNING = (
+    "usage.max_rss_bytes is the session's peak since it opened: this kernel cannot start a cgroup's peak over"
+)
 # What a tmpfs may take beyond a file's bytes (its last page): /work grows by it per input.
 INPUT_SLACK_BYTES = 4096
 
@@ -64,6 +67,7 @@ INPUT_SLACK_BYTES = 4096
 @dataclass
 class _RunState:
     done: asyncio.Future[None]
+    running: asyncio.Future[None]  # the session took the order: a SIGINT from now on reaches the run
     exit_event: dict[str, Any] | None = None
 
 
@@ -113,6 +117,8 @@ class Session:
                 run.exit_event = event
             elif kind == "done" and run is not None and not run.done.done():
                 run.done.set_result(None)
+            elif kind == "running" and run is not None and not run.running.done():
+                run.running.set_result(None)
 
     def end_reason(self, exit_event: dict[str, Any] | None) -> SessionEnd:
         if self._killing is not None:
@@ -248,7 +254,11 @@ class Session:
             await self._finish(SessionEnd.SANDBOX_ERROR)
             return self._with_state(sandbox_failure(label, exc))
         if not per_run_peak:
-            result = replace(result, usage=replace(result.usage, peak_of="session"))
+            result = replace(
+                result,
+                usage=replace(result.usage, peak_of="session"),
+                warnings=(*result.warnings, SESSION_PEAK_WARNING),
+            )
         return self._with_state(result)
 
     def _with_state(self, result: Result) -> Result:
@@ -280,7 +290,7 @@ class Session:
             os.close(code_fd)
             raise
         out_r, err_r, rep_r = run_pipes.readers
-        run = _RunState(done=loop.create_future())
+        run = _RunState(done=loop.create_future(), running=loop.create_future())
         self._run = run
         self.control.budget = MAX_EVENTS_PER_RUN
         order = frame({"op": "run"})
@@ -302,12 +312,15 @@ class Session:
 
         async def interrupt() -> None:
             nonlocal interrupted_in_time
+            deadline = loop.time() + grace
+            # Not before it took the order: a SIGINT while it waits for one is ignored, and lost.
+            await asyncio.wait((run.running, run.done), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
             try:
                 signal.pidfd_send_signal(self.user_pidfd, signal.SIGINT)  # KeyboardInterrupt in the user's code
             except OSError:
                 pass  # gone already: the run's end says how
             try:
-                await asyncio.wait_for(asyncio.shield(run.done), grace)
+                await asyncio.wait_for(asyncio.shield(run.done), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 interrupted_in_time = False
                 self._killing = SessionEnd.INTERRUPT_IGNORED

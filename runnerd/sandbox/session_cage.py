@@ -38,7 +38,7 @@ def session_figures(limits: Limits) -> tuple[int, int]:
     return limits.max_artifacts_total_bytes + (1 << 20), 4 * limits.max_figures + 64
 
 
-# A run says "done" once and its PID 1 "exit" once: a session that sends more
+# A run says "running" and "done" once and its PID 1 "exit" once: a session that sends more
 # between two runs is flooding the host, and is treated as broken (ended).
 MAX_EVENTS_PER_RUN = 8
 # U is the first process its PID 1 forks.

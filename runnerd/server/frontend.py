@@ -244,7 +244,7 @@ class Frontend:
         if isinstance(req, RunRequest):
             self.scheduler.submit(req, (ep.address, identity), send, client)
         elif isinstance(req, CancelRequest):
-            self.scheduler.cancel(req.id, send)
+            self.scheduler.cancel(req.id, send, client)
         elif isinstance(req, (OpenRequest, CloseRequest)):
             sessions = self.scheduler.sessions
             if sessions is None:

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Hashable
 
 from ..errors import JobRejected
 from ..percentiles import percentiles_ms
-from ..result import Outcome, Reason, Result, SessionEnd
+from ..result import Outcome, Reason, Result, SessionEnd, SessionState
 from . import protocol
 from .clients import LOCAL, Client
 from .protocol import ProtocolError, RunRequest
@@ -119,7 +119,9 @@ class Scheduler(SessionRuns):
 
     def submit(self, req: RunRequest, peer: Hashable, send: Send, client: Client = LOCAL) -> None:
         """Take a run request (or resubscribe to a known id); ProtocolError (BUSY, BAD_REQUEST) if not."""
-        record = self.jobs.get(req.id)
+        record = self._visible(req.id, client)
+        if record is None and req.id in self.jobs:
+            raise ProtocolError(protocol.BAD_REQUEST, f"id {req.id!r} cannot be used; choose another (a random one)")
         if record is not None:
             if record.digest != req.digest:
                 raise ProtocolError(
@@ -168,17 +170,26 @@ class Scheduler(SessionRuns):
         if record.result is not None:
             safe_send(sub.send, protocol.result_reply(record.id, record.result))
 
-    def cancel(self, job_id: str, send: Send) -> None:
-        """Cancel a queued or running job; NOT_FOUND if there is none with that id."""
+    def _visible(self, job_id: str, client: Client) -> JobRecord | None:
+        """The job *job_id*, unless another CURVE key sent it: then it is none of *client*'s."""
         record = self.jobs.get(job_id)
+        if record is not None and record.client.key is not None and record.client.key != client.key:
+            return None
+        return record
+
+    def cancel(self, job_id: str, send: Send, client: Client = LOCAL) -> None:
+        """Cancel a queued or running job; NOT_FOUND if there is none with that id."""
+        record = self._visible(job_id, client)
         if record is None or record.state is State.DONE:
             why = "has already finished" if record else "is not queued or running"
             raise ProtocolError(protocol.NOT_FOUND, f"no job to cancel: {job_id!r} {why}")
         safe_send(send, protocol.reply(job_id, "cancelling", state=record.state.value))
         if record.state is State.QUEUED:
             self.queued -= 1
+            srec = record.srec
             self._drop_from_session(record)
-            self._finish(record, Result(outcome=Outcome.FAILED, reason=Reason.CANCELLED), wall_s=0.0)
+            state = SessionState(id=srec.id, alive=srec.ended is None, ended=srec.ended) if srec else None
+            self._finish(record, Result(outcome=Outcome.FAILED, reason=Reason.CANCELLED, session=state), wall_s=0.0)
         elif record.stop is not None and not record.stop.done():
             record.stop.set_result(Reason.CANCELLED)
 

@@ -133,6 +133,8 @@ class SessionManager:
                 protocol.NOT_FOUND,
                 f"session {session_id!r} is ending: open for the maximum lifetime "
                 f"({self.config.session_max_lifetime_s:g} s) (max_lifetime)",
+                # It takes no more runs and ends so once its last run is done: clients may read it as ended.
+                ended=SessionEnd.MAX_LIFETIME.value,
             )
         return record
 
