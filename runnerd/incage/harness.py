@@ -43,7 +43,8 @@ from typing import NoReturn
 
 CODE_PATH = "/runnerd/main.py"
 BACKEND_NAME = "runnerd_inline"
-BACKEND_PATH = "/runnerd/runnerd_inline.py"
+_HERE = os.path.dirname(os.path.abspath(__file__))  # /runnerd in a cage
+_SIBLINGS = {BACKEND_NAME: "runnerd_inline.py", "runnerd_value_repr": "value_repr.py"}
 FILENAME = "main.py"
 MAX_MESSAGE = 8 * 1024
 MAX_TRACEBACK = 32 * 1024
@@ -52,30 +53,23 @@ USER_FILES = {FILENAME}
 _REPORT_FDS: list[int] = []
 
 
-def sibling(name: str) -> types.ModuleType:
-    """Another in-cage file, loaded by its path (-I keeps this file's folder off sys.path); once per process."""
-    module = sys.modules.get(f"runnerd_{name}")
-    if module is None:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-        spec = importlib.util.spec_from_file_location(f"runnerd_{name}", path)
-        assert spec is not None and spec.loader is not None, path
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-_values = sibling("value_repr")
-
-
-class _BackendFinder:
-    """Makes MPLBACKEND=module://runnerd_inline importable without putting /runnerd on sys.path."""
+class _SiblingFinder:
+    """Makes the in-cage files beside this one importable by name without putting their folder on sys.path
+    (-I keeps it off): the Matplotlib backend (MPLBACKEND=module://runnerd_inline) and the value repr."""
 
     @classmethod
     def find_spec(cls, name, path=None, target=None):
-        if name == BACKEND_NAME:
-            return importlib.util.spec_from_file_location(name, BACKEND_PATH)
-        return None
+        file = _SIBLINGS.get(name)
+        return importlib.util.spec_from_file_location(name, os.path.join(_HERE, file)) if file else None
+
+
+def install_backend_finder() -> None:
+    if _SiblingFinder not in sys.meta_path:
+        sys.meta_path.append(_SiblingFinder)
+
+
+install_backend_finder()
+_values = importlib.import_module("runnerd_value_repr")
 
 
 def _user_frames(te):
@@ -138,11 +132,6 @@ def _write_stderr(text):
         os.write(2, text.encode("utf-8", "replace"))
     except OSError:
         pass
-
-
-def install_backend_finder() -> None:
-    if _BackendFinder not in sys.meta_path:
-        sys.meta_path.append(_BackendFinder)
 
 
 def _split_value(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:

@@ -3,7 +3,7 @@
 :func:`value_repr` is what a notebook shows for a cell's last expression,
 never longer than the cap and, for builtin containers and text, never made
 whole first; :func:`cut` keeps a long text's head and tail. The harness
-loads this file beside it (:func:`harness.sibling`).
+imports this file beside it as ``runnerd_value_repr``.
 """
 
 from __future__ import annotations
