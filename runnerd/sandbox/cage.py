@@ -44,8 +44,9 @@ from .output import StreamCapture
 from .policy import Policy, nsjail_problems
 from .runner import execute_and_collect, sandbox_failure, teardown
 from .sandbox_env import MPLCONFIG
-from .session import Session, start_session
+from .session import Session
 from .session_cage import SESSION_HOME, SessionCage, session_figures
+from .session_start import start_session
 from .shape import INCAGE_DIR, CageShape
 from .supervise import Execution, OnOutput, RunPipes, capped, read_pipe, supervise, watch_exit
 from .workspace import MplConfig, Workspace, mount_tmpfs

@@ -23,7 +23,8 @@ from .cage import Cage
 from .host import HostState
 from .job import InputFile
 from .policy import Policy
-from .session import Session, SessionRunner
+from .session import Session
+from .session_start import SessionRunner
 from .warm import WarmCage
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ import signal
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from ..config import Config
 from ..errors import JobRejected, SandboxError
@@ -39,7 +39,7 @@ from .job import InputFile, JobSpec
 from .output import StreamCapture
 from .policy import Policy
 from .report import small_int
-from .runner import Runner, execute_and_collect, sandbox_failure
+from .runner import execute_and_collect, sandbox_failure
 from .session_cage import (
     MAX_EVENTS_PER_RUN,
     Control,
@@ -48,7 +48,6 @@ from .session_cage import (
     Snapshot,
     code_file,
     snapshot,
-    user_pid,
     write_inputs,
 )
 from .supervise import Execution, OnOutput, RunPipes, supervise
@@ -56,7 +55,6 @@ from .workspace import resize_tmpfs_fd
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT_S = 60.0  # a cold session's interpreter start, on a loaded host
 SESSION_PEAK_WARNING = (
     "usage.max_rss_bytes is the session's peak since it opened: this kernel cannot start a cgroup's peak over"
 )
@@ -425,52 +423,3 @@ class Session:
     def memory_bytes(self) -> int:
         """What it holds: its cgroup's memory, and its inputs (the host wrote them: charged to the daemon)."""
         return self.cage.cgroup.memory_bytes() + self.input_bytes if self.ended is None else 0
-
-
-class SessionRunner(Runner, Protocol):
-    """A runner that also opens sessions (the cold cage, the warm pool); a session is a Runner itself."""
-
-    async def open_session(self, session_id: str, files: tuple[InputFile, ...]) -> Session:
-        """A ready session; SandboxError if its cage could not be made."""
-        ...
-
-
-async def start_session(
-    session_id: str, cage: SessionCage, config: Config, policy: Policy, files: tuple[InputFile, ...]
-) -> Session:
-    """Wait for the session's interpreter, note U's pid, write the open's inputs, freeze it: a ready Session."""
-    control = Control(cage.ctl, accept_fds=cage.figures_fd < 0)
-    user = -1
-    session: Session | None = None
-    try:
-        event = await control.next(READY_TIMEOUT_S)
-        if event is not None and event.get("event") == "mounted":
-            fds = event.get("fds") or []
-            if len(fds) != 1:
-                raise SandboxError("the session's cage sent no figures dir fd")
-            (cage.figures_fd,) = fds
-            control.accept_fds = False
-            event = await control.next(READY_TIMEOUT_S)
-        if event is None or event.get("event") != "ready":
-            said = cage.diagnostics()
-            raise SandboxError("the session's interpreter did not start" + (f": {said}" if said else ""))
-        user = os.pidfd_open(user_pid(cage.cgroup))
-        session = Session(id=session_id, cage=cage, config=config, policy=policy, control=control, user_pidfd=user)
-        with cage.hold() as dirs:
-            await asyncio.to_thread(session.add_inputs, files, dirs)
-            session.baseline = await asyncio.to_thread(snapshot, dirs.work)
-        if not cage.cgroup.freeze():
-            raise SandboxError("the session's processes did not freeze")
-    except BaseException as exc:
-        control.close()
-        await cage.end()
-        cage.close_fds()
-        if user >= 0:
-            os.close(user)
-        if session is not None:
-            session.give_back_inputs()
-        if isinstance(exc, TimeoutError):
-            raise SandboxError(f"the session's interpreter was not ready in {READY_TIMEOUT_S:.0f} s") from None
-        raise
-    session.start_watching()
-    return session

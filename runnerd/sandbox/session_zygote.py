@@ -28,8 +28,9 @@ from .host import HostState
 from .job import InputFile
 from .policy import Policy
 from .runner import teardown
-from .session import Session, start_session
+from .session import Session
 from .session_cage import SESSION_HOME, SessionCage, session_figures
+from .session_start import start_session
 from .spool import SPOOL_BASE_BYTES, SPOOL_BASE_INODES
 from .workspace import detached_tmpfs
 from .zygotes import NO_MESSAGE, Zygote, ZygoteGone, to_the_end
