@@ -201,3 +201,37 @@ def test_a_worker_that_dies_is_replaced():
         await s.close()
 
     asyncio.run(main())
+
+
+def test_session_opens_are_bounded_by_concurrency():
+    """Issue 16: cold opens bypassed concurrency (64 nsjail starts at once); now at most `concurrency` open at once."""
+    from runnerd.config import Config
+    from runnerd.server.protocol import OpenRequest
+    from runnerd.server.sessions import SessionManager
+
+    async def main():
+        release = asyncio.Event()
+        active, peak = [0], [0]
+
+        async def opener(session_id, files):
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            try:
+                await release.wait()
+            finally:
+                active[0] -= 1
+            raise RuntimeError("no cage in a unit test")
+
+        manager = SessionManager(Config(concurrency=2), opener)
+        peers = [Peer() for _ in range(6)]
+        for i, peer in enumerate(peers):
+            manager.open(OpenRequest(id=f"o{i}", session=f"s{i}", files=(), idle_timeout=None, digest="d"), peer.send)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert (active[0], peak[0]) == (2, 2)  # four wait for a turn
+        release.set()
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert peak[0] == 2 and all(p.types() == ["error"] for p in peers), [p.frames for p in peers]
+
+    asyncio.run(main())
