@@ -228,7 +228,9 @@ class Service:
     # -- cgroups and leftovers
 
     def job_cgroups(self) -> list[Path]:
-        return sorted(p for p in (self.unit_cgroup / "jobs").glob("job-*") if p.is_dir())
+        """Jobs', and sessions' (under their parent, whose memory.max is session_memory_budget)."""
+        jobs = self.unit_cgroup / "jobs"
+        return sorted(p for p in [*jobs.glob("job-*"), *jobs.glob("sessions-*/job-*")] if p.is_dir())
 
     def processes(self) -> list[tuple[int, int, str, str]]:
         """(pid, uid, comm, cgroup) of every process."""
@@ -438,13 +440,24 @@ def service_phase(out: Path, mode: str, steps: Steps) -> None:
             expect(r1["value"] == "41", f"run 1: {r1}")
             frozen = frozen_cgroups()
             expect(len(frozen) == 1, f"between runs, frozen session cgroups: {frozen} of {svc.job_cgroups()}")
+            parent = frozen[0].parent
+            budget = int((parent / "memory.max").read_text())
+            expect(
+                parent.name.startswith("sessions-") and 0 < budget <= 4096 << 20,
+                f"a session's cgroup is not under the sessions' parent with the budget: {parent} {budget}",
+            )
             r2 = ask("run", "result", session="hosttest", code="x + 1")
             expect(r2["value"] == "42" and r2["session"]["alive"], f"run 2: {r2}")
+            peak_of = r2["usage"].get("peak_of")
+            expect(peak_of in ("run", "session"), f"run 2's usage: {r2['usage']}")
             ask("close", "closed", session="hosttest")
             expect(not frozen[0].exists(), f"{frozen[0]} left after close")
         finally:
             sock.close(0)
-        return f"state kept across runs, {frozen[0].name} frozen (cgroup.freeze) between them, gone at close"
+        return (
+            f"state kept across runs, {frozen[0].name} frozen (cgroup.freeze) between them, gone at close; "
+            f"under {parent.name} (memory.max {budget >> 20} MiB); peak_of {peak_of}"
+        )
 
     def check_in_sandbox() -> str:
         props = []
