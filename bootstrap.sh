@@ -26,7 +26,7 @@ fi
 
 say() { echo "bootstrap: $*"; }
 LINTED="runnerd tests hosttest examples"
-UNIT_TESTS="tests/test_units.py tests/test_scheduler.py"
+UNIT_TESTS="tests/test_units.py tests/test_scheduler.py tests/test_fairness.py tests/test_fleet_units.py"
 
 # 1. Debian packages (env/debian-packages: the set-up's, plus this mode's own).
 packages() { sed -n "s/^$1:[[:space:]]*//p" env/debian-packages; }

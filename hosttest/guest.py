@@ -180,11 +180,12 @@ def setup_phase(args: argparse.Namespace, steps: Steps) -> bool:
 
 class Service:
     def __init__(self, out: Path, mode: str) -> None:
-        from runnerd.config import Config
+        from runnerd.config import UID_RANGE_SIZE, UID_RANGES, Config
 
         self.out = out
         self.mode = mode
         self.uid_base = Config().uid_base
+        self.uid_span = UID_RANGES * UID_RANGE_SIZE  # every instance's range
         self.unit_cgroup = CGROUP_ROOT / "system.slice" / UNIT
 
     # -- systemd
@@ -249,7 +250,9 @@ class Service:
 
     def cage_processes(self) -> list[tuple[int, int, str, str]]:
         """nsjail and every process of a jailed uid."""
-        return [p for p in self.processes() if p[2] == "nsjail" or self.uid_base <= p[1] < self.uid_base + 1024]
+        return [
+            p for p in self.processes() if p[2] == "nsjail" or self.uid_base <= p[1] < self.uid_base + self.uid_span
+        ]
 
     def all_inside_unit(self) -> str:
         """Every cage process is in the unit's cgroup, and nothing is under /sys/fs/cgroup/runnerd."""

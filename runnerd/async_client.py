@@ -45,6 +45,11 @@ class AsyncClient(ClientBase):
         context: zmq.asyncio.Context | None = None,
     ) -> None:
         super().__init__(endpoint, resend_interval=resend_interval, curve=curve)
+        if not self.discovery.single:
+            raise ClientError(
+                f"{self.endpoint}: AsyncClient speaks to one daemon; for a fleet use runnerd.client.Client "
+                "(the asyncio fleet layer is not written yet)"
+            )
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._configure(self._sock)

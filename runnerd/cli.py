@@ -87,8 +87,26 @@ def cmd_ping(args: argparse.Namespace) -> int:
     endpoint = resolve_endpoint(args.endpoint)
     with Client(endpoint, curve=_curve(args)) as client:
         pong = client.ping(timeout=args.timeout)
-    print(f"{endpoint}: {pong.get('server')} (protocol {pong.get('protocol')}, pid {pong.get('pid')})")
+    print(
+        f"{endpoint}: {pong.get('server')} (protocol {pong.get('protocol')}, pid {pong.get('pid')}, "
+        f"instance {pong.get('instance')}): {pong.get('state', 'ready')}, {pong.get('running')}/"
+        f"{pong.get('concurrency')} running, {pong.get('queued')} queued, "
+        f"{pong.get('sessions_open')}/{pong.get('max_sessions')} sessions"
+    )
+    for m in pong.get("members", ()):
+        alive = m["state"] if m["alive"] else "dead"
+        print(f"  {m['endpoint']}: {alive}, {m['running']}/{m['concurrency']} running, {m['queued']} queued")
     return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from .client import resolve_endpoint
+    from .drain import drain
+
+    endpoint = resolve_endpoint(args.endpoint)
+    pong, done = drain(endpoint, args.timeout, wait=args.wait)
+    print(f"{endpoint}: {pong.get('state')}, {pong.get('running')} running, {pong.get('sessions_open')} sessions open")
+    return 0 if done else 1
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -316,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, what in (
         ("ping", cmd_ping, "check that a daemon answers"),
         ("stats", cmd_stats, "a daemon's counters"),
+        ("drain", cmd_drain, "drain a local daemon: it takes no new work, and stays up"),
     ):
         p = sub.add_parser(name, help=what)
         p.add_argument(
@@ -324,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print JSON")
+        if name == "drain":
+            p.add_argument(
+                "--wait", action="store_true", help="until no job runs and no session is open (within --timeout)"
+            )
+            p.set_defaults(func=func, default_level="WARNING")
+            continue  # a local ipc endpoint: no CURVE
         _add_curve_flags(p)
         p.set_defaults(func=func, default_level="WARNING")
 

@@ -55,7 +55,7 @@ from .connection import (
     curve_keys,
     resolve_endpoint,
 )
-from .errors import ClientError, RemoteError
+from .errors import ClientError, RemoteError, SessionLost
 from .exchange import (
     WAIT_MARGIN_S,
     Accepted,
@@ -70,6 +70,9 @@ from .exchange import (
     new_id,
     session_end_from,
 )
+from .fleet.drive import Pin, drive
+from .fleet.links import Links
+from .fleet.members import SILENCE_S
 from .result import Result
 
 __all__ = [
@@ -110,10 +113,21 @@ class Client(ClientBase):
         super().__init__(endpoint, resend_interval=resend_interval, curve=curve)
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
-        self._configure(self._sock)
+        self._links: Links | None = None
+        if self.discovery.single:
+            self._configure(self._sock)
+        else:
+            self._links = Links(self.discovery, self._ctx, self._configure)
+
+    @property
+    def fleet(self) -> Links | None:
+        """The daemons of a fleet and what this client knows of each; None for one endpoint."""
+        return self._links
 
     def close(self) -> None:
         self._sock.close(0)
+        if self._links is not None:
+            self._links.close()
 
     def __enter__(self) -> Client:
         return self
@@ -145,7 +159,10 @@ class Client(ClientBase):
                 return event.result
         raise ClientError("no result")  # pragma: no cover - _drive returns only after Finished
 
-    def _drive(self, job_id: str, request: bytes, wait: float) -> Iterator[Event]:
+    def _drive(self, job_id: str, request: bytes, wait: float, pin: Pin | None = None) -> Iterator[Event]:
+        if self._links is not None:
+            yield from drive(self._links, job_id, request, wait, self.resend_interval, self.endpoint, pin)
+            return
         exchange = _RunExchange(job_id, wait, self.resend_interval, self.endpoint, time.monotonic())
         self._sock.send(request)
         while True:
@@ -161,14 +178,17 @@ class Client(ClientBase):
 
     def _control(
         self, op: str, request_id: str, expect: tuple[str, ...], timeout: float, *,
-        fields: Mapping[str, Any] | None = None, resend: bool = False,
+        fields: Mapping[str, Any] | None = None, resend: bool = False, endpoint: str | None = None,
     ) -> dict[str, Any]:  # fmt: skip
+        """One request, one answer, on a socket of its own, to *endpoint* (in a fleet: a daemon; default: any ready)."""
         # A socket of its own: a cancel sent while this client streams a job
         # must not take that job's replies (they carry the same id).
+        if self._links is not None and endpoint is None:
+            endpoint = self._some_daemon(timeout)
         sock = self._ctx.socket(zmq.DEALER)
         try:
-            self._configure(sock)
-            ask = self._ask(op, request_id, expect, timeout, fields, resend, time.monotonic())
+            self._configure(sock, endpoint)
+            ask = self._ask(op, request_id, expect, timeout, fields, resend, time.monotonic(), endpoint)
             try:
                 return self._exchange(sock, ask)
             except RemoteError:
@@ -197,15 +217,53 @@ class Client(ClientBase):
             if answer is not None:
                 return answer
 
+    def _some_daemon(self, timeout: float) -> str:
+        """A ready daemon of the fleet (waiting up to *timeout* for the first pongs); ClientError if none."""
+        assert self._links is not None
+        deadline = time.monotonic() + min(timeout, SILENCE_S)
+        self._links.wait_placeable(deadline)
+        ready = self._links.placeable(time.monotonic())
+        if not ready:
+            raise ClientError(f"{self.endpoint}: no daemon is ready ({self._describe()})")
+        return min(ready, key=lambda m: m.load(self._links.in_flight.get(m.endpoint, 0) if self._links else 0)).endpoint
+
+    def _describe(self) -> str:
+        now = time.monotonic()
+        members = self._links.members.values() if self._links else ()
+        return "; ".join(m.describe(now) for m in members) or "none found"
+
+    def owner(self, session_id: str, timeout: float = SESSION_TIMEOUT_S) -> str | None:
+        """The daemon a session of this id opens on (rendezvous hashing over the ready ones); None for one endpoint."""
+        if self._links is None:
+            return None
+        from .fleet import placement
+
+        self._links.wait_placeable(time.monotonic() + min(timeout, SILENCE_S))
+        member = placement.owner(session_id, list(self._links.members.values()), time.monotonic())
+        if member is None:
+            raise ClientError(f"{self.endpoint}: no daemon is ready to open session {session_id} ({self._describe()})")
+        return member.endpoint
+
     def ping(self, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
-        return self._control("ping", new_id(), ("pong",), timeout)
+        """The daemon's pong; for a fleet, a ready daemon's, with ``members``: what this client knows of each."""
+        pong = self._control("ping", new_id(), ("pong",), timeout)
+        if self._links is not None:
+            self._links.ping_all(time.monotonic() + min(timeout, SILENCE_S))
+            now = time.monotonic()
+            pong["members"] = [
+                {"endpoint": m.endpoint, "state": m.state, "alive": not m.dead(now), "instance": m.instance,
+                 "running": m.running, "queued": m.queued, "concurrency": m.concurrency}
+                for m in self._links.members.values()
+            ]  # fmt: skip
+        return pong
 
     def stats(self, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
         return self._control("stats", new_id(), ("stats",), timeout)
 
     def cancel(self, job_id: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
         """Ask the daemon to cancel *job_id*; its result (reason cancelled) goes to the run's client."""
-        return self._control("cancel", job_id, ("cancelling",), timeout)
+        endpoint = self._links.where.get(job_id) if self._links is not None else None
+        return self._control("cancel", job_id, ("cancelling",), timeout, endpoint=endpoint)
 
     def session(
         self, files: Files = None, idle_timeout: float | None = None, *,
@@ -233,6 +291,7 @@ class Session(_SessionState):
     ) -> None:  # fmt: skip
         super().__init__(session_id, files, idle_timeout, timeout)
         self.client = client
+        self.pin: Pin | None = None  # in a fleet: the daemon it lives on
 
     def open(self) -> Session:
         """Open it (RemoteError if the daemon refuses: BUSY, BAD_REQUEST, NOT_FOUND for an id that ended).
@@ -241,9 +300,10 @@ class Session(_SessionState):
         still open it, so that id has been closed (best effort), and the
         session takes a new id for the next :meth:`open`.
         """
+        endpoint = self.client.owner(self.id, self.timeout)
         try:
             reply = self.client._control(
-                "open", new_id(), ("opened",), self.timeout, fields=self._open_fields(), resend=True
+                "open", new_id(), ("opened",), self.timeout, fields=self._open_fields(), resend=True, endpoint=endpoint
             )
         except RemoteError:
             raise
@@ -251,7 +311,19 @@ class Session(_SessionState):
             self._renew()
             raise
         self._on_opened(reply)
+        if endpoint is not None:
+            instance = reply.get("instance")
+            self._set_pin(Pin(self.id, endpoint, instance if isinstance(instance, str) else None))
         return self
+
+    def _set_pin(self, pin: Pin | None) -> None:
+        """Where it lives now; the fleet keeps a daemon that holds open sessions, even if DNS drops it."""
+        links = self.client.fleet
+        if links is not None and self.pin is not None:
+            links.pinned[self.pin.endpoint] -= 1
+        self.pin = pin
+        if links is not None and pin is not None:
+            links.pinned[pin.endpoint] += 1
 
     def reopen(self) -> Session:
         """Close it if it is still open, then open a new session (a new id) with the same files and idle timeout."""
@@ -274,13 +346,17 @@ class Session(_SessionState):
         if not self._close_needed():
             return
         try:
-            self.client._control("close", new_id(), ("closed",), self.timeout, fields={"session": self.id}, resend=True)
+            self.client._control(
+                "close", new_id(), ("closed",), self.timeout, fields={"session": self.id}, resend=True,
+                endpoint=self.pin.endpoint if self.pin else None,
+            )  # fmt: skip
         except RemoteError as exc:
             # A resent close, or a session that ended on its own: either way it is gone.
             if not self._gone(exc):
                 raise
         else:
             self._on_closed()
+        self._set_pin(None)
 
     def __enter__(self) -> Session:
         return self.open()
@@ -301,11 +377,15 @@ class Session(_SessionState):
         """Run *code* in the session: Accepted, Output chunks as printed, then Finished (as :meth:`Client.stream`)."""
         job_id, request, wait, given = self._run_args(code, files, timeout, wait, job_id, stream=True)
         try:
-            for event in self.client._drive(job_id, request, wait):
+            for event in self.client._drive(job_id, request, wait, self.pin):
                 self._observe(event, given)
                 yield event
         except RemoteError as exc:
             self._gone(exc)
+            raise
+        except SessionLost as exc:
+            self._lost(exc)
+            self._set_pin(None)
             raise
 
     def run(
@@ -315,11 +395,15 @@ class Session(_SessionState):
         """Run *code* in the session and return its Result (``result.session`` says if the session lives on)."""
         job_id, request, wait, given = self._run_args(code, files, timeout, wait, job_id, stream=False)
         try:
-            for event in self.client._drive(job_id, request, wait):
+            for event in self.client._drive(job_id, request, wait, self.pin):
                 self._observe(event, given)
                 if isinstance(event, Finished):
                     return event.result
         except RemoteError as exc:
             self._gone(exc)
+            raise
+        except SessionLost as exc:
+            self._lost(exc)
+            self._set_pin(None)
             raise
         raise ClientError("no result")  # pragma: no cover - _drive returns only after Finished

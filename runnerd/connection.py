@@ -17,6 +17,7 @@ import zmq
 from . import wire
 from .errors import ClientError
 from .exchange import _Ask
+from .fleet.discovery import Discovery, parse
 
 DEFAULT_ENDPOINT = "ipc:///run/runnerd/runnerd.sock"
 RESEND_INTERVAL_S = 5.0
@@ -47,6 +48,8 @@ class ClientBase:
 
     def __init__(self, endpoint: str | None, *, resend_interval: float, curve: Mapping[str, bytes] | None) -> None:
         self.endpoint = resolve_endpoint(endpoint)
+        # A list, dns:// or dns+srv://: a fleet (runnerd.fleet). One endpoint: one daemon, as ever.
+        self.discovery: Discovery = parse(self.endpoint)
         self.resend_interval = resend_interval
         self._curve = curve
 
@@ -56,18 +59,19 @@ class ClientBase:
         except ValueError as exc:
             raise ClientError(f"undecodable reply from {self.endpoint}: {exc}") from None
 
-    def _configure(self, sock: zmq.Socket) -> None:
+    def _configure(self, sock: zmq.Socket, endpoint: str | None = None) -> None:
+        """Set *sock* up and connect it to *endpoint* (a fleet's daemon), else this client's one endpoint."""
         sock.setsockopt(zmq.LINGER, 0)
         if self._curve:
             sock.curve_secretkey = self._curve["secret"]
             sock.curve_publickey = self._curve["public"]
             sock.curve_serverkey = self._curve["server"]
-        sock.connect(self.endpoint)
+        sock.connect(endpoint or self.endpoint)
 
     def _ask(
         self, op: str, request_id: str, expect: tuple[str, ...], timeout: float,
-        fields: Mapping[str, Any] | None, resend: bool, now: float,
+        fields: Mapping[str, Any] | None, resend: bool, now: float, endpoint: str | None = None,
     ) -> _Ask:  # fmt: skip
         """The exchange of a control request (one reply); resent only with *resend* (for idempotent requests)."""
         interval = self.resend_interval if resend else None
-        return _Ask(op, request_id, expect, timeout, interval, self.endpoint, now, fields)
+        return _Ask(op, request_id, expect, timeout, interval, endpoint or self.endpoint, now, fields)

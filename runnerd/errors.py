@@ -64,3 +64,32 @@ class RemoteError(ClientError):
         self.code = code
         self.message = message
         self.ended = ended  # NOT_FOUND for a session that ended: how (a SessionEnd value)
+
+
+class HostLost(ClientError):
+    """A one-off job's daemons were lost (dead, wedged, cut off or restarted) before it had a result.
+
+    ``tried`` names each daemon it was sent to, and how it was lost; the job
+    ran on at most that many (a fleet client tries two by default).
+    """
+
+    code = "HOST_LOST"
+
+    def __init__(self, job_id: str, tried: list[str]) -> None:
+        super().__init__(f"HOST_LOST: job {job_id} has no result: its daemons were lost: {'; '.join(tried)}")
+        self.job_id = job_id
+        self.tried = tried
+
+
+class SessionLost(ClientError):
+    """The daemon that holds a session died or restarted: the session's state is gone with it.
+
+    Never a run in a fresh interpreter elsewhere: open a new session (the
+    model loop, the MCP server and ``runnerd repl`` do, with a note).
+    """
+
+    def __init__(self, session_id: str, endpoint: str, how: str) -> None:
+        super().__init__(f"session {session_id} is lost: its daemon {endpoint} {how}")
+        self.session_id = session_id
+        self.endpoint = endpoint
+        self.how = how

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import wire
-from .errors import ClientError, RemoteError
+from .errors import ClientError, RemoteError, SessionLost
 from .result import Result, SessionEnd
 
 WAIT_MARGIN_S = 30.0
@@ -331,6 +331,12 @@ class _SessionState:
         self.ended = word or session_end_from(exc.message) or self.ended
         self.end_message = exc.message
         return True
+
+    def _lost(self, exc: SessionLost) -> None:
+        """Its daemon died or restarted: it is gone (``ensure_open`` opens a new one)."""
+        self.alive = False
+        self.ended = SessionEnd.HOST_LOST
+        self.end_message = str(exc)
 
     def _on_closed(self) -> None:
         self.alive = False

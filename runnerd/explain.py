@@ -58,6 +58,7 @@ SESSION_ENDS = {
     SessionEnd.EXITED: "its Python process ended (os._exit, a signal, ...)",
     SessionEnd.SANDBOX_ERROR: "its sandbox broke (not the code's fault)",
     SessionEnd.SHUTDOWN: "the sandbox service stopped (not the code's fault)",
+    SessionEnd.HOST_LOST: "the sandbox host that held it died or restarted (not the code's fault)",
 }
 
 

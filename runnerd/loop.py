@@ -35,8 +35,10 @@ session, so an attempt (and the next task's, in a conversation of several
 Input files go to the session once. When an attempt ends the session (it
 used too much memory, ended its process), the feedback says so and the next
 attempt runs in a new session (``session.ensure_open()``); when the cage broke
-the session, its state is lost and no rerun can bring it back:
-:class:`~runnerd.errors.AttemptNotRun`.
+the session, or the daemon that held it died or restarted (a fleet's
+:class:`~runnerd.errors.SessionLost`), its state is lost and no rerun can
+bring it back: :class:`~runnerd.errors.AttemptNotRun`, and the next
+``run_loop`` on that session opens a new one.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .client import AsyncClient, AsyncSession, Client, Session
-from .errors import AttemptNotRun
+from .errors import AttemptNotRun, SessionLost
 from .explain import how_it_ended, not_the_codes_fault, session_note, what_happened
-from .result import Outcome, Reason, Result
+from .result import Outcome, Reason, Result, SessionEnd, SessionState
 
 MAX_ATTEMPTS = 5
 # Runs of one attempt that the cage broke, retried before giving up (not the model's attempts).
@@ -158,6 +160,13 @@ def _record(
     return ok
 
 
+def _lost(exc: SessionLost, attempt: int) -> AttemptNotRun:
+    """The session's daemon died or restarted under an attempt: its state is gone, as when its cage broke."""
+    state = SessionState(id=exc.session_id, alive=False, ended=SessionEnd.HOST_LOST)
+    result = Result(outcome=Outcome.FAILED, reason=Reason.SANDBOX_ERROR, warnings=(str(exc),), session=state)
+    return AttemptNotRun(f"attempt {attempt} did not run: {exc}", result)
+
+
 def _cage_fault(result: Result, tries: int, attempt: int) -> bool:
     """True to run the same code again: the cage, not the code, failed. Raises when retrying cannot help."""
     if not not_the_codes_fault(result):
@@ -204,7 +213,10 @@ def run_loop(
             tries += 1
             if session is not None:
                 session.ensure_open()
-                result = session.run(code, files=session.new_files(files), timeout=timeout)
+                try:
+                    result = session.run(code, files=session.new_files(files), timeout=timeout)
+                except SessionLost as exc:
+                    raise _lost(exc, len(attempts) + 1) from exc
             else:
                 assert client is not None
                 result = client.run(code, files=dict(files or {}), timeout=timeout)
@@ -236,7 +248,10 @@ async def arun_loop(
             tries += 1
             if session is not None:
                 await session.ensure_open()
-                result = await session.run(code, files=session.new_files(files), timeout=timeout)
+                try:
+                    result = await session.run(code, files=session.new_files(files), timeout=timeout)
+                except SessionLost as exc:
+                    raise _lost(exc, len(attempts) + 1) from exc
             else:
                 assert client is not None
                 result = await client.run(code, files=dict(files or {}), timeout=timeout)

@@ -112,6 +112,7 @@ class SessionEnd(str, enum.Enum):
     EXITED = "exited"  # its process ended (os._exit, a signal, ...)
     SANDBOX_ERROR = "sandbox_error"  # its cage broke or was killed from outside
     SHUTDOWN = "shutdown"  # the daemon stopped
+    HOST_LOST = "host_lost"  # its daemon died or restarted: said by a fleet client (the daemon cannot)
 
 
 @dataclass(frozen=True)

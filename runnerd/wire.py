@@ -28,7 +28,9 @@ BUSY = "BUSY"
 UNSUPPORTED_VERSION = "UNSUPPORTED_VERSION"
 NOT_FOUND = "NOT_FOUND"
 INTERNAL = "INTERNAL"
-ERROR_CODES = (BAD_REQUEST, TOO_LARGE, BUSY, UNSUPPORTED_VERSION, NOT_FOUND, INTERNAL)
+# The daemon is draining (stopping, or told to): it takes no new work; send it to another daemon.
+DRAINING = "DRAINING"
+ERROR_CODES = (BAD_REQUEST, TOO_LARGE, BUSY, UNSUPPORTED_VERSION, NOT_FOUND, INTERNAL, DRAINING)
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
@@ -43,15 +45,15 @@ def reply(request_id: str | None, type_: str, **fields: Any) -> bytes:
     return encode({"v": VERSION, "id": request_id, "type": type_, **fields})
 
 
-def error_reply(request_id: str | None, code: str, message: str, ended: str | None = None) -> bytes:
+def error_reply(request_id: str | None, code: str, message: str, ended: str | None = None, **fields: Any) -> bytes:
     """An error; for a session that ended, ``ended`` says how (also in words, last, in the message)."""
     if ended is not None:
-        return reply(request_id, "error", code=code, message=message, ended=ended)
-    return reply(request_id, "error", code=code, message=message)
+        fields["ended"] = ended
+    return reply(request_id, "error", code=code, message=message, **fields)
 
 
-def result_reply(request_id: str, result: Result) -> bytes:
-    return reply(request_id, "result", **result.to_wire())
+def result_reply(request_id: str, result: Result, **fields: Any) -> bytes:
+    return reply(request_id, "result", **result.to_wire(), **fields)
 
 
 def decode_reply(frame: bytes) -> dict[str, Any]:

@@ -140,18 +140,20 @@ def free_port() -> int:
 
 def start_daemon(
     state_dir: Path, name: str, env_path: Path, *, extra_env: dict[str, str] | None = None,
-    extra_args: tuple[str, ...] = (), wait: bool = True, own_session: bool = False, **settings: Any,
+    extra_args: tuple[str, ...] = (), wait: bool = True, own_session: bool = False, tcp: str | None = None,
+    prefix: tuple[str, ...] = (), **settings: Any,
 ) -> DaemonProc:  # fmt: skip
     """Start ``python -m runnerd serve`` with its own config; wait until it answers ping.
 
     *own_session*: in a session (and process group) of its own, which a test may signal as a whole.
+    *prefix*: a command it runs under (``nsenter --net=...``: it execs, so the pid is the daemon's).
     """
     from runnerd.client import Client
     from runnerd.errors import ClientError
 
     sock_dir = state_dir / f"{name}-sock"
     ipc = f"ipc://{sock_dir}/runnerd.sock"
-    tcp = f"tcp://127.0.0.1:{free_port()}"
+    tcp = tcp or f"tcp://127.0.0.1:{free_port()}"  # a restarted daemon may keep its port
     lines = [
         f'state_dir = "{state_dir}"',
         f'env_path = "{env_path}"',
@@ -167,7 +169,7 @@ def start_daemon(
     config_path.write_text("\n".join(lines) + "\n")
     log_path = state_dir / f"{name}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runnerd", "--config", str(config_path), "serve", *extra_args],
+        [*prefix, sys.executable, "-m", "runnerd", "--config", str(config_path), "serve", *extra_args],
         stdout=open(log_path, "wb"),
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -236,12 +238,12 @@ def canary_files(state_dir: Path) -> Iterator[list[Path]]:
 
 
 def jailed_processes(config: Config) -> list[int]:
-    """Host pids running as a jailed uid (uid_base .. uid_base + slots)."""
+    """Host pids running as a jailed uid of any instance's range from *config*'s uid_base."""
     import psutil
 
-    from runnerd.sandbox.host import MAX_SLOTS
+    from runnerd.config import UID_RANGE_SIZE, UID_RANGES
 
-    low, high = config.uid_base, config.uid_base + MAX_SLOTS
+    low, high = config.uid_base, config.uid_base + UID_RANGES * UID_RANGE_SIZE
     found = []
     for proc in psutil.process_iter(["uids"]):
         uids = proc.info.get("uids")

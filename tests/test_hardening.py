@@ -24,7 +24,7 @@ from runnerd.result import Reason
 from .conftest import leftovers, start_daemon, wait_clean
 
 REPLY_TYPES = {"error", "pong", "stats", "cancelling", "accepted", "result", "stdout", "stderr"}
-ERROR_CODES = {"BAD_REQUEST", "TOO_LARGE", "BUSY", "UNSUPPORTED_VERSION", "NOT_FOUND", "INTERNAL"}
+ERROR_CODES = {"BAD_REQUEST", "TOO_LARGE", "BUSY", "UNSUPPORTED_VERSION", "NOT_FOUND", "INTERNAL", "DRAINING"}
 
 
 # ---------------------------------------------------------------- fuzzing

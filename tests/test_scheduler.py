@@ -133,7 +133,7 @@ def test_retention_by_time_and_bytes():
             await settle()
         # each result is ~1500*2 bytes + overhead: only the newest fits in 5000 bytes
         assert list(s.jobs) == ["3"]
-        s.retention_max_bytes = 1 << 30
+        s.retention.max_bytes = 1 << 30
         s.submit(req("4"), 4, Peer().send)
         await settle()
         assert s.evict(now=asyncio.get_running_loop().time() + 1000) == 2

@@ -71,7 +71,7 @@ def test_sd_notify_ready_status_watchdog_reload_stopping(cage_confirmed, state_d
         assert "MONOTONIC_USEC=" in reload_msgs[0]
         d.proc.send_signal(signal.SIGTERM)
         stopping = receive_until("STOPPING=1")
-        assert "STATUS=shutting down" in stopping
+        assert "STATUS=draining, then stopping" in stopping
         assert d.proc.wait(timeout=30) == 0
     finally:
         listener.close()
@@ -107,11 +107,13 @@ def test_sigterm_with_running_and_queued_jobs(cage_confirmed, state_dir):
                 time.sleep(0.05)
         t0 = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
-        # while it drains, a new run is refused at once
-        time.sleep(0.3)
-        with Client(d.tcp) as c, pytest.raises(RemoteError) as info:
-            c.run("print(1)")
-        assert info.value.code == "BUSY" and "shutting down" in info.value.message
+        # once it says it drains, a new run is refused at once, for another daemon to take
+        with Client(d.tcp) as c:
+            while c.ping()["state"] != "draining":
+                assert time.monotonic() - t0 < 10, "ping never said draining"
+            with pytest.raises(RemoteError) as info:
+                c.run("print(1)")
+        assert info.value.code == "DRAINING" and "draining" in info.value.message
         assert d.proc.wait(timeout=30) == 0
         assert time.monotonic() - t0 < 3.0 + 3.0  # the grace time, plus the flush
         for t in threads.values():
@@ -122,7 +124,7 @@ def test_sigterm_with_running_and_queued_jobs(cage_confirmed, state_dir):
             assert outcomes[n].outcome is Outcome.FAILED and outcomes[n].reason is Reason.SHUTDOWN
             assert outcomes[n].stdout == f"{n}\n"  # partial output kept
         for n in ("queued-0", "queued-1"):
-            assert isinstance(outcomes[n], RemoteError) and outcomes[n].code == "BUSY"
+            assert isinstance(outcomes[n], RemoteError) and outcomes[n].code == "DRAINING"
             assert "was queued and did not run" in outcomes[n].message
         log = d.log()
         assert "queued job(s) refused" in log and "runnerd stopped" in log

@@ -694,7 +694,7 @@ def test_ended_unknown_and_malformed_sessions(wire, sd):
     wire.opened(s)
     cg = locate(wire, s)
     closed = wire.close(s)
-    assert closed == {"v": 1, "id": closed["id"], "type": "closed", "session": s}
+    assert closed == {"v": 1, "id": closed["id"], "type": "closed", "session": s, "instance": closed["instance"]}
     for reply in (wire.run("print(1)", s), wire.close(s), wire.open(s)):
         not_found(reply, f"session '{s}' ended", "closed")
     cg.wait_gone()

@@ -223,7 +223,7 @@ def _stop_loaded(d: DaemonProc) -> tuple[int, list[psutil.Process], dict[str, in
             assert final["outcome"] == "OUTCOME_OK", final  # the grace let it finish
             counts["ran"] += 1
         else:
-            assert final["code"] == "BUSY" and "shutting down" in final["message"], final
+            assert final["code"] == "DRAINING" and "did not run" in final["message"], final
             counts["refused"] += 1
     return held, tree, counts
 
@@ -299,5 +299,5 @@ def test_a_signal_to_the_daemons_group_stops_the_daemon_not_its_jobs(cage_confir
         result = wire.last(job_id)
         assert result["type"] == "result", result
         assert (result["outcome"], result["reason"]) == ("OUTCOME_FAILED", "shutdown"), (job_id, result)
-    assert d.log().count("received SIGTERM: shutting down") == 1, d.log()
+    assert d.log().count("received SIGTERM: draining, then stopping") == 1, d.log()
     assert not what_is_left(parent, state / "jobs")

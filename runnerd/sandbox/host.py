@@ -5,7 +5,8 @@ Several runnerd processes may share one state dir (a daemon and a
 its lifetime; one that gets it *exclusively* at start knows nobody else is
 running jobs, and only then sweeps what a crash left (job tmpfs mounts, job
 dirs, job cgroups). Each running cage holds an exclusive lock on one slot
-file, which gives it a uid of its own: ``uid_base + slot``.
+file, which gives it a uid of its own: the first of the instance's uid range
+(:mod:`.uid_ranges`) + slot.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import incage
-from ..config import Config
+from ..config import UID_RANGE_SIZE, Config
 from ..errors import SandboxError
-from . import workspace
+from . import uid_ranges, workspace
 from .cgroups import JOB_PREFIX, SESSIONS_PREFIX, Cgroups
 
 log = logging.getLogger(__name__)
 
-MAX_SLOTS = 1024
+MAX_SLOTS = UID_RANGE_SIZE  # a slot is a uid of the instance's range
 
 
 def check_traversable(path: Path) -> None:
@@ -69,6 +70,7 @@ class HostState:
         self.config = config
         self.cgroups = cgroups
         self._lock_fd = -1
+        self._uids: uid_ranges.UidRange | None = None
         # Job cgroups are shared by every runnerd on the host (one parent per
         # controller); the state dir's tag in their names keeps one
         # instance's sweep off another instance's jobs.
@@ -76,6 +78,12 @@ class HostState:
         self.job_prefix = f"{JOB_PREFIX}{self.tag}-"
         self.sessions_cgroup = SESSIONS_PREFIX + self.tag
         cgroups.locate_sessions(self.sessions_cgroup)  # its leftovers are found (and swept) with the jobs
+
+    def uid_range(self) -> tuple[int, int]:
+        """The first and last jailed uid of this instance (leased at the first need)."""
+        if self._uids is None:
+            self._uids = uid_ranges.lease(self.config.uid_base, self.config.state_dir)
+        return self._uids.first, self._uids.last
 
     def new_job_name(self) -> str:
         return f"{self.job_prefix}{int(time.time() * 1000):x}-{secrets.token_hex(4)}"
@@ -94,6 +102,7 @@ class HostState:
             raise SandboxError(f"cannot create runnerd's state dirs under {c.state_dir}: {exc.strerror}") from None
         check_traversable(c.jobs_dir)
         check_traversable(c.harness_dir)
+        self.uid_range()
         self._install_harness()
         self.cgroups.prepare()
         # Before the sweep: it looks for leftovers under the sessions' parent too.
@@ -142,11 +151,14 @@ class HostState:
             except BlockingIOError:
                 os.close(fd)
                 continue
-            return SlotLease(slot=slot, uid=self.config.uid_base + slot, fd=fd)
+            return SlotLease(slot=slot, uid=self.uid_range()[0] + slot, fd=fd)
         raise SandboxError(f"all {MAX_SLOTS} cage slots are in use")
 
     def close(self) -> None:
         self.cgroups.release()
+        if self._uids is not None:
+            self._uids.release()
+            self._uids = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1

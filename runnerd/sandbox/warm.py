@@ -136,6 +136,10 @@ class WarmCage:
     def zygotes(self) -> list[Zygote]:
         return [z for pool in self.pools.values() for z in pool.zygotes]
 
+    def free_cages(self) -> dict[str, int]:
+        """Zygotes ready for a job now, by kind (full, light, session), for ``ping``."""
+        return {kind: pool.ready.qsize() for kind, pool in self.pools.items()}
+
     async def start(self) -> None:
         started = time.monotonic()
         results = await asyncio.gather(*(z.start() for z in self.zygotes), return_exceptions=True)

@@ -4,13 +4,15 @@ Signals: the handlers only record the signal; the event loop acts on it.
 
 * SIGTERM or SIGINT, to the daemon or to its process group (Ctrl-C in a
   terminal: the cages are in sessions of their own, so only the daemon
-  hears it): stop taking runs (they get BUSY, "shutting down");
-  queued jobs are answered with a BUSY error (they never ran: send them
-  again after the restart); running jobs get ``shutdown_grace_s`` to finish,
-  then their cages are killed and their clients get a result with reason
-  ``shutdown``; then every open session ends (reason shutdown; no new one
-  opens from the first signal on); then exit 0. A second SIGTERM/SIGINT
-  skips the wait.
+  hears it): drain, then exit 0. A second SIGTERM/SIGINT skips the wait.
+* SIGUSR1 (``runnerd drain``): drain, and stay up, refusing work, until
+  stopped.
+* The drain: ``ping`` says ``state: "draining"`` at once; new one-off runs
+  and opens get DRAINING (a client sends them to another daemon), and so
+  do queued one-off runs (they never ran); running jobs get
+  ``shutdown_grace_s`` to finish and open sessions serve their runs that
+  long (until closed or idle); then what is left is killed (reason
+  ``shutdown``) and every session ends (reason shutdown).
 * SIGHUP: reload the config file and the policy for *new* jobs. The new
   config goes through every start-up check (and a probe job in a cage made
   from it) first; if anything fails, the daemon logs why and keeps the old
@@ -48,9 +50,10 @@ from ..result import Reason
 from ..sandbox.job import InputFile
 from ..sandbox.runtime import Runtime, open_runtime
 from ..sandbox.session import Session
+from ..sandbox.warm import WarmCage
 from .frontend import Frontend
 from .metrics import Metrics
-from .protocol import BUSY
+from .protocol import INSTANCE
 from .scheduler import Scheduler
 from .sdnotify import Notifier
 from .sessions import SessionManager
@@ -63,7 +66,10 @@ FLUSH_S = 0.5
 CORE_LIBRARIES = ("numpy", "pandas", "matplotlib.pyplot")
 STATUS_INTERVAL_S = 1.0
 # Settings a reload cannot change under a running daemon.
-RESTART_ONLY = ("bind", "state_dir", "curve_server_key", "metrics_port", "metrics_address")
+RESTART_ONLY = ("bind", "state_dir", "curve_server_key", "metrics_port", "metrics_address", "allow_plaintext_tcp")
+DRAIN_POLL_S = 0.05
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1)
 
 
 def _event(name: str, message: str, *args: Any, level: int = logging.INFO) -> None:
@@ -86,14 +92,32 @@ class Daemon:
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._process = psutil.Process()
         self._retiring: set[asyncio.Task[None]] = set()
+        self._drain_task: asyncio.Task[None] | None = None
+        self._stop_now = asyncio.Event()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_task is not None
 
     def info(self) -> dict[str, Any]:
+        """What ``ping`` answers (and ``stats`` includes): who this is, and its load, for clients that place work."""
+        s, sessions = self.scheduler, self.sessions
+        runner = self.runtime.runner if self.runtime is not None else None
         return {
             "server": f"runnerd {__version__}",
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
+            "instance": INSTANCE,
             "pid": os.getpid(),
             "rss_bytes": self._process.memory_info().rss,
+            "state": "draining" if self.draining else "ready",
+            "running": s.running if s else 0,
+            "queued": s.queued if s else 0,
+            "concurrency": s.concurrency if s else self.config.concurrency,
+            "free_cages": runner.free_cages() if isinstance(runner, WarmCage) else None,
+            "sessions_open": sessions.open_count if sessions else 0,
+            "max_sessions": self.config.max_sessions,
+            "uid_range": list(self.runtime.host.uid_range()) if self.runtime is not None else None,
         }
 
     def _status(self) -> str:
@@ -126,6 +150,8 @@ class Daemon:
                 retention_s=cfg.retention_s,
                 retention_max_bytes=cfg.retention_max_bytes,
                 sessions=sessions,
+                max_queued_per_client=cfg.max_queued_per_client,
+                max_queued_per_tenant=cfg.max_queued_per_tenant,
             )
             if cfg.metrics_port:
                 self.metrics = Metrics(
@@ -140,7 +166,7 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.serve(cfg.metrics_address, cfg.metrics_port)
             sched.start()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in HANDLED_SIGNALS:
                 loop.add_signal_handler(sig, self._on_signal, sig)
             tasks = [
                 asyncio.create_task(self.frontend.serve(), name="runnerd-frontend"),
@@ -156,20 +182,15 @@ class Daemon:
                 __version__, ", ".join(cfg.bind), cfg.mode, cfg.concurrency, cfg.queue_size,
                 self.runtime.policy.path, cfg.sandbox_env,
             )  # fmt: skip
-            while True:
-                signum = await self._signals.get()
-                if signum == signal.SIGHUP:
-                    await self._reload()
-                    continue
-                _event("stopping", "received %s: shutting down", signal.Signals(signum).name)
-                self.notifier.stopping("shutting down")
-                await self._shutdown()
-                break
+            await self._serve_signals()
+            await asyncio.sleep(FLUSH_S)  # the last results leave the sockets
             _event("stopped", "runnerd stopped")
             return 0
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for signum in HANDLED_SIGNALS:
                 loop.remove_signal_handler(signum)
+            if self._drain_task is not None and not self._drain_task.done():
+                self._drain_task.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -184,6 +205,42 @@ class Daemon:
             for task in list(self._retiring):
                 await task
             self.notifier.close()
+
+    async def _serve_signals(self) -> None:
+        """Act on signals until a stop signal's drain is done."""
+        stopping = False
+        while True:
+            get = asyncio.ensure_future(self._signals.get())
+            waits: set[asyncio.Future[Any]] = {get}
+            if stopping and self._drain_task is not None:
+                waits.add(self._drain_task)
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                return  # the drain after a stop signal is done
+            signum = get.result()
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                if self.draining:
+                    log.warning("received SIGHUP while draining: no reload")
+                else:
+                    await self._reload()
+            elif signum == signal.SIGUSR1:
+                if not self.draining:
+                    _event("drain", "received SIGUSR1: draining (and staying up)")
+                    self._start_drain()
+            elif stopping:
+                _event("stop_now", "received %s again: stopping now", name)
+                self._stop_now.set()
+            else:
+                stopping = True
+                _event("stopping", "received %s: draining, then stopping", name)
+                self.notifier.stopping("draining, then stopping")
+                if not self.draining:
+                    self._start_drain()
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.create_task(self._drain(), name="runnerd-drain")
 
     async def _report_status(self) -> None:
         while True:
@@ -218,8 +275,10 @@ class Daemon:
         sched = self.scheduler
         sched.runner = runtime.runner.run  # running jobs keep the cage they started with
         sched.queue_size = new.queue_size
-        sched.retention_s = new.retention_s
-        sched.retention_max_bytes = new.retention_max_bytes
+        sched.retention.seconds = new.retention_s
+        sched.retention.max_bytes = new.retention_max_bytes
+        sched.max_queued_per_client = new.max_queued_per_client
+        sched.max_queued_per_tenant = new.max_queued_per_tenant
         sched.resize(new.concurrency)
         self.frontend.config = new
         self.frontend.reload_clients()
@@ -241,39 +300,31 @@ class Daemon:
         )
         self.notifier.ready(self._status())
 
-    async def _shutdown(self) -> None:
-        sched = self.scheduler
-        assert sched is not None
-        sched.accepting = False
-        if self.sessions is not None:
-            self.sessions.accepting = False  # no new session; open ones serve their runs until the end
-        sched.refusal = "runnerd is shutting down; retry after it restarts or on another instance"
-        refused = sched.refuse_queued(
-            BUSY, "runnerd is shutting down: this job was queued and did not run; send it again after the restart"
-        )
+    async def _drain(self) -> None:
+        """Take no new work; let running jobs and open sessions go on for shutdown_grace_s; then end them."""
+        sched, sessions = self.scheduler, self.sessions
+        assert sched is not None and sessions is not None
+        sessions.accepting = False  # no new session; open ones serve their runs until the end
+        refused = sched.drain("runnerd is draining (it is stopping or was told to); send new work to another daemon")
         grace = self.config.shutdown_grace_s
         _event(
             "draining",
-            "waiting up to %.0f s for %d running job(s); %d queued job(s) refused",
-            grace,
-            sched.running,
-            refused,
-        )
+            "draining: up to %.0f s for %d running job(s) and %d open session(s); %d queued job(s) refused",
+            grace, sched.running, sessions.open_count, refused,
+        )  # fmt: skip
         deadline = time.monotonic() + grace
-        while sched.running and time.monotonic() < deadline:
-            self.notifier.status(f"shutting down: {sched.running} job(s) still running")
+        while (sched.running or sessions.open_count) and time.monotonic() < deadline and not self._stop_now.is_set():
+            self.notifier.status(f"draining: {sched.running} job(s) running, {sessions.open_count} session(s) open")
             try:
-                signum = await asyncio.wait_for(self._signals.get(), timeout=0.05)
+                await asyncio.wait_for(self._stop_now.wait(), timeout=DRAIN_POLL_S)
             except TimeoutError:
-                continue
-            if signum == signal.SIGHUP:
-                continue  # no reloads while stopping
-            _event("stop_now", "received %s again: stopping now", signal.Signals(signum).name)
-            break
+                pass
+        if sessions.open_count:
+            sched.end_sessions_runs()  # before the running ones stop: a session's next run must not start
         if sched.running:
             _event("killing", "stopping %d job(s) still running (reason shutdown)", sched.stop_running(Reason.SHUTDOWN))
             while sched.running:
                 await asyncio.sleep(0.02)
-        if self.sessions is not None:
-            await self.sessions.shutdown()
-        await asyncio.sleep(FLUSH_S)
+        await sessions.shutdown()
+        _event("drained", "drained: no job runs and no session is open")
+        self.notifier.status("drained: refusing work")

@@ -228,15 +228,16 @@ class Frontend:
         try:
             self._dispatch(req, ep, identity, send, client)
         except ProtocolError as exc:
-            self._error(send, req.id, exc.code, exc.message, exc.ended)
+            self._error(send, req.id, exc.code, exc.message, exc.ended, exc.retry_after_ms)
 
     def _error(
-        self, send: Callable[[bytes], None], request_id: str | None, code: str, message: str, ended: str | None = None
-    ) -> None:
+        self, send: Callable[[bytes], None], request_id: str | None, code: str, message: str,
+        ended: str | None = None, retry_after_ms: int | None = None,
+    ) -> None:  # fmt: skip
         self.errors_out += 1
         if self.metrics is not None:
             self.metrics.errors.labels(code).inc()
-        send(protocol.error_reply(request_id, code, message, ended))
+        send(protocol.error_reply(request_id, code, message, ended, retry_after_ms=retry_after_ms))
 
     def _dispatch(
         self, req: protocol.Request, ep: Endpoint, identity: bytes, send: Callable[[bytes], None], client: Client

@@ -18,17 +18,21 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
+from .. import wire
 from ..config import Limits
 from ..errors import JobRejected
+from ..result import Result
 from ..sandbox.job import InputFile, JobSpec, make_job
 from ..wire import (
     BAD_REQUEST,
     BUSY,
+    DRAINING,
     ERROR_CODES,
     INTERNAL,
     NOT_FOUND,
@@ -37,16 +41,15 @@ from ..wire import (
     VERSION,
     decode_reply,
     encode,
-    error_reply,
-    reply,
     request,
-    result_reply,
 )
 
 __all__ = [
     "BAD_REQUEST",
     "BUSY",
+    "DRAINING",
     "ERROR_CODES",
+    "INSTANCE",
     "ID_RE",
     "INTERNAL",
     "NOT_FOUND",
@@ -74,7 +77,7 @@ __all__ = [
 ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 OPS = ("run", "cancel", "ping", "stats", "open", "close")
 _FIELDS = {
-    "run": {"v", "op", "id", "code", "files", "timeout", "stream", "session"},
+    "run": {"v", "op", "id", "code", "files", "timeout", "stream", "session", "tenant"},
     "open": {"v", "op", "id", "session", "files", "idle_timeout"},
     "close": {"v", "op", "id", "session"},
     "cancel": {"v", "op", "id"},
@@ -83,15 +86,41 @@ _FIELDS = {
 }
 
 
+# This daemon's start, on every reply: a client tells a restarted daemon (a new instance) from one that
+# only dropped a connection. A reload keeps it (the process, its jobs and its sessions live on).
+INSTANCE = secrets.token_hex(8)
+
+
+def reply(request_id: str | None, type_: str, **fields: Any) -> bytes:
+    return wire.reply(request_id, type_, **{**fields, "instance": INSTANCE})
+
+
+def error_reply(
+    request_id: str | None, code: str, message: str, ended: str | None = None, *, retry_after_ms: int | None = None
+) -> bytes:
+    extra: dict[str, Any] = {"instance": INSTANCE}
+    if retry_after_ms is not None:
+        extra["retry_after_ms"] = retry_after_ms
+    return wire.error_reply(request_id, code, message, ended, **extra)
+
+
+def result_reply(request_id: str, result: Result) -> bytes:
+    return wire.result_reply(request_id, result, instance=INSTANCE)
+
+
 class ProtocolError(Exception):
     """A request that cannot be taken; becomes a ``type: "error"`` reply."""
 
-    def __init__(self, code: str, message: str, request_id: str | None = None, *, ended: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, request_id: str | None = None, *,
+        ended: str | None = None, retry_after_ms: int | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(message)
         self.code = code
         self.message = message
         self.request_id = request_id
         self.ended = ended  # NOT_FOUND for a session that ended: how (SessionEnd's word)
+        self.retry_after_ms = retry_after_ms  # BUSY: when a retry may find room
 
 
 @dataclass(frozen=True)
@@ -101,6 +130,7 @@ class RunRequest:
     stream: bool
     digest: str  # what the job is, to tell a resend from a clash of ids
     session: str | None = None  # the session it runs in; None for a one-off job
+    tenant: str | None = None  # whose share of the daemon it is served from; None: its client's
 
 
 @dataclass(frozen=True)
@@ -229,7 +259,10 @@ def _check(msg: dict[str, Any], limits: Limits, request_id: str | None) -> Reque
     except JobRejected as exc:
         raise ProtocolError(exc.code, str(exc)) from None
     digest = _job_digest(job.code, [(f.name, f.data) for f in job.files], msg.get("timeout"), session)
-    return RunRequest(id=request_id, job=job, stream=stream, digest=digest, session=session)
+    tenant = msg.get("tenant")
+    if tenant is not None and (not isinstance(tenant, str) or not ID_RE.match(tenant)):
+        raise ProtocolError(BAD_REQUEST, "tenant must be a string of 1-128 characters from [A-Za-z0-9._:-]")
+    return RunRequest(id=request_id, job=job, stream=stream, digest=digest, session=session, tenant=tenant)
 
 
 def _session_id(msg: dict[str, Any]) -> str:

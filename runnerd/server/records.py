@@ -55,6 +55,7 @@ class JobRecord:
     size: int = 0
     session: str | None = None  # the session it runs in
     client: Client = LOCAL  # who sent it: max_queued_per_client counts by it
+    tenant: str = LOCAL.name  # whose share it is served from (fair_queue.py)
     # That session's record itself: a later session of the same id is another one.
     srec: SessionRecord | None = None
 
@@ -94,3 +95,36 @@ def safe_send(send: Send, frame: bytes) -> None:
         send(frame)
     except Exception:
         log.exception("dropping a reply: the send failed")
+
+
+class Retention:
+    """Finished jobs kept for resends: each for ``seconds``, and ``max_bytes`` of results in all (oldest first out)."""
+
+    def __init__(self, seconds: float, max_bytes: int) -> None:
+        self.seconds = seconds
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._ids: deque[str] = deque()  # in finishing order
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def keep(self, record: JobRecord) -> None:
+        self._ids.append(record.id)
+        self.bytes += record.size
+
+    def evict(self, jobs: dict[str, JobRecord], now: float) -> int:
+        """Forget (from *jobs*) those past their time or over the byte budget; returns how many."""
+        evicted = 0
+        while self._ids:
+            record = jobs.get(self._ids[0])
+            if record is None:
+                self._ids.popleft()
+                continue
+            if now - record.finished_at < self.seconds and self.bytes <= self.max_bytes:
+                break
+            self._ids.popleft()
+            del jobs[record.id]
+            self.bytes -= record.size
+            evicted += 1
+        return evicted

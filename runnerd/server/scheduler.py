@@ -7,7 +7,13 @@ replies by ZeroMQ identity and tests can drive it without sockets.
 Rules:
 
 * at most ``concurrency`` jobs run; up to ``queue_size`` more wait; beyond
-  that a run is refused with BUSY at once;
+  that a run is refused with BUSY at once, with ``retry_after_ms``;
+* what waits is served fairly between tenants (:mod:`.fair_queue`): a
+  run's ``tenant``, else its client; one tenant may have at most
+  ``max_queued_per_tenant`` runs waiting, one client ``max_queued_per_client``;
+* draining (:meth:`Scheduler.drain`): new one-off runs get DRAINING (send
+  them to another daemon), queued ones too (they never ran); runs of open
+  sessions are still taken;
 * a job id names one job for as long as it is retained: a ``run`` with an
   id already known (queued, running, or finished less than ``retention_s``
   ago) does not run again; the peer is subscribed and gets ``accepted``,
@@ -32,9 +38,10 @@ from ..errors import JobRejected
 from ..percentiles import percentiles_ms
 from ..result import Outcome, Reason, Result, SessionEnd, SessionState
 from . import protocol
-from .clients import LOCAL, Client
+from .clients import LOCAL, Client, tenant_of
+from .fair_queue import Backlog, FairQueue
 from .protocol import ProtocolError, RunRequest
-from .records import JobRecord, Send, State, Subscriber, safe_send
+from .records import JobRecord, Retention, Send, State, Subscriber, safe_send
 from .session_runs import SessionRuns
 from .sessions import SessionManager
 
@@ -44,6 +51,8 @@ log = logging.getLogger(__name__)
 RunFn = Callable[..., Awaitable[Result]]
 LATENCY_WINDOW = 1000
 RESTART_DELAY_S = 0.05  # before a dead worker's slot gets a new one
+RETRY_AFTER_MS = (50, 30_000)  # the bounds of BUSY's hint
+SESSIONS_END = "its session ended: runnerd stopped, at the end of its drain (shutdown)"
 
 
 def _result_size(result: Result) -> int:
@@ -60,21 +69,22 @@ class Scheduler(SessionRuns):
         retention_s: float,
         retention_max_bytes: int,
         sessions: SessionManager | None = None,
+        max_queued_per_client: int | None = None,
+        max_queued_per_tenant: int | None = None,
     ) -> None:
         self.runner = runner
+        self.max_queued_per_client = max_queued_per_client
+        self.max_queued_per_tenant = max_queued_per_tenant
         self.sessions = sessions
         if sessions is not None:
             sessions.on_session_end = self._session_ended
             sessions.on_session_open = self._session_opened
         self.concurrency = concurrency
         self.queue_size = queue_size
-        self.retention_s = retention_s
-        self.retention_max_bytes = retention_max_bytes
+        self.retention = Retention(retention_s, retention_max_bytes)
         self.jobs: dict[str, JobRecord] = {}
-        self._queue: asyncio.Queue[JobRecord] = asyncio.Queue()
-        self._finished: deque[str] = deque()  # ids in finishing order, for eviction
-        self._retained_bytes = 0
-        self.queued = 0
+        self._queue: FairQueue[JobRecord] = FairQueue()
+        self._backlog = Backlog()
         self.running = 0
         self.done = 0
         # For `stats` (always on). metrics.Metrics counts the same jobs for
@@ -88,10 +98,15 @@ class Scheduler(SessionRuns):
         self._idle: set[int] = set()
         self._closing = False
         self._started = time.monotonic()
-        self.accepting = True
-        self.refusal = "the queue is full"
+        self.accepting = True  # False: draining
+        self.sessions_ending = False  # the drain's end: sessions' runs are refused too
+        self.refusal = "runnerd is draining"
         # Called with (result, seconds from accepted to result) for every finished job.
         self.on_finish: Callable[[Result, float], None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return self._backlog.total
 
     # ------------------------------------------------------------ lifecycle
 
@@ -130,35 +145,41 @@ class Scheduler(SessionRuns):
                 )
             self._subscribe(record, peer, Subscriber(send, req.stream), replay=True)
             return
-        if not self.accepting:
-            raise ProtocolError(protocol.BUSY, self.refusal)
+        if not self.accepting and req.session is None:
+            raise ProtocolError(protocol.DRAINING, self.refusal)  # an open session's runs are still served
+        if self.sessions_ending and req.session is not None:
+            raise ProtocolError(protocol.NOT_FOUND, SESSIONS_END, ended=SessionEnd.SHUTDOWN.value)
         if self.queued + self.running >= self.concurrency + self.queue_size:
             raise ProtocolError(
                 protocol.BUSY,
                 f"{self.running} jobs running and {self.queued} queued (queue_size {self.queue_size}); retry later",
+                retry_after_ms=self.retry_after_ms(self.queued + 1),
             )
-        limit = self.sessions.config.max_queued_per_client if self.sessions is not None else None
-        if limit is not None:
-            waiting = sum(1 for r in self.jobs.values() if r.state is State.QUEUED and r.client == client)
-            if waiting >= limit:
-                raise ProtocolError(
-                    protocol.BUSY,
-                    f"this client ({client.name}) has {waiting} runs queued, the limit "
-                    f"(max_queued_per_client {limit}); wait for a result",
-                )
+        tenant = tenant_of(req.tenant, client)
+        self._backlog.admit(
+            client, tenant, self.max_queued_per_client, self.max_queued_per_tenant, self.retry_after_ms(1)
+        )
         session = self._admit_to_session(req, client) if req.session is not None else None
-        record = JobRecord(id=req.id, digest=req.digest, spec=req.job, session=req.session, srec=session, client=client)
+        record = JobRecord(
+            id=req.id, digest=req.digest, spec=req.job, session=req.session, srec=session, client=client, tenant=tenant
+        )
         self.jobs[req.id] = record
-        self.queued += 1
+        self._backlog.add(client, tenant)
         self._subscribe(record, peer, Subscriber(send, req.stream), replay=False)
         if session is None:
-            self._queue.put_nowait(record)
+            self._queue.put(record, tenant)
         elif session.busy or session.session is None:
             # Its turn comes when the session's current run ends, or once it is open.
             session.pending.append(record)
         else:
             session.current = record
-            self._queue.put_nowait(record)
+            self._queue.put(record, tenant)
+
+    def retry_after_ms(self, ahead: int) -> int:
+        """How long until *ahead* runs have left the queue, at the recent mean run time (BUSY's hint)."""
+        mean = sum(self._run_wall) / len(self._run_wall) if self._run_wall else 0.1
+        low, high = RETRY_AFTER_MS
+        return int(min(high, max(low, 1000 * mean * ahead / max(1, self.concurrency))))
 
     def _subscribe(self, record: JobRecord, peer: Hashable, sub: Subscriber, *, replay: bool) -> None:
         known = peer in record.subscribers
@@ -185,7 +206,8 @@ class Scheduler(SessionRuns):
             raise ProtocolError(protocol.NOT_FOUND, f"no job to cancel: {job_id!r} {why}")
         safe_send(send, protocol.reply(job_id, "cancelling", state=record.state.value))
         if record.state is State.QUEUED:
-            self.queued -= 1
+            self._unqueue(record)
+            self._queue.remove(record, record.tenant)
             srec = record.srec
             self._drop_from_session(record)
             state = SessionState(id=srec.id, alive=srec.ended is None, ended=srec.ended) if srec else None
@@ -193,20 +215,40 @@ class Scheduler(SessionRuns):
         elif record.stop is not None and not record.stop.done():
             record.stop.set_result(Reason.CANCELLED)
 
-    def refuse_queued(self, code: str, message: str) -> int:
-        """Answer every queued job with an error and forget it (it never ran); returns how many."""
+    def drain(self, message: str) -> int:
+        """Take no new one-off run (DRAINING, *message*); queued ones are answered so too. Returns how many.
+
+        Runs of sessions (queued, or sent later while the session is open) are
+        kept: a session serves its runs until it ends.
+        """
+        self.accepting = False
+        self.refusal = message
+        return self.refuse_queued(
+            protocol.DRAINING, f"{message}: this job was queued and did not run; send it to another daemon",
+            sessions=False,
+        )  # fmt: skip
+
+    def refuse_queued(self, code: str, message: str, *, sessions: bool = True, ended: SessionEnd | None = None) -> int:
+        """Answer every queued job (with *sessions*, sessions' runs too, *ended* saying how) with an error; how many."""
         count = 0
         for record in list(self.jobs.values()):
-            if record.state is State.QUEUED:
-                self.queued -= 1
+            if record.state is State.QUEUED and (sessions or record.session is None):
+                self._unqueue(record)
+                self._queue.remove(record, record.tenant)
                 self._drop_from_session(record)
                 record.state = State.DONE
                 del self.jobs[record.id]
-                frame = protocol.error_reply(record.id, code, message)
+                how = ended.value if ended is not None and record.session is not None else None
+                frame = protocol.error_reply(record.id, code, message, how)
                 for sub in record.subscribers.values():
                     safe_send(sub.send, frame)
                 count += 1
         return count
+
+    def end_sessions_runs(self) -> int:
+        """The drain's end: no session's run starts any more; the queued ones hear that their session ends."""
+        self.sessions_ending = True
+        return self.refuse_queued(protocol.NOT_FOUND, SESSIONS_END, ended=SessionEnd.SHUTDOWN)
 
     def stop_running(self, reason: Reason) -> int:
         """Ask every running job to stop with *reason* (its cage is killed); returns how many."""
@@ -223,11 +265,13 @@ class Scheduler(SessionRuns):
         while slot < self.concurrency:
             self._idle.add(slot)
             try:
-                record = await self._queue.get()
+                record, ticket = await self._queue.get()
             finally:
                 self._idle.discard(slot)
+            started = time.monotonic()
+            ran = False
             try:
-                await self._run_one(record)
+                ran = await self._run_one(record)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -235,6 +279,8 @@ class Scheduler(SessionRuns):
                 # failures are results). The job still gets an answer, and the slot lives on.
                 log.exception("job %s: runnerd failed around it", record.id)
                 self._internal_error(record)
+            finally:
+                self._queue.done(ticket, time.monotonic() - started if ran else 0.0)
         self._workers.pop(slot, None)
 
     def _supervise(self, slot: int, task: asyncio.Task[None]) -> None:
@@ -257,16 +303,17 @@ class Scheduler(SessionRuns):
         task.add_done_callback(functools.partial(self._supervise, slot))
         self._workers[slot] = task
 
-    async def _run_one(self, record: JobRecord) -> None:
+    async def _run_one(self, record: JobRecord) -> bool:
+        """Run *record*; False if it did not run (cancelled, or its session ended, while it waited)."""
         if record.state is not State.QUEUED:
-            return  # cancelled while it waited
+            return False  # cancelled while it waited
         runner = self.runner
         if record.session is not None:
             session = self._session_of(record)
             if session is None:
-                return  # the session ended while the run waited: answered NOT_FOUND
+                return False  # the session ended while the run waited: answered NOT_FOUND
             runner = session.run
-        self.queued -= 1
+        self._unqueue(record)
         self.running += 1
         record.state = State.RUNNING
         record.stop = asyncio.get_running_loop().create_future()
@@ -283,7 +330,7 @@ class Scheduler(SessionRuns):
             # A session's run refused before anything ran (an input name its /work has).
             self._refuse(record, exc.code, str(exc))
             self._next_in_session(record)
-            return
+            return False
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -295,11 +342,12 @@ class Scheduler(SessionRuns):
             self.running -= 1
         self._finish(record, result, wall_s=time.monotonic() - started)
         self._next_in_session(record)
+        return True
 
     def _internal_error(self, record: JobRecord) -> None:
         """Answer *record* with INTERNAL (unless it was answered), keep the counters true, free its session."""
         if record.state is State.QUEUED:
-            self.queued -= 1
+            self._unqueue(record)
         if record.state is not State.DONE:  # _finish packs the reply before it marks the job done
             record.state = State.DONE
             record.spec = None
@@ -365,29 +413,14 @@ class Scheduler(SessionRuns):
                 log.exception("the job-finished hook failed")
         for sub in list(record.subscribers.values()):
             safe_send(sub.send, frame)
-        self._finished.append(record.id)
-        self._retained_bytes += record.size
+        self.retention.keep(record)
         self.evict()
 
     # ------------------------------------------------------------ retention and stats
 
     def evict(self, now: float | None = None) -> int:
         """Forget finished jobs past retention or over the byte budget; returns how many."""
-        now = time.monotonic() if now is None else now
-        evicted = 0
-        while self._finished:
-            record = self.jobs.get(self._finished[0])
-            if record is None:
-                self._finished.popleft()
-                continue
-            expired = now - record.finished_at >= self.retention_s
-            if not expired and self._retained_bytes <= self.retention_max_bytes:
-                break
-            self._finished.popleft()
-            del self.jobs[record.id]
-            self._retained_bytes -= record.size
-            evicted += 1
-        return evicted
+        return self.retention.evict(self.jobs, time.monotonic() if now is None else now)
 
     async def evict_forever(self, interval: float = 5.0) -> None:
         while True:
@@ -402,9 +435,11 @@ class Scheduler(SessionRuns):
             **({"sessions": self.sessions.stats()} if self.sessions is not None else {}),
             "running": self.running,
             "queued": self.queued,
+            "draining": not self.accepting,
+            "tenants_waiting": len(self._backlog.by_tenant),
             "done": self.done,
-            "retained": len(self._finished),
-            "retained_bytes": self._retained_bytes,
+            "retained": len(self.retention),
+            "retained_bytes": self.retention.bytes,
             "concurrency": self.concurrency,
             "queue_size": self.queue_size,
             "outcomes": dict(self.outcomes),

@@ -9,7 +9,6 @@ that order; the scheduler (:mod:`.scheduler`) runs them in its slots.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from abc import ABC, abstractmethod
 
@@ -18,6 +17,7 @@ from ..result import Reason, SessionEnd
 from ..sandbox.session import Session
 from . import protocol
 from .clients import Client
+from .fair_queue import Backlog, FairQueue
 from .protocol import ProtocolError, RunRequest
 from .records import JobRecord, SessionRecord, State
 from .sessions import SessionManager
@@ -27,8 +27,12 @@ class SessionRuns(ABC):
     """The scheduler's bookkeeping of sessions' runs (a base of :class:`~.scheduler.Scheduler`)."""
 
     sessions: SessionManager | None
-    queued: int
-    _queue: asyncio.Queue[JobRecord]
+    _queue: FairQueue[JobRecord]
+    _backlog: Backlog
+
+    def _unqueue(self, record: JobRecord) -> None:
+        """*record* no longer waits (it starts, or is answered without running)."""
+        self._backlog.remove(record.client, record.tenant)
 
     @abstractmethod
     def _refuse(self, record: JobRecord, code: str, message: str, ended: SessionEnd | None = None) -> None:
@@ -68,7 +72,7 @@ class SessionRuns(ABC):
         srec = record.srec
         if srec is not None and srec.ended is None and srec.session is not None:
             return srec.session
-        self.queued -= 1
+        self._unqueue(record)
         message = self.sessions.how_it_ended(srec) if srec and srec.ended else self.sessions.unknown(record.session)
         self._refuse(record, protocol.NOT_FOUND, message, srec.ended if srec else None)
         return None
@@ -91,7 +95,7 @@ class SessionRuns(ABC):
             nxt = srec.pending.popleft()
             if nxt.state is State.QUEUED:
                 srec.current = nxt
-                self._queue.put_nowait(nxt)
+                self._queue.put(nxt, nxt.tenant)
                 return
 
     def _drop_from_session(self, record: JobRecord) -> None:
@@ -110,7 +114,7 @@ class SessionRuns(ABC):
             while srec.pending:
                 record = srec.pending.popleft()
                 if record.state is State.QUEUED:
-                    self.queued -= 1
+                    self._unqueue(record)
                     self._refuse(record, *error)
             return
         if srec.current is None:
@@ -123,7 +127,7 @@ class SessionRuns(ABC):
         while srec.pending:
             record = srec.pending.popleft()
             if record.state is State.QUEUED:
-                self.queued -= 1
+                self._unqueue(record)
                 self._refuse(record, protocol.NOT_FOUND, message, srec.ended)
         current = srec.current
         if current is not None and current.state is State.RUNNING and current.stop is not None:

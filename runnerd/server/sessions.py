@@ -164,7 +164,7 @@ class SessionManager:
             return
         c = self.config
         if not self.accepting:
-            raise ProtocolError(protocol.BUSY, "runnerd is shutting down; open the session after it restarts")
+            raise ProtocolError(protocol.DRAINING, "runnerd is draining (stopping); open the session on another daemon")
         if c.max_sessions == 0:
             raise ProtocolError(protocol.BUSY, "sessions are off on this server (max_sessions = 0)")
         idle = c.session_idle_timeout_s if req.idle_timeout is None else req.idle_timeout
@@ -206,7 +206,12 @@ class SessionManager:
             if self.records.get(record.id) is record and record.ended is None:
                 del self.records[record.id]
             for request_id, send, _ in record.waiters:
-                safe_send(send, protocol.error_reply(request_id, protocol.BUSY, "runnerd is shutting down"))
+                safe_send(
+                    send,
+                    protocol.error_reply(
+                        request_id, protocol.DRAINING, "runnerd stopped before the session opened; open it elsewhere"
+                    ),
+                )
             self._answer_closers(record)
             raise
         except Exception as exc:

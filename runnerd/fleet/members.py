@@ -1,0 +1,86 @@
+"""One daemon as a client sees it: alive or dead, ready or draining, how loaded, which instance.
+
+Health comes from pings, one every :data:`PING_INTERVAL_S` whatever else
+goes on (a pong is answered by the daemon's event loop: a wedged daemon
+that still holds its TCP connections stops answering). A daemon that has
+said nothing for :data:`DEAD_AFTER_MISSES` intervals (three pings missed)
+is *dead*, out of placement, until it answers again: the Paranoid Pirate
+pattern's numbers, so a dead, wedged or cut-off daemon is out within 3 s of
+its last word plus the client's own delay in looking. Any reply counts as a
+sign of life, not only pongs. A pong naming another instance than before
+means the daemon restarted: whatever lived in the old one (its sessions)
+is gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+PING_INTERVAL_S = 1.0
+DEAD_AFTER_MISSES = 3
+SILENCE_S = DEAD_AFTER_MISSES * PING_INTERVAL_S
+
+
+@dataclass
+class Member:
+    endpoint: str
+    since: float = 0.0  # when this client started to look at it
+    instance: str | None = None
+    state: str = "unknown"  # "ready", "draining" (its own word), "unknown" before the first pong
+    running: int = 0
+    queued: int = 0
+    concurrency: int = 1
+    ping_sent: float | None = None
+    heard: float | None = None
+    restarted: bool = False  # the last reply named a new instance (cleared by whoever acts on it)
+
+    def silent_for(self, now: float) -> float:
+        return now - (self.heard if self.heard is not None else self.since)
+
+    def dead(self, now: float) -> bool:
+        return self.silent_for(now) >= SILENCE_S
+
+    def placeable(self, now: float) -> bool:
+        """New work may go here: it said it is ready, and has not been silent for three pings."""
+        return self.state == "ready" and not self.dead(now)
+
+    def ping_due(self, now: float) -> bool:
+        """True when a ping should go out now (and it is taken as sent)."""
+        if self.ping_sent is not None and now - self.ping_sent < PING_INTERVAL_S:
+            return False
+        self.ping_sent = now
+        return True
+
+    def next_event(self, now: float) -> float:
+        """When something may change without a reply: the next ping, or the moment it is dead."""
+        ping = (self.ping_sent + PING_INTERVAL_S) if self.ping_sent is not None else now
+        death = now + max(0.0, SILENCE_S - self.silent_for(now))
+        return min(ping, death) if not self.dead(now) else ping
+
+    def on_reply(self, msg: dict[str, Any], now: float) -> None:
+        """Any reply from this daemon: it lives; a pong also says its state and load."""
+        self.heard = now
+        instance = msg.get("instance")
+        if isinstance(instance, str):
+            if self.instance is not None and instance != self.instance:
+                self.restarted = True
+            self.instance = instance
+        if msg.get("type") != "pong":
+            return
+        state = msg.get("state")
+        self.state = state if state in ("ready", "draining") else "ready"  # a daemon before fleets: ready
+        for key in ("running", "queued", "concurrency"):
+            value = msg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                setattr(self, key, value)
+        self.concurrency = max(1, self.concurrency)
+
+    def load(self, in_flight: int = 0) -> float:
+        """How full it is, with this client's own jobs in flight that it may not have counted yet."""
+        return (self.running + self.queued + in_flight) / self.concurrency
+
+    def describe(self, now: float) -> str:
+        if self.dead(now):
+            return f"{self.endpoint} (silent for {self.silent_for(now):.1f} s)"
+        return f"{self.endpoint} ({self.state}, instance {self.instance})"

@@ -1,0 +1,124 @@
+"""The client's fleet logic without a daemon: endpoint specs, health from pings, placement, session owners."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from runnerd.errors import ClientError
+from runnerd.fleet import discovery, placement
+from runnerd.fleet.discovery import DnsSpec, parse
+from runnerd.fleet.members import SILENCE_S, Member
+
+
+def test_endpoint_specs():
+    assert parse("ipc:///run/runnerd/runnerd.sock").single
+    fleet = parse("tcp://a:1, tcp://b:2")
+    assert not fleet.single and fleet.endpoints() == ["tcp://a:1", "tcp://b:2"]
+    assert parse(["tcp://a:1", "tcp://b:2"]).static == ("tcp://a:1", "tcp://b:2")
+    srv = parse("dns+srv://_runnerd._tcp.fleet.test@10.0.0.2:5353")
+    assert srv.dns == DnsSpec("srv", "_runnerd._tcp.fleet.test", None, ("10.0.0.2", 5353))
+    names = parse("dns://runnerd.default.svc:7700")
+    assert names.dns == DnsSpec("names", "runnerd.default.svc", 7700, None)
+    for bad, why in (
+        ("", "no endpoint"),
+        ("http://x:1", "expected one of"),
+        ("tcp://a:1,tcp://a:1", "listed twice"),
+        ("dns://name", "HOST:PORT"),
+        ("dns+srv://name:53", "port is in the SRV"),
+        ("dns://a:1,tcp://b:2", "stands alone"),
+        ("dns://a:1@server", "the name server"),
+    ):
+        with pytest.raises(ClientError, match=why):
+            parse(bad)
+
+
+def test_dns_is_asked_again_when_due_and_a_failed_lookup_keeps_the_last_answer():
+    answers: list[list[str] | Exception] = [
+        ["tcp://10.0.0.1:7700"],
+        ClientError("timeout"),
+        ["tcp://10.0.0.1:7700", "tcp://10.0.0.2:7700"],
+    ]
+    asked = []
+
+    def lookup(spec):
+        asked.append(spec.name)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    d = parse("dns://runnerd.test:7700")
+    d.lookup = lookup
+    assert d.endpoints(now=0.0) == ["tcp://10.0.0.1:7700"]
+    assert d.endpoints(now=5.0) == ["tcp://10.0.0.1:7700"] and len(asked) == 1  # not due yet
+    assert d.endpoints(now=discovery.REFRESH_S) == ["tcp://10.0.0.1:7700"]  # the failed lookup kept it
+    assert d.endpoints(now=2 * discovery.REFRESH_S) == ["tcp://10.0.0.1:7700", "tcp://10.0.0.2:7700"]
+    first = parse("dns://runnerd.test:7700")
+    first.lookup = lambda spec: (_ for _ in ()).throw(ClientError("DNS lookup of runnerd.test found no daemon"))
+    with pytest.raises(ClientError, match="found no daemon"):
+        first.endpoints(now=0.0)
+
+
+def pong(instance="i1", state="ready", running=0, queued=0, concurrency=2):
+    return {"type": "pong", "instance": instance, "state": state, "running": running, "queued": queued,
+            "concurrency": concurrency}  # fmt: skip
+
+
+def test_a_daemon_is_dead_after_three_silent_ping_intervals_and_alive_at_its_next_reply():
+    m = Member("tcp://a:1", since=0.0)
+    assert not m.placeable(0.0)  # nothing heard yet
+    assert m.ping_due(0.0)
+    m.on_reply(pong(), 0.25)
+    assert m.placeable(0.25) and not m.ping_due(0.5) and m.ping_due(1.0)
+    assert m.next_event(1.0) == 2.0  # the next ping
+    for now in (2.0, 3.0):  # unanswered
+        assert m.ping_due(now) and m.placeable(now)
+    assert m.next_event(3.0) == 0.25 + SILENCE_S  # its death, before the next ping
+    assert m.dead(0.25 + SILENCE_S) and not m.placeable(0.25 + SILENCE_S)
+    assert SILENCE_S <= 3.5  # out of placement within 3.5 s of its last word
+    m.on_reply({"type": "result", "instance": "i1"}, 3.5)  # any reply is a sign of life
+    assert not m.dead(3.5) and m.placeable(3.5) and not m.restarted
+    assert "silent for 3.0 s" in m.describe(6.5)
+
+
+def test_a_new_instance_means_a_restart_and_draining_is_not_placeable():
+    m = Member("tcp://a:1")
+    m.on_reply(pong("i1"), 0.0)
+    m.on_reply(pong("i2", state="draining"), 1.0)
+    assert m.restarted and m.state == "draining" and not m.placeable(1.0)
+    old = Member("tcp://b:1")
+    old.on_reply({"type": "pong", "server": "runnerd 0.0.9"}, 0.0)  # a daemon from before fleets
+    assert old.placeable(0.0) and old.concurrency == 1
+
+
+def test_two_choices_prefer_the_less_loaded_and_skip_the_unplaceable():
+    idle, busy, draining, dead = (Member(f"tcp://{n}:1") for n in ("idle", "busy", "draining", "dead"))
+    idle.on_reply(pong(running=0), 0.0)
+    busy.on_reply(pong(running=2, queued=6), 0.0)
+    draining.on_reply(pong(state="draining"), 0.0)
+    dead.on_reply(pong(), -SILENCE_S)  # silent since
+    for m in (idle, busy, draining):
+        m.on_reply(pong(running=m.running, queued=m.queued, state=m.state), 0.0)
+    members = [idle, busy, draining, dead]
+    rng = random.Random(1)
+    picks = Counter(placement.choose(members, {}, 0.0, rng=rng).endpoint for _ in range(200))
+    assert set(picks) == {"tcp://idle:1"}  # of the two placeable, the idle one every time
+    # This client's own jobs in flight count: 10 of them make "idle" the busier one.
+    assert placement.choose(members, {"tcp://idle:1": 10}, 0.0, rng=rng) is busy
+    assert placement.choose(members, {}, 0.0, exclude=frozenset({"tcp://idle:1", "tcp://busy:1"})) is None
+
+
+def test_sessions_have_one_owner_every_client_agrees_on_and_a_leaving_daemon_moves_only_its_own():
+    members = [Member(f"tcp://h{i}:1") for i in range(3)]
+    for m in members:
+        m.on_reply(pong(), 0.0)
+    ids = [f"s{i}" for i in range(3000)]
+    owners = {s: placement.owner(s, members, 0.0).endpoint for s in ids}
+    shares = Counter(owners.values())
+    assert all(800 < n < 1200 for n in shares.values()), shares
+    members[2].on_reply(pong(state="draining"), 0.0)
+    moved = [s for s in ids if placement.owner(s, members, 0.0).endpoint != owners[s]]
+    assert all(owners[s] == "tcp://h2:1" for s in moved) and len(moved) == shares["tcp://h2:1"]
