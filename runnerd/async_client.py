@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -24,8 +25,10 @@ import zmq
 import zmq.asyncio
 
 from .connection import CONTROL_TIMEOUT_S, RESEND_INTERVAL_S, SESSION_TIMEOUT_S, ClientBase
-from .errors import ClientError, RemoteError
+from .errors import ClientError, RemoteError, SessionLost
 from .exchange import Event, Files, Finished, _Ask, _run_plan, _RunExchange, _SessionState, new_id
+from .fleet.drive import Pin, adrive
+from .fleet.links import AsyncLinks
 from .result import Result
 
 __all__ = ["AsyncClient", "AsyncSession"]
@@ -45,17 +48,17 @@ class AsyncClient(ClientBase):
         context: zmq.asyncio.Context | None = None,
     ) -> None:
         super().__init__(endpoint, resend_interval=resend_interval, curve=curve)
-        if not self.discovery.single:
-            raise ClientError(
-                f"{self.endpoint}: AsyncClient speaks to one daemon; for a fleet use runnerd.client.Client "
-                "(the asyncio fleet layer is not written yet)"
-            )
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
-        self._configure(self._sock)
+        if self.discovery.single:
+            self._configure(self._sock)
+        else:
+            self._links = AsyncLinks(self.discovery, self._ctx, self._configure)
 
     def close(self) -> None:
         self._sock.close(0)
+        if self._links is not None:
+            self._links.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -88,7 +91,11 @@ class AsyncClient(ClientBase):
                 return event.result
         raise ClientError("no result")  # pragma: no cover
 
-    async def _drive(self, job_id: str, request: bytes, wait: float) -> AsyncIterator[Event]:
+    async def _drive(self, job_id: str, request: bytes, wait: float, pin: Pin | None = None) -> AsyncIterator[Event]:
+        if isinstance(self._links, AsyncLinks):
+            async for event in adrive(self._links, job_id, request, wait, self.resend_interval, self.endpoint, pin):
+                yield event
+            return
         loop = asyncio.get_running_loop()
         exchange = _RunExchange(job_id, wait, self.resend_interval, self.endpoint, loop.time())
         await self._sock.send(request)
@@ -105,13 +112,16 @@ class AsyncClient(ClientBase):
 
     async def _control(
         self, op: str, request_id: str, expect: tuple[str, ...], timeout: float, *,
-        fields: Mapping[str, Any] | None = None, resend: bool = False,
+        fields: Mapping[str, Any] | None = None, resend: bool = False, endpoint: str | None = None,
     ) -> dict[str, Any]:  # fmt: skip
+        if isinstance(self._links, AsyncLinks) and endpoint is None:
+            await self._links.wait_placeable(self._first_wait(timeout))
+            endpoint = self._ready_daemon()
         sock = self._ctx.socket(zmq.DEALER)
         try:
-            self._configure(sock)
+            self._configure(sock, endpoint)
             loop = asyncio.get_running_loop()
-            ask = self._ask(op, request_id, expect, timeout, fields, resend, loop.time())
+            ask = self._ask(op, request_id, expect, timeout, fields, resend, loop.time(), endpoint)
             try:
                 return await self._exchange(sock, ask)
             except RemoteError:
@@ -143,14 +153,24 @@ class AsyncClient(ClientBase):
             if answer is not None:
                 return answer
 
+    async def owner(self, session_id: str, timeout: float = SESSION_TIMEOUT_S) -> str | None:
+        """The daemon a session of this id opens on (as :meth:`runnerd.client.Client.owner`); None for one endpoint."""
+        if not isinstance(self._links, AsyncLinks):
+            return None
+        await self._links.wait_placeable(self._first_wait(timeout))
+        return self._owner_now(session_id)
+
     async def ping(self, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
-        return await self._control("ping", new_id(), ("pong",), timeout)
+        pong = await self._control("ping", new_id(), ("pong",), timeout)
+        if isinstance(self._links, AsyncLinks):
+            await self._links.ping_all(self._first_wait(timeout))
+        return self._with_members(pong)
 
     async def stats(self, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
         return await self._control("stats", new_id(), ("stats",), timeout)
 
     async def cancel(self, job_id: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
-        return await self._control("cancel", job_id, ("cancelling",), timeout)
+        return await self._control("cancel", job_id, ("cancelling",), timeout, endpoint=self._where(job_id))
 
     def session(
         self, files: Files = None, idle_timeout: float | None = None, *,
@@ -177,17 +197,21 @@ class AsyncSession(_SessionState):
 
     async def open(self) -> AsyncSession:
         """Open it; as :meth:`runnerd.client.Session.open` (an open that times out is closed, and takes a new id)."""
+        endpoint = await self.client.owner(self.id, self.timeout)
         try:
             reply = await self.client._control(
-                "open", new_id(), ("opened",), self.timeout, fields=self._open_fields(), resend=True
+                "open", new_id(), ("opened",), self.timeout, fields=self._open_fields(), resend=True, endpoint=endpoint
             )
         except RemoteError:
             raise
         except ClientError:
             self._renew()
             raise
-        self._on_opened(reply)
+        self._on_opened(reply, self._pinned(), endpoint)
         return self
+
+    def _pinned(self) -> Counter[str] | None:
+        return self.client.fleet.pinned if self.client.fleet is not None else None
 
     async def reopen(self) -> AsyncSession:
         await self.close()
@@ -208,13 +232,15 @@ class AsyncSession(_SessionState):
             return
         try:
             await self.client._control(
-                "close", new_id(), ("closed",), self.timeout, fields={"session": self.id}, resend=True
-            )
+                "close", new_id(), ("closed",), self.timeout, fields={"session": self.id}, resend=True,
+                endpoint=self.pin.endpoint if self.pin else None,
+            )  # fmt: skip
         except RemoteError as exc:
             if not self._gone(exc):
                 raise
         else:
             self._on_closed()
+        self._set_pin(self._pinned(), None)
 
     async def __aenter__(self) -> AsyncSession:
         return await self.open()
@@ -234,11 +260,15 @@ class AsyncSession(_SessionState):
     ) -> AsyncIterator[Event]:  # fmt: skip
         job_id, request, wait, given = self._run_args(code, files, timeout, wait, job_id, stream=True)
         try:
-            async for event in self.client._drive(job_id, request, wait):
+            async for event in self.client._drive(job_id, request, wait, self.pin):
                 self._observe(event, given)
                 yield event
         except RemoteError as exc:
             self._gone(exc)
+            raise
+        except SessionLost as exc:
+            self._lost(exc)
+            self._set_pin(self._pinned(), None)
             raise
 
     async def run(
@@ -247,11 +277,15 @@ class AsyncSession(_SessionState):
     ) -> Result:  # fmt: skip
         job_id, request, wait, given = self._run_args(code, files, timeout, wait, job_id, stream=False)
         try:
-            async for event in self.client._drive(job_id, request, wait):
+            async for event in self.client._drive(job_id, request, wait, self.pin):
                 self._observe(event, given)
                 if isinstance(event, Finished):
                     return event.result
         except RemoteError as exc:
             self._gone(exc)
+            raise
+        except SessionLost as exc:
+            self._lost(exc)
+            self._set_pin(self._pinned(), None)
             raise
         raise ClientError("no result")  # pragma: no cover

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -72,7 +73,6 @@ from .exchange import (
 )
 from .fleet.drive import Pin, drive
 from .fleet.links import Links
-from .fleet.members import SILENCE_S
 from .result import Result
 
 __all__ = [
@@ -113,16 +113,10 @@ class Client(ClientBase):
         super().__init__(endpoint, resend_interval=resend_interval, curve=curve)
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
-        self._links: Links | None = None
         if self.discovery.single:
             self._configure(self._sock)
         else:
             self._links = Links(self.discovery, self._ctx, self._configure)
-
-    @property
-    def fleet(self) -> Links | None:
-        """The daemons of a fleet and what this client knows of each; None for one endpoint."""
-        return self._links
 
     def close(self) -> None:
         self._sock.close(0)
@@ -160,7 +154,7 @@ class Client(ClientBase):
         raise ClientError("no result")  # pragma: no cover - _drive returns only after Finished
 
     def _drive(self, job_id: str, request: bytes, wait: float, pin: Pin | None = None) -> Iterator[Event]:
-        if self._links is not None:
+        if isinstance(self._links, Links):
             yield from drive(self._links, job_id, request, wait, self.resend_interval, self.endpoint, pin)
             return
         exchange = _RunExchange(job_id, wait, self.resend_interval, self.endpoint, time.monotonic())
@@ -219,51 +213,30 @@ class Client(ClientBase):
 
     def _some_daemon(self, timeout: float) -> str:
         """A ready daemon of the fleet (waiting up to *timeout* for the first pongs); ClientError if none."""
-        assert self._links is not None
-        deadline = time.monotonic() + min(timeout, SILENCE_S)
-        self._links.wait_placeable(deadline)
-        ready = self._links.placeable(time.monotonic())
-        if not ready:
-            raise ClientError(f"{self.endpoint}: no daemon is ready ({self._describe()})")
-        return min(ready, key=lambda m: m.load(self._links.in_flight.get(m.endpoint, 0) if self._links else 0)).endpoint
-
-    def _describe(self) -> str:
-        now = time.monotonic()
-        members = self._links.members.values() if self._links else ()
-        return "; ".join(m.describe(now) for m in members) or "none found"
+        assert isinstance(self._links, Links)
+        self._links.wait_placeable(self._first_wait(timeout))
+        return self._ready_daemon()
 
     def owner(self, session_id: str, timeout: float = SESSION_TIMEOUT_S) -> str | None:
         """The daemon a session of this id opens on (rendezvous hashing over the ready ones); None for one endpoint."""
-        if self._links is None:
+        if not isinstance(self._links, Links):
             return None
-        from .fleet import placement
-
-        self._links.wait_placeable(time.monotonic() + min(timeout, SILENCE_S))
-        member = placement.owner(session_id, list(self._links.members.values()), time.monotonic())
-        if member is None:
-            raise ClientError(f"{self.endpoint}: no daemon is ready to open session {session_id} ({self._describe()})")
-        return member.endpoint
+        self._links.wait_placeable(self._first_wait(timeout))
+        return self._owner_now(session_id)
 
     def ping(self, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
         """The daemon's pong; for a fleet, a ready daemon's, with ``members``: what this client knows of each."""
         pong = self._control("ping", new_id(), ("pong",), timeout)
-        if self._links is not None:
-            self._links.ping_all(time.monotonic() + min(timeout, SILENCE_S))
-            now = time.monotonic()
-            pong["members"] = [
-                {"endpoint": m.endpoint, "state": m.state, "alive": not m.dead(now), "instance": m.instance,
-                 "running": m.running, "queued": m.queued, "concurrency": m.concurrency}
-                for m in self._links.members.values()
-            ]  # fmt: skip
-        return pong
+        if isinstance(self._links, Links):
+            self._links.ping_all(self._first_wait(timeout))
+        return self._with_members(pong)
 
     def stats(self, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
         return self._control("stats", new_id(), ("stats",), timeout)
 
     def cancel(self, job_id: str, timeout: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
         """Ask the daemon to cancel *job_id*; its result (reason cancelled) goes to the run's client."""
-        endpoint = self._links.where.get(job_id) if self._links is not None else None
-        return self._control("cancel", job_id, ("cancelling",), timeout, endpoint=endpoint)
+        return self._control("cancel", job_id, ("cancelling",), timeout, endpoint=self._where(job_id))
 
     def session(
         self, files: Files = None, idle_timeout: float | None = None, *,
@@ -291,7 +264,6 @@ class Session(_SessionState):
     ) -> None:  # fmt: skip
         super().__init__(session_id, files, idle_timeout, timeout)
         self.client = client
-        self.pin: Pin | None = None  # in a fleet: the daemon it lives on
 
     def open(self) -> Session:
         """Open it (RemoteError if the daemon refuses: BUSY, BAD_REQUEST, NOT_FOUND for an id that ended).
@@ -310,20 +282,11 @@ class Session(_SessionState):
         except ClientError:
             self._renew()
             raise
-        self._on_opened(reply)
-        if endpoint is not None:
-            instance = reply.get("instance")
-            self._set_pin(Pin(self.id, endpoint, instance if isinstance(instance, str) else None))
+        self._on_opened(reply, self._pinned(), endpoint)
         return self
 
-    def _set_pin(self, pin: Pin | None) -> None:
-        """Where it lives now; the fleet keeps a daemon that holds open sessions, even if DNS drops it."""
-        links = self.client.fleet
-        if links is not None and self.pin is not None:
-            links.pinned[self.pin.endpoint] -= 1
-        self.pin = pin
-        if links is not None and pin is not None:
-            links.pinned[pin.endpoint] += 1
+    def _pinned(self) -> Counter[str] | None:
+        return self.client.fleet.pinned if self.client.fleet is not None else None
 
     def reopen(self) -> Session:
         """Close it if it is still open, then open a new session (a new id) with the same files and idle timeout."""
@@ -356,7 +319,7 @@ class Session(_SessionState):
                 raise
         else:
             self._on_closed()
-        self._set_pin(None)
+        self._set_pin(self._pinned(), None)
 
     def __enter__(self) -> Session:
         return self.open()
@@ -385,7 +348,7 @@ class Session(_SessionState):
             raise
         except SessionLost as exc:
             self._lost(exc)
-            self._set_pin(None)
+            self._set_pin(self._pinned(), None)
             raise
 
     def run(
@@ -404,6 +367,6 @@ class Session(_SessionState):
             raise
         except SessionLost as exc:
             self._lost(exc)
-            self._set_pin(None)
+            self._set_pin(self._pinned(), None)
             raise
         raise ClientError("no result")  # pragma: no cover - _drive returns only after Finished

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import wire
 from .errors import ClientError, RemoteError, SessionLost
+from .fleet.placement import Pin
 from .result import Result, SessionEnd
 
 WAIT_MARGIN_S = 30.0
@@ -272,6 +274,7 @@ class _SessionState:
         self.alive = False
         self.ended: SessionEnd | None = None
         self.end_message: str | None = None  # the daemon's words when it said NOT_FOUND for this session
+        self.pin: Pin | None = None  # in a fleet: the daemon it lives on
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else f"ended ({self.ended.value})" if self.ended else "not open"
@@ -294,11 +297,15 @@ class _SessionState:
         self.ended = None
         self.end_message = None
 
-    def _on_opened(self, msg: dict[str, Any]) -> None:
+    def _on_opened(self, msg: dict[str, Any], pinned: Counter[str] | None = None, endpoint: str | None = None) -> None:
+        """The daemon said opened; in a fleet, at *endpoint*, as the instance its reply names."""
         limits = msg.get("limits")
         self.limits = dict(limits) if isinstance(limits, dict) else {}
         self.files = dict(self.open_files)
         self.opened = self.alive = True
+        if endpoint is not None:
+            instance = msg.get("instance")
+            self._set_pin(pinned, Pin(self.id, endpoint, instance if isinstance(instance, str) else None))
 
     def _run_args(
         self, code: str, files: Files, timeout: float | None, wait: float | None, job_id: str | None, stream: bool
@@ -331,6 +338,14 @@ class _SessionState:
         self.ended = word or session_end_from(exc.message) or self.ended
         self.end_message = exc.message
         return True
+
+    def _set_pin(self, pinned: Counter[str] | None, pin: Pin | None) -> None:
+        """Where it lives now; *pinned* (the fleet's count) keeps a daemon that holds open sessions."""
+        if pinned is not None and self.pin is not None:
+            pinned[self.pin.endpoint] -= 1
+        self.pin = pin
+        if pinned is not None and pin is not None:
+            pinned[pin.endpoint] += 1
 
     def _lost(self, exc: SessionLost) -> None:
         """Its daemon died or restarted: it is gone (``ensure_open`` opens a new one)."""

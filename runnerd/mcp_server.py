@@ -30,7 +30,7 @@ from typing import Any
 
 from . import wire
 from .client import AsyncClient, AsyncSession, resolve_endpoint
-from .errors import ClientError, RemoteError
+from .errors import ClientError, RemoteError, SessionLost
 from .explain import how_it_ended, session_note, what_happened
 from .result import Outcome, Result, SessionEnd
 
@@ -117,7 +117,9 @@ class SessionSlot:
             except RemoteError as exc:
                 if exc.code != wire.NOT_FOUND:
                     raise
-            # It ended since the last call said it was alive (an idle timeout, most likely).
+            except SessionLost:
+                pass  # its daemon died or restarted (a fleet): the same as an ended session, said so
+            # It ended since the last call said it was alive (an idle timeout, most likely), or was lost.
             notes.append(_replaced(session.ended))
             await session.reopen()
             return await session.run(code, files=_new_files(session, inputs), timeout=timeout), notes

@@ -180,3 +180,63 @@ def test_host_lost_names_the_daemons_it_went_to(fleet):
         assert any(fleet.tcp[v] in str(info.value) for v in victims), info.value
     for v in victims:
         restart(fleet, v)
+
+
+def test_the_asyncio_client_places_fails_over_and_pins_sessions_the_same_way(fleet):
+    import asyncio
+
+    from runnerd.client import AsyncClient
+
+    async def main() -> None:
+        async with AsyncClient(fleet.spec()) as c:
+            for i in range(3):  # one run at a time: a client is one task's
+                assert (await c.run(f"print({i})")).stdout == f"{i}\n"
+            victim = None
+            finished = None
+            async for event in c.stream(SLOW):
+                if isinstance(event, Output) and victim is None:
+                    (endpoint,) = c.fleet.in_flight
+                    victim = fleet.name_of(endpoint)
+                    fleet.daemons[victim].proc.send_signal(signal.SIGKILL)
+                if isinstance(event, Finished):
+                    finished = event.result
+            assert finished is not None and finished.ok and finished.stdout == "in\ndone\n", finished
+            restart(fleet, victim)
+            s = c.session()
+            await s.open()
+            home = fleet.name_of(s.pin.endpoint)
+            assert (await s.run("x = 6 * 7\nx")).value == "42"
+            fleet.daemons[home].proc.send_signal(signal.SIGKILL)
+            with pytest.raises(SessionLost):
+                await s.run("x")
+            assert s.ended is SessionEnd.HOST_LOST and await s.ensure_open() is True
+            assert s.pin.endpoint != fleet.tcp[home]
+            await s.close()
+            restart(fleet, home)
+
+    asyncio.run(main())
+
+
+def test_bench_fleet_rows(cage_confirmed, tmp_path):
+    """``runnerd bench --modes fleet``: one daemon on one CPU, then two on two through the fleet layer."""
+    import json
+    import subprocess
+    import sys
+
+    config = tmp_path / "bench.toml"
+    config.write_text(
+        f'state_dir = "{cage_confirmed.config.state_dir}"\nenv_path = "{cage_confirmed.config.sandbox_env}"\n'
+    )
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "runnerd", "--config", str(config), "bench", "--modes", "fleet", "--workloads", "W1",
+         "--jobs", "6", "--clients", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {(r["workload"], r["mode"]): r for r in json.loads(out.read_text())["rows"]}
+    for mode in ("1 daemon, 1 CPU", "fleet of 2, 2 CPUs"):
+        assert rows[("W1", mode)]["jobs"] == 6 and rows[("W1", mode)]["failures"] == 0
+        assert rows[("W1", f"{mode} x2")]["throughput_jobs_s"] > 0
+    assert "throughput of 2 daemons on 2 CPUs / 1 on 1 CPU" in run.stdout, run.stdout
+    assert "p50 through the fleet layer" in run.stdout

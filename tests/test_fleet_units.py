@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -122,3 +123,37 @@ def test_sessions_have_one_owner_every_client_agrees_on_and_a_leaving_daemon_mov
     members[2].on_reply(pong(state="draining"), 0.0)
     moved = [s for s in ids if placement.owner(s, members, 0.0).endpoint != owners[s]]
     assert all(owners[s] == "tcp://h2:1" for s in moved) and len(moved) == shares["tcp://h2:1"]
+
+
+def test_curve_keys_per_daemon_or_one_shared(tmp_path):
+    """Each daemon's connection is made with its own server key if given, else the shared one (a real handshake)."""
+    import zmq
+    import zmq.auth
+
+    from runnerd.client import Client, curve_keys
+
+    for name in ("client", "a", "shared"):
+        zmq.auth.create_certificates(str(tmp_path), name)
+    ctx = zmq.Context()
+    routers = {}
+    for name in ("a", "shared"):  # a CURVE server with that key, no ZAP: any client key is let in
+        public, secret = zmq.auth.load_certificate(str(tmp_path / f"{name}.key_secret"))
+        router = ctx.socket(zmq.ROUTER)
+        router.curve_publickey, router.curve_secretkey, router.curve_server = public, secret, True
+        routers[f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"] = router
+    a, b = routers
+    keys = curve_keys(tmp_path / "client.key_secret", servers={a: tmp_path / "a.key"})
+    with Client(f"{a},{b}", curve=keys, context=ctx) as c:
+        with pytest.raises(ClientError, match=f"no CURVE server key for {b}"):
+            c.fleet.wait(0)
+    keys = curve_keys(tmp_path / "client.key_secret", tmp_path / "shared.key", servers={a: tmp_path / "a.key"})
+    with Client(f"{a},{b}", curve=keys, context=ctx) as c:
+        c.fleet.ping_all(time.monotonic() + 3)  # connects to both and pings each (no pong comes)
+        for router in routers.values():
+            assert router.poll(10_000), "the ping did not arrive: the handshake failed"
+            assert b"fleet-ping." in router.recv_multipart()[-1]
+    with pytest.raises(ValueError, match="no server key"):
+        curve_keys(tmp_path / "client.key_secret")
+    for router in routers.values():
+        router.close(0)
+    ctx.term()

@@ -28,7 +28,9 @@ Modes, measured in one run so their ratios are comparable:
 * ``bare``  - the sandbox env's python as a plain subprocess, no isolation (the floor);
 * ``cold``  - a daemon in cold mode (a fresh nsjail per job), started by the bench;
 * ``warm``  - a daemon in warm mode (zygotes), started by the bench;
-* ``daemon`` - with ``--endpoint``: a daemon that is already running.
+* ``daemon`` - with ``--endpoint``: a daemon that is already running;
+* ``fleet`` - two cold daemons pinned to disjoint CPUs, one alone then both
+  through the fleet layer (:mod:`runnerd.bench.fleet`).
 
 Each daemon mode runs alone (the others stopped, :mod:`runnerd.bench.daemon`)
 so they do not share the CPUs. For each workload and mode: latency
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 from .bare import bench_bare
 from .daemon import started
+from .fleet import bench_fleet
 from .jobs import bench_endpoint
 from .memory import tree_pss
 from .report import Progress, Row, plot, report_json, table
@@ -60,6 +63,7 @@ __all__ = [
     "Workload",
     "bench_bare",
     "bench_endpoint",
+    "bench_fleet",
     "plot",
     "report_json",
     "started",

@@ -17,12 +17,13 @@ STARTED: dict[str, int] = {}
 
 
 class BenchDaemon:
-    """A daemon started for the bench: the given config file, its own ipc socket, a given mode."""
+    """A daemon started for the bench: the given config file, its own ipc socket, a given mode (and CPUs)."""
 
-    def __init__(self, config_path: Path | None, mode: str, concurrency: int | None) -> None:
+    def __init__(self, config_path: Path | None, mode: str, concurrency: int | None, cpus: str | None = None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="runnerd-bench-")
         self.endpoint = f"ipc://{self.tmp.name}/bench.sock"
-        argv = [sys.executable, "-m", "runnerd"]
+        argv = ["taskset", "-c", cpus] if cpus else []  # its cages inherit the affinity
+        argv += [sys.executable, "-m", "runnerd"]
         if config_path is not None:
             argv += ["--config", str(config_path)]
         argv += ["serve", "--bind", self.endpoint, "--mode", mode]
@@ -62,8 +63,10 @@ class BenchDaemon:
 
 
 @contextlib.contextmanager
-def started(config_path: Path | None, mode: str, concurrency: int | None) -> Iterator[BenchDaemon]:
-    d = BenchDaemon(config_path, mode, concurrency)
+def started(
+    config_path: Path | None, mode: str, concurrency: int | None, cpus: str | None = None
+) -> Iterator[BenchDaemon]:
+    d = BenchDaemon(config_path, mode, concurrency, cpus)
     try:
         d.wait_ready()
         yield d

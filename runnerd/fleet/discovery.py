@@ -29,6 +29,7 @@ from ..errors import ClientError
 log = logging.getLogger(__name__)
 
 REFRESH_S = 10.0
+MAX_DAEMONS = 1024  # a client's connections: more found are cut to the first, with a warning
 LOOKUP_TIMEOUT_S = 2.0
 SCHEMES = ("ipc://", "tcp://", "dns+srv://", "dns://")
 
@@ -59,6 +60,10 @@ class Discovery:
         """One endpoint and no DNS: the client behaves exactly as without a fleet."""
         return self.dns is None and len(self.static) == 1
 
+    def due(self, now: float) -> bool:
+        """Whether :meth:`endpoints` would ask DNS now (an asyncio caller does that in a thread)."""
+        return self.dns is not None and now >= self._next
+
     def endpoints(self, now: float | None = None) -> list[str]:
         if self.dns is None:
             return list(self.static)
@@ -72,6 +77,9 @@ class Discovery:
                     raise
                 log.warning("%s: %s; keeping the %d daemon(s) found before", self.spec, exc, len(self._found))
             else:
+                if len(found) > MAX_DAEMONS:
+                    log.warning("%s: %d daemons found; using the first %d", self.spec, len(found), MAX_DAEMONS)
+                    found = found[:MAX_DAEMONS]
                 if found != self._found:
                     log.info("%s: %d daemon(s): %s", self.spec, len(found), ", ".join(found))
                 self._found = found
@@ -94,6 +102,8 @@ def parse(spec: str | Sequence[str]) -> Discovery:
         return Discovery(text, dns=_dns_spec(dns[0]))
     if len(set(parts)) != len(parts):
         raise ClientError(f"{text}: an endpoint is listed twice")
+    if len(parts) > MAX_DAEMONS:
+        raise ClientError(f"{len(parts)} endpoints listed; a client takes at most {MAX_DAEMONS}")
     return Discovery(text, static=tuple(parts))
 
 

@@ -1,36 +1,42 @@
-"""A blocking client's connections to a fleet: one DEALER per daemon, pinged while the client waits.
+"""A client's connections to a fleet: one DEALER per daemon, pinged while the client waits.
 
-The client is single-threaded (one per thread), so there is no background
-thread: every wait of the client goes through :meth:`Links.wait`, which
-sends the pings that are due, wakes for the next ping or the moment a
-daemon would count as dead, and hands each reply to its daemon's
-:class:`~.members.Member` first. Sockets have ``ZMQ_IMMEDIATE``: a send
-to a daemon whose connection is down fails at once (the daemon is, or
-soon will be, dead to placement) instead of queueing for a reconnect.
+A client has no background thread or task: every wait of the client goes
+through ``wait``, which sends the pings that are due, wakes for the next
+ping or the moment a daemon would count as dead, and hands each reply to
+its daemon's :class:`~.members.Member` first. Sockets have
+``ZMQ_IMMEDIATE``: a send to a daemon whose connection is down fails at
+once (the daemon is, or soon will be, dead to placement) instead of
+queueing for a reconnect. :class:`Links` waits by blocking (the blocking
+client), :class:`AsyncLinks` as a coroutine (the asyncio client); what
+they know is :class:`LinksBase`'s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
+import zmq.asyncio
 
 from .. import wire
 from .discovery import Discovery
-from .members import Member
+from .members import PING_INTERVAL_S, Member
 
 log = logging.getLogger(__name__)
 
 PING_PREFIX = "fleet-ping."
+PING_RETRY_S = 0.05  # a ping that could not go out (the connection is not up): tried again this soon
+Replies = list[tuple[str, dict[str, Any]]]
 
 
-class Links:
-    def __init__(self, discovery: Discovery, ctx: zmq.Context, configure: Callable[[zmq.Socket, str], None]) -> None:
+class LinksBase:
+    def __init__(self, discovery: Discovery, ctx: zmq.Context, configure: Callable[[Any, str], None]) -> None:
         self.discovery = discovery
         self.ctx = ctx
         self.configure = configure
@@ -47,8 +53,7 @@ class Links:
         self.socks.clear()
         self.members.clear()
 
-    def refresh(self, now: float) -> None:
-        found = self.discovery.endpoints(now)
+    def _apply(self, found: list[str], now: float) -> None:
         for endpoint in found:
             if endpoint not in self.socks:
                 sock = self.ctx.socket(zmq.DEALER)
@@ -70,46 +75,67 @@ class Links:
         if sock is None:
             return False
         try:
-            sock.send(frame, zmq.NOBLOCK)
+            sent = sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
             return False
+        if isinstance(sent, asyncio.Future):  # zmq.asyncio: done at once with NOBLOCK
+            return sent.done() and sent.exception() is None
         return True
 
     def _ping(self, now: float) -> None:
         for endpoint, member in self.members.items():
-            if member.ping_due(now):
-                self.send(endpoint, wire.request("ping", f"{PING_PREFIX}{next(self._pings)}"))
+            if member.ping_due(now) and not self.send(
+                endpoint, wire.request("ping", f"{PING_PREFIX}{next(self._pings)}")
+            ):
+                member.ping_sent = now - PING_INTERVAL_S + PING_RETRY_S  # not connected (yet): again soon
 
-    def wait(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
-        """Replies (other than pings') that come within *timeout* s; pings sent and members updated meanwhile."""
-        now = time.monotonic()
-        self.refresh(now)
-        self._ping(now)
+    def _poll_ms(self, timeout: float, now: float) -> int:
         wake = min((m.next_event(now) for m in self.members.values()), default=now + timeout)
-        poller = zmq.Poller()
-        for sock in self.socks.values():
-            poller.register(sock, zmq.POLLIN)
-        ready = poller.poll(max(0, int(min(timeout, max(0.0, wake - now)) * 1000)))
-        got: list[tuple[str, dict[str, Any]]] = []
-        now = time.monotonic()
+        return max(0, int(min(timeout, max(0.0, wake - now)) * 1000))
+
+    def _take(self, endpoint: str, frame: bytes, now: float, got: Replies) -> None:
+        try:
+            msg = wire.decode_reply(frame)
+        except ValueError as exc:
+            log.warning("%s: undecodable reply dropped: %s", endpoint, exc)
+            return
+        self.members[endpoint].on_reply(msg, now)
+        rid = msg.get("id")
+        if not (isinstance(rid, str) and rid.startswith(PING_PREFIX)):
+            got.append((endpoint, msg))
+
+    def _drain(self, ready: list[tuple[Any, int]], now: float) -> Replies:
+        got: Replies = []
         by_sock = {sock: endpoint for endpoint, sock in self.socks.items()}
         for sock, _ in ready:
             endpoint = by_sock[sock]
             while True:
                 try:
                     frame = sock.recv(zmq.NOBLOCK)
+                    if isinstance(frame, asyncio.Future):
+                        frame = frame.result()  # done at once with NOBLOCK, or raises Again
                 except zmq.Again:
                     break
-                try:
-                    msg = wire.decode_reply(frame)
-                except ValueError as exc:
-                    log.warning("%s: undecodable reply dropped: %s", endpoint, exc)
-                    continue
-                self.members[endpoint].on_reply(msg, now)
-                rid = msg.get("id")
-                if not (isinstance(rid, str) and rid.startswith(PING_PREFIX)):
-                    got.append((endpoint, msg))
+                self._take(endpoint, cast(bytes, frame), now, got)
         return got
+
+    def _waiting_for_pongs(self, start: float) -> bool:
+        return any(m.heard is None or m.heard < start for m in self.members.values())
+
+
+class Links(LinksBase):
+    """The blocking client's."""
+
+    def wait(self, timeout: float) -> Replies:
+        """Replies (other than pings') that come within *timeout* s; pings sent and members updated meanwhile."""
+        now = time.monotonic()
+        self._apply(self.discovery.endpoints(now), now)
+        self._ping(now)
+        poller = zmq.Poller()
+        for sock in self.socks.values():
+            poller.register(sock, zmq.POLLIN)
+        ready = poller.poll(self._poll_ms(timeout, now))
+        return self._drain(ready, time.monotonic())
 
     def ping_all(self, deadline: float) -> None:
         """Ping every daemon now and wait for all to answer, or *deadline* (the dead ones will not)."""
@@ -117,10 +143,40 @@ class Links:
         for member in self.members.values():
             member.ping_sent = None
         self.wait(0)
-        while time.monotonic() < deadline and any(m.heard is None or m.heard < start for m in self.members.values()):
+        while time.monotonic() < deadline and self._waiting_for_pongs(start):
             self.wait(deadline - time.monotonic())
 
     def wait_placeable(self, deadline: float) -> None:
         """Until some daemon is placeable (the first pongs), or *deadline*."""
         while not self.placeable(time.monotonic()) and time.monotonic() < deadline:
             self.wait(deadline - time.monotonic())
+
+
+class AsyncLinks(LinksBase):
+    """The asyncio client's: the same, awaited (a DNS lookup in a thread, never on the loop)."""
+
+    async def wait(self, timeout: float) -> Replies:
+        now = time.monotonic()
+        if self.discovery.due(now):
+            found = await asyncio.to_thread(self.discovery.endpoints, now)
+        else:
+            found = self.discovery.endpoints(now)
+        self._apply(found, now)
+        self._ping(now)
+        poller = zmq.asyncio.Poller()
+        for sock in self.socks.values():
+            poller.register(sock, zmq.POLLIN)
+        ready = await poller.poll(self._poll_ms(timeout, now))
+        return self._drain(ready, time.monotonic())
+
+    async def ping_all(self, deadline: float) -> None:
+        start = time.monotonic()
+        for member in self.members.values():
+            member.ping_sent = None
+        await self.wait(0)
+        while time.monotonic() < deadline and self._waiting_for_pongs(start):
+            await self.wait(deadline - time.monotonic())
+
+    async def wait_placeable(self, deadline: float) -> None:
+        while not self.placeable(time.monotonic()) and time.monotonic() < deadline:
+            await self.wait(deadline - time.monotonic())

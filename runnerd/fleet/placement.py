@@ -15,8 +15,18 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from .members import Member
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Where a session lives: its id, its daemon's endpoint, and that daemon's instance when it opened."""
+
+    session: str
+    endpoint: str
+    instance: str | None
 
 
 def choose(
