@@ -19,6 +19,7 @@ import pytest
 from runnerd.client import Client, Finished, Output
 from runnerd.config import Config
 from runnerd.errors import HostLost, SessionLost
+from runnerd.fleet.members import SILENCE_S
 from runnerd.result import SessionEnd
 
 from .conftest import DaemonProc, free_port
@@ -140,6 +141,8 @@ def test_a_session_stays_on_its_daemon_and_is_lost_with_it(fleet):
         s.run("x = 41")
         for _ in range(3):
             assert s.run("x + 1").value == "42"  # every run on its opening instance
+        time.sleep(SILENCE_S + 1)  # a model thinking: no call, so no pings; that silence is the client's own
+        assert s.run("x + 1").value == "42"
         with Client(fleet.daemons[home].ipc) as direct:
             assert direct.stats()["sessions"]["open"] == 1
         fleet.daemons[home].proc.send_signal(signal.SIGKILL)

@@ -81,7 +81,9 @@ def test_a_daemon_is_dead_after_three_silent_ping_intervals_and_alive_at_its_nex
     assert m.dead(0.25 + SILENCE_S) and not m.placeable(0.25 + SILENCE_S)
     assert SILENCE_S <= 3.5  # out of placement within 3.5 s of its last word
     m.on_reply({"type": "result", "instance": "i1"}, 3.5)  # any reply is a sign of life
-    assert not m.dead(3.5) and m.placeable(3.5) and not m.restarted
+    assert not m.dead(3.5) and m.placeable(3.5) and m.instance == "i1"
+    for now in (4.0, 5.0, 6.0):  # pinged on, unanswered
+        assert m.ping_due(now)
     assert "silent for 3.0 s" in m.describe(6.5)
 
 
@@ -89,7 +91,7 @@ def test_a_new_instance_means_a_restart_and_draining_is_not_placeable():
     m = Member("tcp://a:1")
     m.on_reply(pong("i1"), 0.0)
     m.on_reply(pong("i2", state="draining"), 1.0)
-    assert m.restarted and m.state == "draining" and not m.placeable(1.0)
+    assert m.instance == "i2" and m.state == "draining" and not m.placeable(1.0)  # a new instance: restarted
     old = Member("tcp://b:1")
     old.on_reply({"type": "pong", "server": "runnerd 0.0.9"}, 0.0)  # a daemon from before fleets
     assert old.placeable(0.0) and old.concurrency == 1
@@ -100,7 +102,10 @@ def test_two_choices_prefer_the_less_loaded_and_skip_the_unplaceable():
     idle.on_reply(pong(running=0), 0.0)
     busy.on_reply(pong(running=2, queued=6), 0.0)
     draining.on_reply(pong(state="draining"), 0.0)
-    dead.on_reply(pong(), -SILENCE_S)  # silent since
+    dead.since = -SILENCE_S
+    dead.on_reply(pong(), -SILENCE_S)  # silent since, while this client pinged it every second
+    for t in (-SILENCE_S, -2.0, -1.0, 0.0):
+        assert dead.ping_due(t)
     for m in (idle, busy, draining):
         m.on_reply(pong(running=m.running, queued=m.queued, state=m.state), 0.0)
     members = [idle, busy, draining, dead]
@@ -157,3 +162,15 @@ def test_curve_keys_per_daemon_or_one_shared(tmp_path):
     for router in routers.values():
         router.close(0)
     ctx.term()
+
+
+def test_a_client_that_was_not_waiting_does_not_take_its_own_silence_for_the_daemons():
+    # A session run, then 10 s of thinking (no pings go out: the client waits for nothing), then the next run.
+    m = Member("tcp://a:1", since=0.0)
+    assert m.ping_due(0.0)
+    m.on_reply(pong(), 0.1)
+    assert not m.dead(10.0) and m.placeable(10.0)  # nobody asked it anything: it is not silent, it is unasked
+    assert m.ping_due(10.0)  # watching again: silence counts from here
+    assert not m.dead(10.0 + SILENCE_S - 0.01)
+    assert m.ping_due(11.0) and m.ping_due(12.0)
+    assert m.dead(10.0 + SILENCE_S) and not m.placeable(10.0 + SILENCE_S)

@@ -141,7 +141,7 @@ class Links(LinksBase):
         """Ping every daemon now and wait for all to answer, or *deadline* (the dead ones will not)."""
         start = time.monotonic()
         for member in self.members.values():
-            member.ping_sent = None
+            member.ping_now(start)
         self.wait(0)
         while time.monotonic() < deadline and self._waiting_for_pongs(start):
             self.wait(deadline - time.monotonic())
@@ -172,7 +172,7 @@ class AsyncLinks(LinksBase):
     async def ping_all(self, deadline: float) -> None:
         start = time.monotonic()
         for member in self.members.values():
-            member.ping_sent = None
+            member.ping_now(start)
         await self.wait(0)
         while time.monotonic() < deadline and self._waiting_for_pongs(start):
             await self.wait(deadline - time.monotonic())

@@ -20,12 +20,14 @@ from typing import Any
 PING_INTERVAL_S = 1.0
 DEAD_AFTER_MISSES = 3
 SILENCE_S = DEAD_AFTER_MISSES * PING_INTERVAL_S
+# No ping for this long: the client was not waiting (between its calls), so it was not listening either.
+WATCH_GAP_S = 2 * PING_INTERVAL_S
 
 
 @dataclass
 class Member:
     endpoint: str
-    since: float = 0.0  # when this client started to look at it
+    since: float = 0.0  # when this client started (or started again) to look at it
     instance: str | None = None
     state: str = "unknown"  # "ready", "draining" (its own word), "unknown" before the first pong
     running: int = 0
@@ -33,13 +35,17 @@ class Member:
     concurrency: int = 1
     ping_sent: float | None = None
     heard: float | None = None
-    restarted: bool = False  # the last reply named a new instance (cleared by whoever acts on it)
 
     def silent_for(self, now: float) -> float:
-        return now - (self.heard if self.heard is not None else self.since)
+        return now - max(self.heard if self.heard is not None else self.since, self.since)
+
+    def watching(self, now: float) -> bool:
+        """Whether this client has been pinging it lately (it pings only while it waits for something)."""
+        return self.ping_sent is not None and now - self.ping_sent <= WATCH_GAP_S
 
     def dead(self, now: float) -> bool:
-        return self.silent_for(now) >= SILENCE_S
+        """Silent for three pings while this client was pinging it; a daemon nobody asked is not silent."""
+        return self.watching(now) and self.silent_for(now) >= SILENCE_S
 
     def placeable(self, now: float) -> bool:
         """New work may go here: it said it is ready, and has not been silent for three pings."""
@@ -49,8 +55,15 @@ class Member:
         """True when a ping should go out now (and it is taken as sent)."""
         if self.ping_sent is not None and now - self.ping_sent < PING_INTERVAL_S:
             return False
+        if not self.watching(now):
+            self.since = max(self.since, now)  # looking again after a gap: silence counts from here
         self.ping_sent = now
         return True
+
+    def ping_now(self, now: float) -> None:
+        """Make a ping due at once (without taking a gap in this client's looking for silence)."""
+        if self.watching(now):
+            self.ping_sent = now - PING_INTERVAL_S
 
     def next_event(self, now: float) -> float:
         """When something may change without a reply: the next ping, or the moment it is dead."""
@@ -63,9 +76,7 @@ class Member:
         self.heard = now
         instance = msg.get("instance")
         if isinstance(instance, str):
-            if self.instance is not None and instance != self.instance:
-                self.restarted = True
-            self.instance = instance
+            self.instance = instance  # another than before: it restarted (whoever pinned to it compares)
         if msg.get("type") != "pong":
             return
         state = msg.get("state")
