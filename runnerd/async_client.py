@@ -195,6 +195,9 @@ class AsyncSession(_SessionState):
         super().__init__(session_id, files, idle_timeout, timeout)
         self.client = client
 
+    def _pinned(self) -> Counter[str] | None:
+        return self.client.fleet.pinned if self.client.fleet is not None else None
+
     async def open(self) -> AsyncSession:
         """Open it; as :meth:`runnerd.client.Session.open` (an open that times out is closed, and takes a new id)."""
         endpoint = await self.client.owner(self.id, self.timeout)
@@ -207,11 +210,8 @@ class AsyncSession(_SessionState):
         except ClientError:
             self._renew()
             raise
-        self._on_opened(reply, self._pinned(), endpoint)
+        self._on_opened(reply, endpoint)
         return self
-
-    def _pinned(self) -> Counter[str] | None:
-        return self.client.fleet.pinned if self.client.fleet is not None else None
 
     async def reopen(self) -> AsyncSession:
         await self.close()
@@ -240,7 +240,7 @@ class AsyncSession(_SessionState):
                 raise
         else:
             self._on_closed()
-        self._set_pin(self._pinned(), None)
+        self._set_pin(None)
 
     async def __aenter__(self) -> AsyncSession:
         return await self.open()
@@ -268,7 +268,6 @@ class AsyncSession(_SessionState):
             raise
         except SessionLost as exc:
             self._lost(exc)
-            self._set_pin(self._pinned(), None)
             raise
 
     async def run(
@@ -286,6 +285,5 @@ class AsyncSession(_SessionState):
             raise
         except SessionLost as exc:
             self._lost(exc)
-            self._set_pin(self._pinned(), None)
             raise
         raise ClientError("no result")  # pragma: no cover

@@ -265,6 +265,9 @@ class Session(_SessionState):
         super().__init__(session_id, files, idle_timeout, timeout)
         self.client = client
 
+    def _pinned(self) -> Counter[str] | None:
+        return self.client.fleet.pinned if self.client.fleet is not None else None
+
     def open(self) -> Session:
         """Open it (RemoteError if the daemon refuses: BUSY, BAD_REQUEST, NOT_FOUND for an id that ended).
 
@@ -282,11 +285,8 @@ class Session(_SessionState):
         except ClientError:
             self._renew()
             raise
-        self._on_opened(reply, self._pinned(), endpoint)
+        self._on_opened(reply, endpoint)
         return self
-
-    def _pinned(self) -> Counter[str] | None:
-        return self.client.fleet.pinned if self.client.fleet is not None else None
 
     def reopen(self) -> Session:
         """Close it if it is still open, then open a new session (a new id) with the same files and idle timeout."""
@@ -319,7 +319,7 @@ class Session(_SessionState):
                 raise
         else:
             self._on_closed()
-        self._set_pin(self._pinned(), None)
+        self._set_pin(None)
 
     def __enter__(self) -> Session:
         return self.open()
@@ -348,7 +348,6 @@ class Session(_SessionState):
             raise
         except SessionLost as exc:
             self._lost(exc)
-            self._set_pin(self._pinned(), None)
             raise
 
     def run(
@@ -367,6 +366,5 @@ class Session(_SessionState):
             raise
         except SessionLost as exc:
             self._lost(exc)
-            self._set_pin(self._pinned(), None)
             raise
         raise ClientError("no result")  # pragma: no cover - _drive returns only after Finished

@@ -297,7 +297,7 @@ class _SessionState:
         self.ended = None
         self.end_message = None
 
-    def _on_opened(self, msg: dict[str, Any], pinned: Counter[str] | None = None, endpoint: str | None = None) -> None:
+    def _on_opened(self, msg: dict[str, Any], endpoint: str | None = None) -> None:
         """The daemon said opened; in a fleet, at *endpoint*, as the instance its reply names."""
         limits = msg.get("limits")
         self.limits = dict(limits) if isinstance(limits, dict) else {}
@@ -305,7 +305,7 @@ class _SessionState:
         self.opened = self.alive = True
         if endpoint is not None:
             instance = msg.get("instance")
-            self._set_pin(pinned, Pin(self.id, endpoint, instance if isinstance(instance, str) else None))
+            self._set_pin(Pin(self.id, endpoint, instance if isinstance(instance, str) else None))
 
     def _run_args(
         self, code: str, files: Files, timeout: float | None, wait: float | None, job_id: str | None, stream: bool
@@ -339,8 +339,15 @@ class _SessionState:
         self.end_message = exc.message
         return True
 
-    def _set_pin(self, pinned: Counter[str] | None, pin: Pin | None) -> None:
-        """Where it lives now; *pinned* (the fleet's count) keeps a daemon that holds open sessions."""
+    def _pinned(self) -> Counter[str] | None:
+        """The fleet's count of open sessions per daemon (it keeps their connections); None for one endpoint."""
+        return None
+
+    def _set_pin(self, pin: Pin | None) -> None:
+        """Where it lives now (None: nowhere, any more); the fleet keeps a daemon that holds open sessions."""
+        if pin is None and self.pin is None:
+            return
+        pinned = self._pinned()
         if pinned is not None and self.pin is not None:
             pinned[self.pin.endpoint] -= 1
         self.pin = pin
@@ -352,6 +359,7 @@ class _SessionState:
         self.alive = False
         self.ended = SessionEnd.HOST_LOST
         self.end_message = str(exc)
+        self._set_pin(None)
 
     def _on_closed(self) -> None:
         self.alive = False

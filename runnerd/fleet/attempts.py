@@ -28,13 +28,12 @@ class Attempts:
         self.max_executions = max_executions
         self.target: Member | None = None
         self.instance: str | None = None  # the target's when the job went there
-        self.lost: list[str] = []  # daemons that may have run it, and how each was lost
+        self.lost: dict[str, str] = {}  # daemons that may have run it -> how each was lost
         self.refused: dict[str, RemoteError] = {}
 
     @property
     def sent_to(self) -> frozenset[str]:
-        done = {entry.split(" ", 1)[0] for entry in self.lost} | set(self.refused)
-        return frozenset(done | ({self.target.endpoint} if self.target else set()))
+        return frozenset({*self.lost, *self.refused, *([self.target.endpoint] if self.target else [])})
 
     def place(self, members: Sequence[Member], in_flight: Mapping[str, int], now: float) -> Member | None:
         """The daemon to send the job to now; None when no daemon it has not been to is placeable.
@@ -64,10 +63,13 @@ class Attempts:
             how = f"restarted (instance {self.instance} -> {target.instance})"
         if how is None:
             return
-        self.lost.append(f"{target.endpoint} {how}")
+        self.lost[target.endpoint] = how
         self.target = None
         if len(self.lost) >= self.max_executions:
-            raise HostLost(self.job_id, self.lost)
+            self._host_lost()
+
+    def _host_lost(self) -> None:
+        raise HostLost(self.job_id, [f"{endpoint} {how}" for endpoint, how in self.lost.items()])
 
     def on_error(self, endpoint: str, exc: RemoteError) -> bool:
         """A refusal from the target: True when the job may go elsewhere (it did not run there)."""
@@ -80,7 +82,7 @@ class Attempts:
     def give_up(self, members: Sequence[Member], now: float) -> None:
         """No daemon has been placeable for a while: raise what became of the job."""
         if self.lost:
-            raise HostLost(self.job_id, self.lost)
+            self._host_lost()
         if self.refused:
             raise next(reversed(self.refused.values()))
         raise ClientError(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -131,7 +131,7 @@ class FairQueue(Generic[T]):
                 return
 
     def shares(self) -> dict[str, float]:
-        """Seconds of service charged so far to each tenant that waits or runs (for stats and tests)."""
+        """Seconds of service charged so far to each tenant that waits or runs (what a test can check)."""
         return {name: round(t.served, 4) for name, t in self._tenants.items()}
 
 
@@ -144,9 +144,13 @@ class Backlog:
         self.by_tenant: Counter[str] = Counter()
 
     def admit(
-        self, client: Client, tenant: str, per_client: int | None, per_tenant: int | None, retry_after_ms: int
-    ) -> None:
-        """ProtocolError (BUSY, naming the setting) if *client* or *tenant* has its cap of runs waiting."""
+        self, client: Client, tenant: str, per_client: int | None, per_tenant: int | None,
+        retry_after_ms: Callable[[], int],
+    ) -> None:  # fmt: skip
+        """ProtocolError (BUSY, naming the setting) if *client* or *tenant* has its cap of runs waiting.
+
+        *retry_after_ms* is asked only for a refusal: it averages the recent run times.
+        """
         for limit, held, whose, setting in (
             (per_client, self.by_client[client], f"this client ({client.name})", "max_queued_per_client"),
             (per_tenant, self.by_tenant[tenant], f"tenant {tenant!r}", "max_queued_per_tenant"),
@@ -155,7 +159,7 @@ class Backlog:
                 raise ProtocolError(
                     BUSY,
                     f"{whose} has {held} runs queued, the limit ({setting} {limit}); wait for a result",
-                    retry_after_ms=retry_after_ms,
+                    retry_after_ms=retry_after_ms(),
                 )
 
     def add(self, client: Hashable, tenant: str) -> None:

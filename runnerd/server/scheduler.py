@@ -157,7 +157,7 @@ class Scheduler(SessionRuns):
             )
         tenant = tenant_of(req.tenant, client)
         self._backlog.admit(
-            client, tenant, self.max_queued_per_client, self.max_queued_per_tenant, self.retry_after_ms(1)
+            client, tenant, self.max_queued_per_client, self.max_queued_per_tenant, lambda: self.retry_after_ms(1)
         )
         session = self._admit_to_session(req, client) if req.session is not None else None
         record = JobRecord(
@@ -206,8 +206,7 @@ class Scheduler(SessionRuns):
             raise ProtocolError(protocol.NOT_FOUND, f"no job to cancel: {job_id!r} {why}")
         safe_send(send, protocol.reply(job_id, "cancelling", state=record.state.value))
         if record.state is State.QUEUED:
-            self._unqueue(record)
-            self._queue.remove(record, record.tenant)
+            self._withdraw(record)
             srec = record.srec
             self._drop_from_session(record)
             state = SessionState(id=srec.id, alive=srec.ended is None, ended=srec.ended) if srec else None
@@ -233,17 +232,16 @@ class Scheduler(SessionRuns):
         count = 0
         for record in list(self.jobs.values()):
             if record.state is State.QUEUED and (sessions or record.session is None):
-                self._unqueue(record)
-                self._queue.remove(record, record.tenant)
+                self._withdraw(record)
                 self._drop_from_session(record)
-                record.state = State.DONE
-                del self.jobs[record.id]
-                how = ended.value if ended is not None and record.session is not None else None
-                frame = protocol.error_reply(record.id, code, message, how)
-                for sub in record.subscribers.values():
-                    safe_send(sub.send, frame)
+                self._refuse(record, code, message, ended if record.session is not None else None)
                 count += 1
         return count
+
+    def _withdraw(self, record: JobRecord) -> None:
+        """A queued run answered without running: it no longer waits, in the counts or in the queue."""
+        self._unqueue(record)
+        self._queue.remove(record, record.tenant)
 
     def end_sessions_runs(self) -> int:
         """The drain's end: no session's run starts any more; the queued ones hear that their session ends."""
