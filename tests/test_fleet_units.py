@@ -174,3 +174,19 @@ def test_a_client_that_was_not_waiting_does_not_take_its_own_silence_for_the_dae
     assert not m.dead(10.0 + SILENCE_S - 0.01)
     assert m.ping_due(11.0) and m.ping_due(12.0)
     assert m.dead(10.0 + SILENCE_S) and not m.placeable(10.0 + SILENCE_S)
+
+
+def test_a_restart_is_news_after_the_pin_not_what_the_fleet_knew_before():
+    from runnerd.fleet.drive import lost
+    from runnerd.fleet.placement import Pin
+
+    m = Member("tcp://a:1", since=0.0)
+    m.ping_due(0.0)
+    m.on_reply(pong("old"), 0.1)  # what this client heard before the daemon restarted, unasked since
+    pin = Pin("s", "tcp://a:1", "new", at=1.0)  # the open's own reply named the new instance
+    assert lost(pin, {"tcp://a:1": m}, 1.5) is None
+    m.on_reply(pong("new"), 2.0)
+    assert lost(pin, {"tcp://a:1": m}, 2.0) is None
+    m.on_reply(pong("newer"), 3.0)
+    gone = lost(pin, {"tcp://a:1": m}, 3.0)
+    assert gone is not None and "restarted (instance new -> newer)" in str(gone)

@@ -27,7 +27,7 @@ class Attempts:
         self.job_id = job_id
         self.max_executions = max_executions
         self.target: Member | None = None
-        self.instance: str | None = None  # the target's when the job went there
+        self.instance: str | None = None  # the target's, as its first reply to this job named it
         self.lost: dict[str, str] = {}  # daemons that may have run it -> how each was lost
         self.refused: dict[str, RemoteError] = {}
 
@@ -48,8 +48,14 @@ class Attempts:
                 raise next(reversed(self.refused.values()))
             return None
         self.target = member
-        self.instance = member.instance
+        self.instance = None  # what the client knew of it may predate a restart: its reply will say
         return member
+
+    def heard_from(self, msg: Mapping[str, object]) -> None:
+        """A reply to this job from its target: the instance that has it."""
+        instance = msg.get("instance")
+        if self.instance is None and isinstance(instance, str):
+            self.instance = instance
 
     def check(self, now: float) -> None:
         """Is the target lost? Then the job goes elsewhere (HostLost once MAX_EXECUTIONS daemons are spent)."""

@@ -36,7 +36,8 @@ def lost(pin: Pin, members: Mapping[str, Member], now: float) -> SessionLost | N
         return SessionLost(pin.session, pin.endpoint, "is no longer in the fleet")
     if member.dead(now):
         return SessionLost(pin.session, pin.endpoint, f"stopped answering (silent for {member.silent_for(now):.1f} s)")
-    if pin.instance is not None and member.instance not in (None, pin.instance):
+    newer = member.instance_at is not None and member.instance_at > pin.at
+    if pin.instance is not None and newer and member.instance != pin.instance:
         return SessionLost(pin.session, pin.endpoint, f"restarted (instance {pin.instance} -> {member.instance})")
     return None
 
@@ -92,6 +93,8 @@ class FleetRun:
             gone = lost(self.pin, links.members, now)  # a reply from another instance is no answer
             if gone is not None:
                 raise gone
+        if self.pin is None and endpoint == self.sent:
+            self.attempts.heard_from(msg)
         try:
             return self.exchange.events(msg, now)
         except RemoteError as exc:

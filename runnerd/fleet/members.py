@@ -35,6 +35,7 @@ class Member:
     concurrency: int = 1
     ping_sent: float | None = None
     heard: float | None = None
+    instance_at: float | None = None  # when a reply last named `instance` (older news may predate a restart)
 
     def silent_for(self, now: float) -> float:
         return now - max(self.heard if self.heard is not None else self.since, self.since)
@@ -77,6 +78,7 @@ class Member:
         instance = msg.get("instance")
         if isinstance(instance, str):
             self.instance = instance  # another than before: it restarted (whoever pinned to it compares)
+            self.instance_at = now
         if msg.get("type") != "pong":
             return
         state = msg.get("state")

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .members import Member
 
@@ -26,7 +27,8 @@ class Pin:
 
     session: str
     endpoint: str
-    instance: str | None
+    instance: str | None  # as the open's reply named it (the open went on a socket of its own)
+    at: float = field(default_factory=time.monotonic)  # when: what the fleet heard before is older news
 
 
 def choose(
