@@ -58,6 +58,9 @@ def test_ping_says_who_it_is_and_how_loaded_and_every_reply_names_the_instance(d
         result = w.reply(rid)
         error = w.reply(w.send("cancel", "no-such-job"))
         assert accepted["instance"] == result["instance"] == error["instance"] == instance
+        # A job's replies say the load too: `accepted` counts the job itself, `result` no longer does.
+        assert accepted["load"]["concurrency"] == 2 and accepted["load"]["running"] + accepted["load"]["queued"] == 1
+        assert result["load"] == {"running": 0, "queued": 0, "concurrency": 2}, result["load"]
         assert error["code"] == "NOT_FOUND"
         s = new_id("who")
         w.opened(s)

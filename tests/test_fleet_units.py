@@ -117,6 +117,24 @@ def test_two_choices_prefer_the_less_loaded_and_skip_the_unplaceable():
     assert placement.choose(members, {}, 0.0, exclude=frozenset({"tcp://idle:1", "tcp://busy:1"})) is None
 
 
+def test_a_jobs_reply_says_the_load_fresher_than_the_last_pong_and_the_fresher_wins_a_tie():
+    a, b = Member("tcp://a:1"), Member("tcp://b:1")
+    a.on_reply(pong(running=2, queued=3), 0.0)
+    b.on_reply(pong(running=2, queued=3), 0.0)
+    # A result from a (its load once that job left): a is now the lighter one, for every pick.
+    a.on_reply({"type": "result", "instance": "i1", "load": {"running": 1, "queued": 0, "concurrency": 2}}, 0.5)
+    assert (a.running, a.queued, a.load_at) == (1, 0, 0.5)
+    rng = random.Random(2)
+    assert {placement.choose([a, b], {}, 0.5, rng=rng).endpoint for _ in range(50)} == {"tcp://a:1"}
+    # Equal loads: the fresher news wins, whichever order the two were drawn in.
+    b.on_reply({"type": "accepted", "instance": "i1", "load": {"running": 1, "queued": 0, "concurrency": 2}}, 0.7)
+    assert {placement.choose([a, b], {}, 0.7, rng=rng).endpoint for _ in range(50)} == {"tcp://b:1"}
+    # A reply without a load, or with a mangled one, leaves it; a job's reply never changes the state.
+    b.on_reply({"type": "result", "instance": "i1", "load": {"running": -1, "queued": "x"}, "state": "draining"}, 0.9)
+    b.on_reply({"type": "accepted", "instance": "i1", "load": "busy"}, 0.9)
+    assert (b.running, b.queued, b.state, b.load_at) == (1, 0, "ready", 0.7)
+
+
 def test_sessions_have_one_owner_every_client_agrees_on_and_a_leaving_daemon_moves_only_its_own():
     members = [Member(f"tcp://h{i}:1") for i in range(3)]
     for m in members:

@@ -36,6 +36,7 @@ class Member:
     ping_sent: float | None = None
     heard: float | None = None
     instance_at: float | None = None  # when a reply last named `instance` (older news may predate a restart)
+    load_at: float = float("-inf")  # when a reply last said the load (a pong, or a job's `accepted`/`result`)
 
     def silent_for(self, now: float) -> float:
         return now - max(self.heard if self.heard is not None else self.since, self.since)
@@ -73,20 +74,26 @@ class Member:
         return min(ping, death) if not self.dead(now) else ping
 
     def on_reply(self, msg: dict[str, Any], now: float) -> None:
-        """Any reply from this daemon: it lives; a pong also says its state and load."""
+        """Any reply from this daemon: it lives; a pong also says its state, and a pong, `accepted` or
+        `result` its load (a load a job's reply carries is fresher than the last pong: placement uses it)."""
         self.heard = now
         instance = msg.get("instance")
         if isinstance(instance, str):
             self.instance = instance  # another than before: it restarted (whoever pinned to it compares)
             self.instance_at = now
-        if msg.get("type") != "pong":
-            return
-        state = msg.get("state")
-        self.state = state if state in ("ready", "draining") else "ready"  # a daemon before fleets: ready
+        if msg.get("type") == "pong":
+            state = msg.get("state")
+            self.state = state if state in ("ready", "draining") else "ready"  # a daemon before fleets: ready
+            self._take_load(msg, now)
+        elif isinstance(load := msg.get("load"), dict):
+            self._take_load(load, now)
+
+    def _take_load(self, fields: dict[str, Any], now: float) -> None:
         for key in ("running", "queued", "concurrency"):
-            value = msg.get(key)
+            value = fields.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 setattr(self, key, value)
+                self.load_at = now
         self.concurrency = max(1, self.concurrency)
 
     def load(self, in_flight: int = 0) -> float:

@@ -4,7 +4,9 @@
   daemons at random, the one with the lower load (its reported running and
   queued jobs plus this client's own in flight there, over its slots). Close
   to the best choice, without every client piling onto the same "least
-  loaded" daemon between two pings.
+  loaded" daemon between two pings. A load is as fresh as the last reply
+  that said it: a pong, or any job's `accepted` or `result`; of two equal
+  loads, the fresher wins.
 * Sessions: rendezvous (highest random weight) hashing of the session id
   over the placeable daemons: every client agrees on the owner without
   talking, and a daemon joining or leaving moves only its own share.
@@ -41,8 +43,9 @@ def choose(
         return None
     if len(pool) == 1:
         return pool[0]
-    a, b = (rng or random).sample(pool, 2)
-    return a if a.load(in_flight.get(a.endpoint, 0)) <= b.load(in_flight.get(b.endpoint, 0)) else b
+    two = (rng or random).sample(pool, 2)
+    # Equal loads: the one whose load is the fresher news (often the daemon this client's last job ran on).
+    return min(two, key=lambda m: (m.load(in_flight.get(m.endpoint, 0)), -m.load_at))
 
 
 def weight(session_id: str, endpoint: str) -> int:

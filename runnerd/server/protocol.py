@@ -19,6 +19,7 @@ import hashlib
 import math
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,8 +105,8 @@ def error_reply(
     return wire.error_reply(request_id, code, message, ended, **extra)
 
 
-def result_reply(request_id: str, result: Result) -> bytes:
-    return wire.result_reply(request_id, result, instance=INSTANCE)
+def result_reply(request_id: str, result: Result, load: Mapping[str, int]) -> bytes:
+    return wire.result_reply(request_id, result, instance=INSTANCE, load=dict(load))
 
 
 class ProtocolError(Exception):

@@ -108,6 +108,11 @@ class Scheduler(SessionRuns):
     def queued(self) -> int:
         return self._backlog.total
 
+    @property
+    def load(self) -> dict[str, int]:
+        """On `accepted` and `result`: what a client placing work sees fresher than its last pong."""
+        return {"running": self.running, "queued": self.queued, "concurrency": self.concurrency}
+
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
@@ -184,12 +189,13 @@ class Scheduler(SessionRuns):
     def _subscribe(self, record: JobRecord, peer: Hashable, sub: Subscriber, *, replay: bool) -> None:
         known = peer in record.subscribers
         record.subscribers[peer] = sub
-        safe_send(sub.send, protocol.reply(record.id, "accepted", state=record.state.value, duplicate=replay))
+        accepted = protocol.reply(record.id, "accepted", state=record.state.value, duplicate=replay, load=self.load)
+        safe_send(sub.send, accepted)
         if replay and not known and sub.stream:
             for stream, offset, data in record.chunks:
                 safe_send(sub.send, record.chunk_frame(stream, offset, data))
         if record.result is not None:
-            safe_send(sub.send, protocol.result_reply(record.id, record.result))
+            safe_send(sub.send, protocol.result_reply(record.id, record.result, self.load))
 
     def _visible(self, job_id: str, client: Client) -> JobRecord | None:
         """The job *job_id*, unless another CURVE key sent it: then it is none of *client*'s."""
@@ -380,7 +386,7 @@ class Scheduler(SessionRuns):
                 safe_send(sub.send, frame)
 
     def _finish(self, record: JobRecord, result: Result, *, wall_s: float) -> None:
-        frame = protocol.result_reply(record.id, result)  # first: a result that cannot be packed changes nothing
+        frame = protocol.result_reply(record.id, result, self.load)  # first: if it cannot be packed, nothing changed
         record.state = State.DONE
         record.result = result
         record.spec = None
