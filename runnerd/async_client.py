@@ -46,8 +46,9 @@ class AsyncClient(ClientBase):
         resend_interval: float = RESEND_INTERVAL_S,
         curve: Mapping[str, bytes] | None = None,
         context: zmq.asyncio.Context | None = None,
+        tenant: str | None = None,
     ) -> None:
-        super().__init__(endpoint, resend_interval=resend_interval, curve=curve)
+        super().__init__(endpoint, resend_interval=resend_interval, curve=curve, tenant=tenant)
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         if self.discovery.single:
@@ -77,7 +78,7 @@ class AsyncClient(ClientBase):
         self, code: str, files: Files = None, timeout: float | None = None, *,
         wait: float | None = None, job_id: str | None = None,
     ) -> AsyncIterator[Event]:  # fmt: skip
-        job_id, request, wait = _run_plan(code, files, timeout, wait, job_id, stream=True)
+        job_id, request, wait = _run_plan(code, files, timeout, wait, job_id, stream=True, tenant=self.tenant)
         async for event in self._drive(job_id, request, wait):
             yield event
 
@@ -85,7 +86,7 @@ class AsyncClient(ClientBase):
         self, code: str, files: Files = None, timeout: float | None = None, *,
         wait: float | None = None, job_id: str | None = None,
     ) -> Result:  # fmt: skip
-        job_id, request, wait = _run_plan(code, files, timeout, wait, job_id, stream=False)
+        job_id, request, wait = _run_plan(code, files, timeout, wait, job_id, stream=False, tenant=self.tenant)
         async for event in self._drive(job_id, request, wait):
             if isinstance(event, Finished):
                 return event.result
@@ -192,7 +193,7 @@ class AsyncSession(_SessionState):
         self, client: AsyncClient, files: Files = None, idle_timeout: float | None = None, *,
         session_id: str | None = None, timeout: float = SESSION_TIMEOUT_S,
     ) -> None:  # fmt: skip
-        super().__init__(session_id, files, idle_timeout, timeout)
+        super().__init__(session_id, files, idle_timeout, timeout, client.tenant)
         self.client = client
 
     def _pinned(self) -> Counter[str] | None:

@@ -196,9 +196,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)
     modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - {"bare", "cold", "warm", "daemon", "fleet"}
+    unknown = set(modes) - set(bench.MODES)
     if unknown:
-        raise RunnerdError(f"unknown mode(s) {', '.join(sorted(unknown))}; modes are bare, cold, warm, daemon, fleet")
+        raise RunnerdError(f"unknown mode(s) {', '.join(sorted(unknown))}; modes are {', '.join(bench.MODES)}")
     if "daemon" in modes and not args.endpoint:
         raise RunnerdError("mode daemon benches a running daemon: give --endpoint")
     names = [w for w in args.workloads.split(",") if w]
@@ -234,6 +234,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         on(args.endpoint, "daemon", last=True)
     if "fleet" in modes:
         rows.extend(bench.bench_fleet(args.config, workloads, args.jobs, args.clients, progress))
+    if "fairness" in modes:
+        rows.extend(bench.bench_fairness(args.config, args.concurrency, progress))
 
     print(bench.table(rows))
     by = {(r.workload, r.mode): r for r in rows}
@@ -392,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--modes",
         default="bare,cold,warm",
-        help="comma-separated: bare, cold, warm (started here), daemon (--endpoint), fleet (2 daemons on 2 CPUs)",
+        help="comma-separated: bare, cold, warm (started here), daemon (--endpoint), fleet (2 daemons on 2 CPUs), "
+        "fairness (tenants sharing a warm daemon)",
     )
     p.add_argument("--endpoint", default=None, help="for mode daemon: a running daemon to drive")
     p.add_argument(

@@ -109,8 +109,9 @@ class Client(ClientBase):
         resend_interval: float = RESEND_INTERVAL_S,
         curve: Mapping[str, bytes] | None = None,
         context: zmq.Context | None = None,
+        tenant: str | None = None,
     ) -> None:
-        super().__init__(endpoint, resend_interval=resend_interval, curve=curve)
+        super().__init__(endpoint, resend_interval=resend_interval, curve=curve, tenant=tenant)
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         if self.discovery.single:
@@ -139,7 +140,7 @@ class Client(ClientBase):
         wait: float | None = None, job_id: str | None = None,
     ) -> Iterator[Event]:  # fmt: skip
         """Run *code*; yield Accepted, then Output chunks as printed, then Finished."""
-        job_id, request, wait = _run_plan(code, files, timeout, wait, job_id, stream=True)
+        job_id, request, wait = _run_plan(code, files, timeout, wait, job_id, stream=True, tenant=self.tenant)
         yield from self._drive(job_id, request, wait)
 
     def run(
@@ -147,7 +148,7 @@ class Client(ClientBase):
         wait: float | None = None, job_id: str | None = None,
     ) -> Result:  # fmt: skip
         """Run *code* and return its Result. RemoteError if the daemon refuses it (BUSY, ...)."""
-        job_id, request, wait = _run_plan(code, files, timeout, wait, job_id, stream=False)
+        job_id, request, wait = _run_plan(code, files, timeout, wait, job_id, stream=False, tenant=self.tenant)
         for event in self._drive(job_id, request, wait):
             if isinstance(event, Finished):
                 return event.result
@@ -262,7 +263,7 @@ class Session(_SessionState):
         self, client: Client, files: Files = None, idle_timeout: float | None = None, *,
         session_id: str | None = None, timeout: float = SESSION_TIMEOUT_S,
     ) -> None:  # fmt: skip
-        super().__init__(session_id, files, idle_timeout, timeout)
+        super().__init__(session_id, files, idle_timeout, timeout, client.tenant)
         self.client = client
 
     def _pinned(self) -> Counter[str] | None:

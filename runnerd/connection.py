@@ -63,8 +63,13 @@ def curve_keys(
 class ClientBase:
     """The endpoint, resend interval and keys of a client, and what it does with them that does not wait."""
 
-    def __init__(self, endpoint: str | None, *, resend_interval: float, curve: Mapping[str, bytes] | None) -> None:
+    def __init__(
+        self, endpoint: str | None, *, resend_interval: float, curve: Mapping[str, bytes] | None, tenant: str | None
+    ) -> None:
         self.endpoint = resolve_endpoint(endpoint)
+        # Whose runs these are, for the daemon's fair queues (a gateway serving many users names each
+        # one's); unsaid, the daemon takes this client's CURVE key, else its connection.
+        self.tenant = tenant
         # A list, dns:// or dns+srv://: a fleet (runnerd.fleet). One endpoint: one daemon, as ever.
         self.discovery: Discovery = parse(self.endpoint)
         self.resend_interval = resend_interval

@@ -66,9 +66,12 @@ def _wire_files(files: Files) -> list[dict[str, Any]]:
 
 
 def _run_request(
-    job_id: str, code: str, files: Files, timeout: float | None, stream: bool, session: str | None = None
-) -> bytes:
+    job_id: str, code: str, files: Files, timeout: float | None, stream: bool, session: str | None = None,
+    tenant: str | None = None,
+) -> bytes:  # fmt: skip
     fields: dict[str, Any] = {"code": code, "stream": stream}
+    if tenant is not None:
+        fields["tenant"] = tenant
     if files:
         fields["files"] = _wire_files(files)
     if timeout is not None:
@@ -86,7 +89,7 @@ def _wait_for(timeout: float | None, wait: float | None) -> float:
 
 def _run_plan(
     code: str, files: Files, timeout: float | None, wait: float | None, job_id: str | None, stream: bool, *,
-    session: str | None = None, default_timeout: float | None = None,
+    session: str | None = None, default_timeout: float | None = None, tenant: str | None = None,
 ) -> tuple[str, bytes, float]:  # fmt: skip
     """A run's id (*job_id*, else a new one), its request, and how long to wait for its result.
 
@@ -94,7 +97,7 @@ def _run_plan(
     run cap), else the daemon's default, plus a margin.
     """
     job_id = job_id or new_id()
-    request = _run_request(job_id, code, files, timeout, stream, session)
+    request = _run_request(job_id, code, files, timeout, stream, session, tenant)
     return job_id, request, _wait_for(timeout if timeout is not None else default_timeout, wait)
 
 
@@ -261,12 +264,16 @@ class _SessionState:
     the daemon accepted): the daemon refuses a run that gives a name again.
     """
 
-    def __init__(self, session_id: str | None, files: Files, idle_timeout: float | None, timeout: float) -> None:
+    def __init__(
+        self, session_id: str | None, files: Files, idle_timeout: float | None, timeout: float,
+        tenant: str | None = None,
+    ) -> None:  # fmt: skip
         if idle_timeout is not None and not idle_timeout > 0:
             raise ValueError(f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}")
         self.id = session_id or new_id()
         self.idle_timeout = idle_timeout
         self.timeout = timeout
+        self.tenant = tenant  # the client's: a session's runs are queued as its tenant's
         self.open_files: dict[str, bytes] = _file_bytes(files)
         self.files: dict[str, bytes] = {}
         self.limits: dict[str, Any] = {}
@@ -316,7 +323,7 @@ class _SessionState:
         run_timeout = self.limits.get("run_timeout")
         default = float(run_timeout) if isinstance(run_timeout, int | float) else None
         job_id, request, wait = _run_plan(
-            code, files, timeout, wait, job_id, stream, session=self.id, default_timeout=default
+            code, files, timeout, wait, job_id, stream, session=self.id, default_timeout=default, tenant=self.tenant
         )
         return job_id, request, wait, _file_bytes(files)
 

@@ -239,3 +239,12 @@ def test_when_every_range_is_held_the_error_says_so(tmp_path):
         uid_ranges.lease(2_000_000, tmp_path / "one-more", registry)
     for r in held:
         r.release()
+
+
+def test_jains_index():
+    from runnerd.bench.fairness import jain
+
+    assert jain([60.0, 60.0, 60.0]) == 1.0
+    assert jain([1.0, 0.0, 0.0, 0.0]) == 0.25  # one tenant has it all: 1/n
+    assert round(jain([30.0, 3.0, 3.0]), 2) == 0.47  # shares in proportion to clients (a FIFO queue's)
+    assert jain([0.0, 0.0]) == 0.0

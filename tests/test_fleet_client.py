@@ -243,3 +243,22 @@ def test_bench_fleet_rows(cage_confirmed, tmp_path):
         assert rows[("W1", f"{mode} x2")]["throughput_jobs_s"] > 0
     assert "throughput of 2 daemons on 2 CPUs / 1 on 1 CPU" in run.stdout, run.stdout
     assert "p50 through the fleet layer" in run.stdout
+
+
+def test_bench_fairness_through_a_real_daemon(cage_confirmed, tmp_path):
+    """``runnerd bench --modes fairness``, short: tenants named by their clients share a warm daemon's slots
+    equally (a FIFO queue would serve the 30-client tenant ten times the others: Jain 0.47)."""
+    from runnerd.bench import Progress
+    from runnerd.bench.fairness import BACKLOGGED, JAIN_TARGET, LIGHT_TENANTS, bench_fairness, jain
+
+    config = tmp_path / "bench.toml"
+    config.write_text(
+        f'state_dir = "{cage_confirmed.config.state_dir}"\nenv_path = "{cage_confirmed.config.sandbox_env}"\n'
+    )
+    alone, mixed, backlogged = bench_fairness(config, 2, Progress(), seconds=4.0)
+    assert alone.mode == f"{LIGHT_TENANTS} light tenants" and alone.jobs >= LIGHT_TENANTS and not alone.failures
+    assert not mixed.failures and mixed.served is not None and "light tenants' p99" in mixed.notes[0]
+    assert mixed.served["heavy"] > 0 and all(mixed.served[f"light{i}"] > 0 for i in range(LIGHT_TENANTS))
+    assert not backlogged.failures and backlogged.served is not None
+    shares = [backlogged.served[t] for t in BACKLOGGED]
+    assert min(shares) > 0 and jain([float(x) for x in shares]) >= JAIN_TARGET, backlogged.notes

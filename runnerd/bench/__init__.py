@@ -30,7 +30,10 @@ Modes, measured in one run so their ratios are comparable:
 * ``warm``  - a daemon in warm mode (zygotes), started by the bench;
 * ``daemon`` - with ``--endpoint``: a daemon that is already running;
 * ``fleet`` - two cold daemons pinned to disjoint CPUs, one alone then both
-  through the fleet layer (:mod:`runnerd.bench.fleet`).
+  through the fleet layer (:mod:`runnerd.bench.fleet`);
+* ``fairness`` - tenants sharing a warm daemon's slots: light ones alone,
+  then beside a heavy one, then backlogged ones' shares
+  (:mod:`runnerd.bench.fairness`; its own workload, F1).
 
 Each daemon mode runs alone (the others stopped, :mod:`runnerd.bench.daemon`)
 so they do not share the CPUs. For each workload and mode: latency
@@ -50,19 +53,24 @@ from __future__ import annotations
 
 from .bare import bench_bare
 from .daemon import started
+from .fairness import bench_fairness
 from .fleet import bench_fleet
 from .jobs import bench_endpoint
 from .memory import tree_pss
 from .report import Progress, Row, plot, report_json, table
 from .workloads import WORKLOADS, Workload
 
+MODES = ("bare", "cold", "warm", "daemon", "fleet", "fairness")
+
 __all__ = [
+    "MODES",
     "WORKLOADS",
     "Progress",
     "Row",
     "Workload",
     "bench_bare",
     "bench_endpoint",
+    "bench_fairness",
     "bench_fleet",
     "plot",
     "report_json",

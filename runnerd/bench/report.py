@@ -47,6 +47,7 @@ class Row:
     samples_ms: list[float] = field(default_factory=list, repr=False)
     notes: list[str] = field(default_factory=list)  # printed under the table
     memory: dict[str, Any] | None = None  # S4's readings, in MiB
+    served: dict[str, int] | None = None  # fairness: jobs each tenant was served in the measured window
 
 
 def row_of(workload: str, mode: str, times: list[float], failures: int) -> Row:
