@@ -208,3 +208,21 @@ def test_a_restart_is_news_after_the_pin_not_what_the_fleet_knew_before():
     m.on_reply(pong("newer"), 3.0)
     gone = lost(pin, {"tcp://a:1": m}, 3.0)
     assert gone is not None and "restarted (instance new -> newer)" in str(gone)
+
+
+def test_a_ping_that_cannot_go_out_is_tried_again_sooner_at_first_then_each_second():
+    from runnerd.fleet.members import PING_INTERVAL_S, PING_RETRY_S
+
+    m = Member("tcp://down:1", since=0.0)
+    now, gaps = 0.0, []
+    for _ in range(2000):  # a daemon whose connection never comes up, for half an hour of tries
+        assert m.ping_due(now)
+        m.ping_went(now, sent=False)
+        due = m.ping_sent + PING_INTERVAL_S
+        gaps.append(round(due - now, 6))
+        now = due + 1e-9  # (just past: float sums)
+    assert gaps[:4] == [PING_RETRY_S, 2 * PING_RETRY_S, 4 * PING_RETRY_S, 8 * PING_RETRY_S]
+    assert set(gaps[10:]) == {PING_INTERVAL_S}
+    assert m.ping_due(now)
+    m.ping_went(now, sent=True)  # it came up: the next ping is a full interval later, and a failure starts over
+    assert m.unsent == 0 and not m.ping_due(now + PING_INTERVAL_S - 0.01) and m.ping_due(now + PING_INTERVAL_S)

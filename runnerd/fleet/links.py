@@ -26,12 +26,11 @@ import zmq.asyncio
 
 from .. import wire
 from .discovery import Discovery
-from .members import PING_INTERVAL_S, Member
+from .members import Member
 
 log = logging.getLogger(__name__)
 
 PING_PREFIX = "fleet-ping."
-PING_RETRY_S = 0.05  # a ping that could not go out (the connection is not up): tried again this soon
 Replies = list[tuple[str, dict[str, Any]]]
 
 
@@ -84,10 +83,8 @@ class LinksBase:
 
     def _ping(self, now: float) -> None:
         for endpoint, member in self.members.items():
-            if member.ping_due(now) and not self.send(
-                endpoint, wire.request("ping", f"{PING_PREFIX}{next(self._pings)}")
-            ):
-                member.ping_sent = now - PING_INTERVAL_S + PING_RETRY_S  # not connected (yet): again soon
+            if member.ping_due(now):
+                member.ping_went(now, self.send(endpoint, wire.request("ping", f"{PING_PREFIX}{next(self._pings)}")))
 
     def _poll_ms(self, timeout: float, now: float) -> int:
         wake = min((m.next_event(now) for m in self.members.values()), default=now + timeout)

@@ -20,6 +20,10 @@ from typing import Any
 PING_INTERVAL_S = 1.0
 DEAD_AFTER_MISSES = 3
 SILENCE_S = DEAD_AFTER_MISSES * PING_INTERVAL_S
+# A ping that could not go out (no connection: not up yet, or refused) is tried again this soon, twice as
+# late after each failure, up to the ping interval: a new connection is pinged at once, a dead daemon's
+# does not wake a waiting client twenty times a second.
+PING_RETRY_S = 0.05
 # No ping for this long: the client was not waiting (between its calls), so it was not listening either.
 WATCH_GAP_S = 2 * PING_INTERVAL_S
 
@@ -36,6 +40,7 @@ class Member:
     ping_sent: float | None = None
     heard: float | None = None
     instance_at: float | None = None  # when a reply last named `instance` (older news may predate a restart)
+    unsent: int = 0  # pings in a row that could not go out
     load_at: float = float("-inf")  # when a reply last said the load (a pong, or a job's `accepted`/`result`)
 
     def silent_for(self, now: float) -> float:
@@ -61,6 +66,12 @@ class Member:
             self.since = max(self.since, now)  # looking again after a gap: silence counts from here
         self.ping_sent = now
         return True
+
+    def ping_went(self, now: float, sent: bool) -> None:
+        """After a due ping: whether it went out; if not, when the next try is due."""
+        self.unsent = 0 if sent else min(self.unsent + 1, 32)  # (bounded: 2**n stays a float)
+        if not sent:
+            self.ping_sent = now - PING_INTERVAL_S + min(PING_INTERVAL_S, PING_RETRY_S * 2 ** (self.unsent - 1))
 
     def ping_now(self, now: float) -> None:
         """Make a ping due at once (without taking a gap in this client's looking for silence)."""
