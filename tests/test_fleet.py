@@ -11,9 +11,9 @@ down; a rolling restart of all three; then sessions open on every daemon
 through a kill and a rolling restart.
 
 The table it prints (run with ``-s``): per fault, how long until a client
-saw the daemon out of placement, one-off jobs lost, jobs run twice, the
-p99 of the jobs that finished in the ten seconds after the fault, and
-sessions lost. What must hold is asserted: no job lost, none run more
+saw the daemon out of placement, and of the one-off jobs under way from the
+fault until the daemon was back in placement: how many, lost, run twice,
+their p99; then what became of the sessions. What must hold is asserted: no job lost, none run more
 than twice, nobody out of placement later than 3.5 s, and a session's runs
 answer from the instance that opened it or raise SessionLost.
 """
@@ -51,7 +51,6 @@ DNS_PORT = 5353
 N = 3
 CLIENTS = 3
 JOB = "print(sum(range(1000)))"
-WINDOW_S = 10.0
 DETECT_TARGET_S = 3.5
 
 
@@ -286,14 +285,10 @@ def test_discovery_finds_every_daemon_by_srv_and_by_name(world):
     assert sorted(m["endpoint"] for m in members if m["alive"] and m["state"] == "ready") == want
 
 
-def _window(records: list[Record], since: float) -> list[Record]:
-    return [r for r in records if since <= r.ended <= since + WINDOW_S]
-
-
 def test_faults_under_load_lose_no_job(world):
     fleet, net, curve, spec = world
     load, watch = Load(spec, curve), Watch(spec, curve)
-    rows: list[tuple[str, str, str, int, str]] = []
+    rows: list[tuple[str, str, float, float]] = []  # fault, out of placement after, from, to (back in)
     try:
         watch.back_after(fleet.endpoint(0), 0)  # everyone in placement
         load.start()
@@ -306,8 +301,7 @@ def test_faults_under_load_lose_no_job(world):
             wait_until(lambda: len([r for r in load.records if r.ended > t + took]) >= 10, 60, "load goes on")
             undo()
             watch.back_after(fleet.endpoint(i), t + took)
-            p99 = percentiles_ms([r.ended - r.started for r in _window(load.records, t)])["p99"]
-            rows.append((name, f"{took:.2f}", f"{p99:.0f}", 0, "-"))
+            rows.append((name, f"{took:.2f}", t, time.monotonic()))
             assert took <= DETECT_TARGET_S, (name, took)
 
         fault("kill -9", 0, lambda: fleet.daemons[0].proc.send_signal(signal.SIGKILL), lambda: fleet.restart(0))
@@ -320,8 +314,7 @@ def test_faults_under_load_lose_no_job(world):
         for i in range(N):  # a rolling restart: each drains, stops, starts; the next once clients place on it
             fleet.restart(i)
             watch.placing(fleet.endpoint(i), fleet.instance(i))
-        p99 = percentiles_ms([r.ended - r.started for r in load.records if r.ended >= t])["p99"]
-        rows.append(("rolling restart", "drain", f"{p99:.0f}", 0, "-"))
+        rows.append(("rolling restart", "drain", t, time.monotonic()))
     finally:
         load.finish()
         watch.close()
@@ -329,9 +322,13 @@ def test_faults_under_load_lose_no_job(world):
     runs = fleet.executions()
     twice = [j for j in (r.job_id for r in load.records) if runs[j] > 1]
     print(f"\nfleet: {len(load.records)} one-off jobs from {CLIENTS} clients; lost {len(lost)}; run twice {len(twice)}")
-    print(f"{'fault':16} {'out of placement (s)':>21} {'p99 (ms)':>9}")
-    for name, took, p99, _, _ in rows:
-        print(f"{name:16} {took:>21} {p99:>9}")
+    print(f"{'fault':16} {'out of placement (s)':>21} {'jobs':>5} {'lost':>5} {'run twice':>9} {'p99 (ms)':>9}")
+    for name, took, since, until in rows:
+        # The jobs under way at some time from the fault until the daemon was back in placement.
+        during = [r for r in load.records if r.started <= until and r.ended >= since]
+        p99 = percentiles_ms([r.ended - r.started for r in during])["p99"] if during else 0.0
+        n_lost, n_twice = sum(bool(r.error) for r in during), sum(runs[r.job_id] > 1 for r in during)
+        print(f"{name:16} {took:>21} {len(during):>5} {n_lost:>5} {n_twice:>9} {p99:>9.0f}")
     assert not lost, lost[:5]
     assert all(runs[r.job_id] <= 2 for r in load.records), [(j, runs[j]) for j in twice]
     assert all(runs[r.job_id] >= 1 for r in load.records)
