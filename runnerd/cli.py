@@ -96,7 +96,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
     for m in pong.get("members", ()):
         alive = m["state"] if m["alive"] else "dead"
         print(f"  {m['endpoint']}: {alive}, {m['running']}/{m['concurrency']} running, {m['queued']} queued")
-    return 0
+    return 1 if args.ready and pong.get("state", "ready") != "ready" else 0
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
@@ -347,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
         if name == "stats":
             p.add_argument("--json", action="store_true", help="print JSON")
+        if name == "ping":
+            p.add_argument(
+                "--ready", action="store_true",
+                help="exit 1 unless it says it is ready to take work (a draining daemon is not): a readiness probe",
+            )  # fmt: skip
         if name == "drain":
             p.add_argument(
                 "--wait", action="store_true", help="until no job runs and no session is open (within --timeout)"

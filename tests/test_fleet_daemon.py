@@ -116,6 +116,9 @@ def test_runnerd_drain_drains_and_the_daemon_stays_up_until_stopped(home):
         with Wire(d.ipc) as w:
             s = new_id("drain-cmd")
             w.opened(s)
+            probe = [sys.executable, "-m", "runnerd", "ping", "--ready", "--endpoint", d.ipc, "--timeout", "30"]
+            ready = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+            assert ready.returncode == 0 and ": ready," in ready.stdout, ready  # a readiness probe passes
             cmd = [sys.executable, "-m", "runnerd", "drain", "--endpoint", d.ipc, "--wait", "--timeout", "60"]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             assert out.returncode == 0, out
@@ -127,6 +130,8 @@ def test_runnerd_drain_drains_and_the_daemon_stays_up_until_stopped(home):
             r = w.run("print(1)")
             assert r["type"] == "error" and r["code"] == "DRAINING", r
             w.mine.clear()
+            draining = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+            assert draining.returncode == 1 and ": draining," in draining.stdout, draining  # and now fails
     finally:
         assert d.stop() == 0, d.log()[-3000:]
     assert_clean(home)

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -272,7 +273,7 @@ class _ScriptedSession(Session):
     """A session that answers with given results and records what the loop asked of it (no daemon)."""
 
     def __init__(self, *results: Result) -> None:
-        super().__init__(None)  # type: ignore[arg-type]  # no client: nothing here sends
+        super().__init__(SimpleNamespace(tenant=None))  # type: ignore[arg-type]  # no client: nothing here sends
         self.results = list(results)
         self.calls: list[str] = []
         self._on_opened({})
