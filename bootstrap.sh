@@ -6,6 +6,8 @@
 #   ./bootstrap.sh setup   set everything up, nothing else
 #   ./bootstrap.sh hosttest  the installed service on a real systemd host: a Debian 12
 #                          VM built and booted here (hosttest/host.py; ~25 min)
+#   ./bootstrap.sh image   the container image, from Debian's packages and PyPI alone
+#                          (deploy/image.py; cached: rebuilt when its inputs change)
 #
 # "Everything": the Debian packages env/debian-packages names, the host venv at .venv/ (runnerd
 # and its test tools), and the sandbox env (the pinned library set, hash-checked,
@@ -16,8 +18,8 @@ cd "$(dirname "$0")"
 
 mode=${1:-}
 case "$mode" in
-    demo | test | setup | hosttest) shift ;;
-    *) echo "usage: $0 demo | test [pytest args] | setup | hosttest [host test args]" >&2; exit 2 ;;
+    demo | test | setup | hosttest | image) shift ;;
+    *) echo "usage: $0 demo | test [pytest args] | setup | hosttest [host test args] | image [--save FILE]" >&2; exit 2 ;;
 esac
 if [ "$(id -u)" != 0 ]; then
     echo "bootstrap: run as root: runnerd's cages need nsjail, cgroups and mounts" >&2
@@ -25,13 +27,16 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 say() { echo "bootstrap: $*"; }
-LINTED="runnerd tests hosttest examples"
-UNIT_TESTS="tests/test_units.py tests/test_scheduler.py tests/test_fairness.py tests/test_fleet_units.py"
+LINTED="runnerd tests hosttest deploy examples"
+UNIT_TESTS="tests/test_units.py tests/test_scheduler.py tests/test_fairness.py tests/test_fleet_units.py tests/test_manifests.py"
 
 # 1. Debian packages (env/debian-packages: the set-up's, plus this mode's own).
 packages() { sed -n "s/^$1:[[:space:]]*//p" env/debian-packages; }
 wanted="$(packages setup)"
-case "$mode" in test | hosttest) wanted="$wanted $(packages "$mode")" ;; esac
+case "$mode" in
+    test) wanted="$wanted $(packages test) $(packages image)" ;;  # the tests build and run the image
+    hosttest | image) wanted="$wanted $(packages "$mode")" ;;
+esac
 missing=""
 for pkg in $wanted; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
@@ -58,8 +63,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 
 # 3. The sandbox env (skipped when it matches env/requirements.lock). The host
-# test builds its own inside the guest.
-if [ "$mode" != hosttest ]; then
+# test's guest and the image build their own.
+if [ "$mode" != hosttest ] && [ "$mode" != image ]; then
     .venv/bin/runnerd env build
 fi
 
@@ -82,7 +87,10 @@ test)
     exec .venv/bin/python -m pytest -q --durations=15 $(for t in $UNIT_TESTS; do echo "--ignore=$t"; done)
     ;;
 hosttest)
-    exec .venv/bin/python hosttest/host.py "$@"
+    exec .venv/bin/python -m hosttest.host "$@"
+    ;;
+image)
+    exec .venv/bin/python -m deploy.image "$@"
     ;;
 demo)
     sockdir=/run/runnerd-demo

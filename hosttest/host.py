@@ -18,60 +18,32 @@
 4. prints the guest's step table as it comes, saves the journals beside it,
    and exits non-zero when a step failed or the guest did not finish.
 
-Stdlib only: it runs before anything is installed.
+Stdlib only (with deploy/builds.py): it runs before anything but the host venv is installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from deploy.builds import APT_SOURCES, CACHE, ROOT, SUITE, Builder, debian_packages, digest
+
 IMAGE_FILES = Path(__file__).resolve().parent / "image"
-CACHE = Path(os.environ.get("RUNNERD_HOSTTEST_CACHE", "/var/cache/runnerd-hosttest"))
-SUITE = "bookworm"
 # Debian's minimal system becomes a systemd host that boots under qemu with these.
 BOOT_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "linux-image-amd64")
-APT_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 IMAGE_SIZE = "14G"
 GUEST_MEMORY = "6G"
 # Bump when the recipe below changes in a way its inputs do not show.
 RECIPE = "2"
 KVM_BOOT_DEADLINE_S = 90.0
 
-
-def log(message: str) -> None:
-    print(f"hosttest: {message}", flush=True)
-
-
-def setup_packages() -> list[str]:
-    for line in (ROOT / "env" / "debian-packages").read_text().splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == "setup":
-            return value.split()
-    raise SystemExit("hosttest: env/debian-packages has no `setup:` line")
-
-
-def digest(*parts: bytes) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(hashlib.sha256(part).digest())
-    return h.hexdigest()[:16]
-
-
-def run(argv: list[str], what: str, **kw: object) -> None:
-    started = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
-    if proc.returncode != 0:
-        raise SystemExit(f"hosttest: {what} failed (exit {proc.returncode}):\n{(proc.stderr or proc.stdout)[-4000:]}")
-    log(f"{what}: done in {time.monotonic() - started:.0f} s")
+B = Builder("hosttest")
+log = B.log
 
 
 # ---------------------------------------------------------------- the image
@@ -80,35 +52,19 @@ def run(argv: list[str], what: str, **kw: object) -> None:
 def image_key() -> str:
     files = sorted(IMAGE_FILES.iterdir())
     return digest(
-        RECIPE.encode(), SUITE.encode(), " ".join(BOOT_PACKAGES).encode(), " ".join(setup_packages()).encode(),
+        RECIPE.encode(), SUITE.encode(), " ".join(BOOT_PACKAGES).encode(), " ".join(debian_packages("setup")).encode(),
         APT_SOURCES.read_bytes(), *(f.name.encode() + b"\0" + f.read_bytes() for f in files),
     )  # fmt: skip
-
-
-def cached(kind: str, key: str, build: Callable[[Path], None]) -> Path:
-    """CACHE/KIND-KEY, made by *build* into a fresh folder when missing; older KIND-* go."""
-    done = CACHE / f"{kind}-{key}"
-    if (done / ".done").exists():
-        log(f"{kind}: cached ({done})")
-        return done
-    for old in CACHE.glob(f"{kind}-*"):
-        shutil.rmtree(old, ignore_errors=True)
-    tmp = CACHE / f"building-{kind}-{key}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    (tmp / ".done").write_text(key + "\n")
-    tmp.rename(done)
-    return done
 
 
 def build_image(tmp: Path) -> None:
     """disk.img, vmlinuz and initrd.img in *tmp*."""
     rootfs = tmp / "rootfs"
-    log(f"image: building Debian {SUITE} + {', '.join(BOOT_PACKAGES)} + the set-up's {', '.join(setup_packages())}")
-    run(
+    setup = debian_packages("setup")
+    log(f"image: building Debian {SUITE} + {', '.join(BOOT_PACKAGES)} + the set-up's {', '.join(setup)}")
+    B.run(
         ["mmdebstrap", "--variant=minbase", "--format=directory",
-         "--include=" + ",".join((*BOOT_PACKAGES, *setup_packages())), SUITE, str(rootfs), str(APT_SOURCES)],
+         "--include=" + ",".join((*BOOT_PACKAGES, *setup)), SUITE, str(rootfs), str(APT_SOURCES)],
         "mmdebstrap",
     )  # fmt: skip
     (rootfs / "etc" / "fstab").write_text("/dev/vda / ext4 rw,relatime 0 1\n")
@@ -126,34 +82,13 @@ def build_image(tmp: Path) -> None:
     kernels = sorted(boot.glob("vmlinuz-*"))
     initrds = sorted(boot.glob("initrd.img-*"))
     if not kernels or not initrds:
-        raise SystemExit(f"hosttest: the image has no kernel or initrd in {boot}")
+        raise B.fail(f"the image has no kernel or initrd in {boot}")
     shutil.copyfile(kernels[-1], tmp / "vmlinuz")
     shutil.copyfile(initrds[-1], tmp / "initrd.img")
     disk = tmp / "disk.img"
-    run(["truncate", "-s", IMAGE_SIZE, str(disk)], "truncate")
-    run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(rootfs), str(disk)], "mkfs.ext4 -d")
+    B.run(["truncate", "-s", IMAGE_SIZE, str(disk)], "truncate")
+    B.run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(rootfs), str(disk)], "mkfs.ext4 -d")
     shutil.rmtree(rootfs)
-
-
-# ---------------------------------------------------------------- the wheelhouse
-
-
-def wheel_key() -> str:
-    return digest(
-        *(p.read_bytes() for p in (ROOT / "setup.cfg", ROOT / "pyproject.toml", ROOT / "env" / "requirements.lock"))
-    )
-
-
-def build_wheelhouse(tmp: Path) -> None:
-    """Every wheel and sdist the guest's pip installs, with no index, in *tmp*."""
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "-q", "-d", str(tmp)]
-    # runnerd with its test extras (bootstrap's .venv), and the build backend
-    # pip needs to install runnerd itself (the service venv, .venv).
-    run([*pip, f"{ROOT}[test]", "setuptools>=61", "wheel"], "pip download (runnerd and its dependencies)")
-    run([*pip, "--no-deps", "--require-hashes", "-r", str(ROOT / "env" / "requirements.lock")],
-        "pip download (the sandbox env's lock)")  # fmt: skip
-    for built in tmp.glob("runnerd-*"):
-        built.unlink()  # the guest installs runnerd from its own copy of the checkout
 
 
 # ---------------------------------------------------------------- the guest
@@ -244,10 +179,10 @@ def main() -> int:
     started = time.monotonic()
     CACHE.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    image = cached("image", image_key(), build_image)
+    image = B.cached("image", image_key(), build_image)
     image_s = time.monotonic() - t0
     t0 = time.monotonic()
-    wheels = cached("wheels", wheel_key(), build_wheelhouse)
+    wheels = B.wheelhouse()
     wheels_s = time.monotonic() - t0
     accel = args.accel
     if accel == "auto":

@@ -417,6 +417,37 @@ def test_detect_v2_not_delegated(own: str):
     assert cg.jobs == Path("/sys/fs/cgroup/runnerd") and "made by runnerd" in cg.describe()
 
 
+def test_a_containers_cgroup_namespace_is_told_from_the_hosts_root(tmp_path: Path):
+    host_root, pod_root = tmp_path / "host", tmp_path / "pod"
+    host_root.mkdir()
+    pod_root.mkdir()
+    (pod_root / "cgroup.type").write_text("domain\n")  # what every cgroup but the host's root has
+    assert cgroup_detect.in_container(pod_root, "/") and cgroup_detect.in_container(pod_root, "/supervisor")
+    assert not cgroup_detect.in_container(host_root, "/")  # the host's root: runnerd makes /runnerd there
+    assert not cgroup_detect.in_container(pod_root, "/system.slice/other.service")  # not at the namespace's root
+    pod = cgroup_v2.CgroupsV2(pod_root, contained=True)
+    assert pod.delegated and pod.jobs == pod_root / "jobs" and "the container's own" in pod.describe()
+    # Its processes (its init too) move to the supervisor leaf before the controllers are enabled below it.
+    (pod_root / "cgroup.procs").write_text(f"1\n{os.getpid()}\n")
+    (pod_root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (pod_root / "cgroup.subtree_control").write_text("")
+    moved: list[str] = []
+    real_write = cgroup_v2.write_value
+
+    def write(path: Path, value: str) -> None:
+        if path.name == "cgroup.procs":
+            moved.append(value)
+        real_write(path, value)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(cgroup_v2, "write_value", write), unittest.mock.patch.object(
+        cgroup_v2.CgroupsV2, "_enable", lambda self, cg: moved.append(f"enable {cg.name}")
+    ):  # fmt: skip
+        pod.prepare()
+    assert moved == ["1", str(os.getpid()), "enable pod", "enable jobs"], moved
+
+
 def test_systemd_delegated_reads_the_xattr(tmp_path: Path):
     marked = tmp_path / "a.service"
     marked.mkdir()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import SandboxError
 from .cgroup_v1 import FREEZER, V1_CONTROLLERS, CgroupsV1
-from .cgroup_v2 import CgroupsV2, delegated_unit, systemd_delegated
+from .cgroup_v2 import SUPERVISOR, CgroupsV2, delegated_unit, systemd_delegated
 from .cgroups import Cgroups, read_text
 
 
@@ -54,9 +54,20 @@ def detect(
         own = next((line[3:] for line in self_cgroup_text.splitlines() if line.startswith("0::")), "")
         mount = v2_mount
         unit = delegated_unit(own, is_delegated or (lambda rel: systemd_delegated(mount / rel)))
-        return CgroupsV2(v2_mount, parent, delegated_unit=unit)
+        contained = unit is None and in_container(mount, own)
+        return CgroupsV2(v2_mount, parent, delegated_unit=unit, contained=contained)
     if v1:
         return CgroupsV1(v1, "runnerd" if parent == "auto" else parent)
     raise SandboxError(
         "no cgroup hierarchy found: mount cgroup v2 at /sys/fs/cgroup, or the v1 memory/pids/cpu/cpuacct controllers"
     )
+
+
+def in_container(mount: Path, own: str) -> bool:
+    """Is this process at the root of a cgroup namespace that is not the host's (a container's, a pod's)?
+
+    The host's root cgroup has no ``cgroup.type`` file; every other cgroup
+    has one, a namespace's root too. *own* is this process's cgroup as the
+    namespace shows it: its root, or the supervisor leaf runnerd moved to.
+    """
+    return own.strip("/") in ("", SUPERVISOR) and (mount / "cgroup.type").exists()

@@ -1,10 +1,13 @@
-"""Job cgroups on cgroup v2, delegated by systemd or made by runnerd.
+"""Job cgroups on cgroup v2, delegated by systemd, a container's own, or made by runnerd.
 
-``<parent>/jobs/<job>`` under a unit with ``Delegate=yes`` (the daemon moves
-itself into a ``supervisor`` leaf first: cgroup v2 wants no processes in
-inner nodes), else ``/runnerd/<job>`` under the root. Delegation is read
-from systemd's own mark on the unit's cgroup (:func:`systemd_delegated`),
-and found again from the supervisor leaf on a reload (:func:`delegated_unit`).
+``<parent>/jobs/<job>`` under a unit with ``Delegate=yes``, and in a
+container (a pod) whose cgroup namespace makes its own cgroup the root of
+/sys/fs/cgroup: the processes there move into a ``supervisor`` leaf first
+(cgroup v2 wants no processes in inner nodes). Else ``/runnerd/<job>``
+under the host's root. Delegation is read from systemd's own mark on the
+unit's cgroup (:func:`systemd_delegated`), and found again from the
+supervisor leaf on a reload (:func:`delegated_unit`); a container's root is
+known by its ``cgroup.type`` file, which the host's root does not have.
 """
 
 from __future__ import annotations
@@ -116,14 +119,18 @@ class JobCgroupV2(JobCgroup):
 class CgroupsV2(Cgroups):
     version = 2
 
-    def __init__(self, mount: Path, parent: str = "auto", delegated_unit: str | None = None) -> None:
+    def __init__(
+        self, mount: Path, parent: str = "auto", delegated_unit: str | None = None, *, contained: bool = False
+    ) -> None:
         self.mount = mount
         self.delegated = False
+        self.contained = contained
         self._made_parent = False
         if parent == "auto":
-            if delegated_unit:
-                # Delegate=yes: the service's own cgroup is ours to divide.
-                self.parent = mount / delegated_unit.strip("/")
+            if delegated_unit or contained:
+                # Delegate=yes, or a container's namespace: the service's, or the container's, own cgroup
+                # is ours to divide (in a pod, the jobs count against the pod's limits).
+                self.parent = mount / (delegated_unit or "").strip("/")
                 self.delegated = True
             else:
                 self.parent = mount / "runnerd"
@@ -159,7 +166,9 @@ class CgroupsV2(Cgroups):
         return self.budget
 
     def describe(self) -> str:
-        how = "delegated by systemd" if self.delegated else "made by runnerd"
+        how = "made by runnerd"
+        if self.delegated:
+            how = "the container's own" if self.contained else "delegated by systemd"
         return f"cgroup v2 (jobs under {self.jobs}, {how})"
 
     def _enable(self, cgroup: Path) -> None:
@@ -177,11 +186,17 @@ class CgroupsV2(Cgroups):
 
     def prepare(self) -> None:
         if self.delegated:
-            # No internal processes: move this daemon into a leaf, then enable
-            # the controllers for the parent's children.
+            # No internal processes: move this daemon into a leaf (in a container, every process there:
+            # its init too), then enable the controllers for the parent's children.
             leaf = self.parent / SUPERVISOR
             leaf.mkdir(exist_ok=True)
-            write_value(leaf / "cgroup.procs", str(os.getpid()))
+            movers = read_text(self.parent / "cgroup.procs").split() if self.contained else []
+            for pid in dict.fromkeys([*movers, str(os.getpid())]):
+                try:
+                    write_value(leaf / "cgroup.procs", pid)
+                except SandboxError:
+                    if pid == str(os.getpid()) or Path(f"/proc/{pid}").exists():
+                        raise
             self._enable(self.parent)
             self.jobs.mkdir(exist_ok=True)
             self._enable(self.jobs)

@@ -65,6 +65,11 @@ class SlotLease:
             self.fd = -1
 
 
+def state_tag(state_dir: Path) -> str:
+    """The tag in the names of the job and session cgroups of the runnerd whose state dir is *state_dir*."""
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+
+
 class HostState:
     def __init__(self, config: Config, cgroups: Cgroups) -> None:
         self.config = config
@@ -74,7 +79,7 @@ class HostState:
         # Job cgroups are shared by every runnerd on the host (one parent per
         # controller); the state dir's tag in their names keeps one
         # instance's sweep off another instance's jobs.
-        self.tag = hashlib.sha256(str(config.state_dir.resolve()).encode()).hexdigest()[:8]
+        self.tag = state_tag(config.state_dir)
         self.job_prefix = f"{JOB_PREFIX}{self.tag}-"
         self.sessions_cgroup = SESSIONS_PREFIX + self.tag
         cgroups.locate_sessions(self.sessions_cgroup)  # its leftovers are found (and swept) with the jobs
