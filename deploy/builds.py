@@ -54,24 +54,32 @@ class Builder:
         return str(proc.stdout)
 
     def cached(self, kind: str, key: str, build: Callable[[Path], None]) -> Path:
-        """CACHE/KIND-KEY, made by *build* into a fresh folder when missing; older KIND-* go."""
-        done = CACHE / f"{kind}-{key}"
-        if (done / ".done").exists():
-            self.log(f"{kind}: cached ({done})")
+        """CACHE/KIND-KEY, made by *build* into a fresh folder when missing; older KIND-* go.
+
+        One process at a time looks, builds and evicts for a kind (an exclusive lock on
+        CACHE/.KIND.lock); the build it returns is held (a shared lock) before that lock is let go.
+        """
+        CACHE.mkdir(parents=True, exist_ok=True)
+        lock = os.open(CACHE / f".{kind}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done = CACHE / f"{kind}-{key}"
+            if (done / ".done").exists():
+                self.log(f"{kind}: cached ({done})")
+            else:
+                for old in CACHE.glob(f"{kind}-*"):
+                    if not self._in_use(old):
+                        shutil.rmtree(old, ignore_errors=True)
+                tmp = CACHE / f"building-{kind}-{key}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                build(tmp)
+                (tmp / ".done").write_text(key + "\n")
+                tmp.rename(done)
             self._hold(done)
             return done
-        CACHE.mkdir(parents=True, exist_ok=True)
-        for old in CACHE.glob(f"{kind}-*"):
-            if not self._in_use(old):
-                shutil.rmtree(old, ignore_errors=True)
-        tmp = CACHE / f"building-{kind}-{key}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        build(tmp)
-        (tmp / ".done").write_text(key + "\n")
-        tmp.rename(done)
-        self._hold(done)
-        return done
+        finally:
+            os.close(lock)
 
     def _hold(self, done: Path) -> None:
         fd = os.open(done / ".done", os.O_RDONLY | os.O_CLOEXEC)

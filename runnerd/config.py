@@ -135,7 +135,9 @@ class Config:
     # never root, never another instance's.
     uid_base: int = 2_000_000
     # cgroup v2: the delegated cgroup under which job cgroups are made
-    # ("auto": the service's own cgroup under systemd, else /runnerd).
+    # ("auto": the service's own cgroup under systemd, a container's own at
+    # the root of its cgroup namespace, else /runnerd; "self": the cgroup the
+    # daemon starts in, a container's, whatever its cgroup namespace).
     # cgroup v1: the group made under each controller's root.
     cgroup_parent: str = "auto"
     # "cold": a fresh nsjail per job. "warm": a zygote per slot, in its own

@@ -69,6 +69,8 @@ class ClientBase:
         self.endpoint = resolve_endpoint(endpoint)
         # Whose runs these are, for the daemon's fair queues (a gateway serving many users names each
         # one's); unsaid, the daemon takes this client's CURVE key, else its connection.
+        if tenant is not None and not (isinstance(tenant, str) and wire.ID_RE.match(tenant)):
+            raise ValueError(f"tenant must be 1-128 characters of [A-Za-z0-9._:-], got {tenant!r}")
         self.tenant = tenant
         # A list, dns:// or dns+srv://: a fleet (runnerd.fleet). One endpoint: one daemon, as ever.
         self.discovery: Discovery = parse(self.endpoint)

@@ -13,6 +13,7 @@ requests (:func:`runnerd.server.protocol.decode_request`) is in the server.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,8 @@ import msgpack
 from .result import Result
 
 VERSION = 1
+# Ids (of runs, sessions) and tenants: what the daemon takes, and a client checks before it sends.
+ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 BAD_REQUEST = "BAD_REQUEST"
 TOO_LARGE = "TOO_LARGE"

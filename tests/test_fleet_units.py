@@ -226,3 +226,13 @@ def test_a_ping_that_cannot_go_out_is_tried_again_sooner_at_first_then_each_seco
     assert m.ping_due(now)
     m.ping_went(now, sent=True)  # it came up: the next ping is a full interval later, and a failure starts over
     assert m.unsent == 0 and not m.ping_due(now + PING_INTERVAL_S - 0.01) and m.ping_due(now + PING_INTERVAL_S)
+
+
+def test_a_tenant_the_daemon_would_refuse_is_refused_by_the_client_at_once():
+    from runnerd.client import Client
+
+    for bad in ("", "a b", "x" * 129, "ünï"):
+        with pytest.raises(ValueError, match="tenant must be"):
+            Client("ipc:///nonexistent/runnerd.sock", tenant=bad)
+    with Client("ipc:///nonexistent/runnerd.sock", tenant="team-a:alice") as c:
+        assert c.tenant == "team-a:alice"

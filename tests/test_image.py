@@ -14,9 +14,11 @@ client reaches a pod; the probes are the manifest's own commands, run with
 Steps, each asserted, as a table (run with ``-s``): the startup and
 readiness probes; the cage confirmed (a private pid namespace, the jailed
 uid) before anything hostile; a print job; a figure; a memory bomb; a fork
-bomb, then a job; a session keeping state; SIGTERM (``podman stop``): the
-readiness probe fails, a running job finishes, new work gets DRAINING, the
-container exits 0.
+bomb, then a job; a session keeping state; SIGTERM (as the kubelet sends it,
+``podman kill --signal=SIGTERM``), while a job runs whose cgroups are seen
+inside the container's: the readiness probe fails saying ``draining``, the
+job finishes, new work gets DRAINING, runnerd exits 0 within the grace
+period; then no cgroup of the daemon's is left on the host.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ PORT = 17700  # on the host's loopback, to the container's runnerd port
 RUNTIME = "--runtime=runc"
 NPROC = 32768
 UID_BASE = 6_000_000
+DRAIN_JOB_S = 15  # the job that runs while the container drains
 
 
 def podman_flags(security: dict[str, Any]) -> list[str]:
@@ -161,6 +164,14 @@ class Container:
         timeout = self.container[which]["timeoutSeconds"]
         return subprocess.run(["podman", "exec", self.name, *command], capture_output=True, text=True, timeout=timeout)
 
+    def says_draining(self) -> bool:
+        """The readiness probe fails, and says why: the daemon drains."""
+        try:
+            r = self.probe("readinessProbe")
+        except subprocess.TimeoutExpired:
+            return False
+        return r.returncode == 1 and ": draining," in r.stdout
+
     def client(self) -> Client:
         return Client(self.endpoint, curve=self.curve)
 
@@ -256,11 +267,14 @@ def test_the_image_under_the_pods_privileges(container: Container) -> None:
                 assert r.value == "42", r
             return "x kept across runs; closed"
 
+        def ours() -> list[Path]:
+            """The host's cgroups of this daemon's jobs, zygotes and sessions (their names carry its tag)."""
+            return [p for p in Path("/sys/fs/cgroup").glob(f"**/*{state_tag(Path(cfg_state_dir()))}*") if p.is_dir()]
+
         def nothing_left() -> str:
-            tag = state_tag(Path(cfg_state_dir()))
-            left = [p for p in Path("/sys/fs/cgroup").glob(f"**/*{tag}*") if p.is_dir()]
+            left = ours()
             assert not left, left
-            return f"no cgroup of its jobs or sessions (tag {tag}) on the host"
+            return "no cgroup of its jobs or sessions on the host (while a job ran, all were inside the container's)"
 
         def drain() -> str:
             box: dict[str, Any] = {}
@@ -268,25 +282,36 @@ def test_the_image_under_the_pods_privileges(container: Container) -> None:
 
             def sleeper() -> None:
                 with c.client() as other:
-                    for event in other.stream("print('up', flush=True)\nimport time\ntime.sleep(3)\nprint('done')"):
+                    code = f"print('up', flush=True)\nimport time\ntime.sleep({DRAIN_JOB_S})\nprint('done')"
+                    for event in other.stream(code, timeout=DRAIN_JOB_S + 30):
                         started.set()
                         box["last"] = event
 
             th = threading.Thread(target=sleeper)
             th.start()
             assert started.wait(60)
-            grace = pod()[0]["terminationGracePeriodSeconds"]  # as the kubelet: SIGTERM, SIGKILL after this
-            stop = subprocess.Popen(["podman", "stop", "-t", str(grace), c.name], stdout=subprocess.DEVNULL)
-            deadline = time.monotonic() + 10
-            while c.probe("readinessProbe").returncode == 0:
-                assert time.monotonic() < deadline, "still ready 10 s after SIGTERM"
+            # While a job runs, its cgroups (and every other of this daemon's) are inside the container's.
+            inside = subprocess.run(
+                ["podman", "inspect", "-f", "{{.State.CgroupPath}}", c.name], capture_output=True, text=True
+            ).stdout.strip("/\n")
+            tagged = [str(p) for p in ours()]
+            assert inside and tagged and all(f"/{inside}/" in p for p in tagged), (inside, tagged)
+            # As the kubelet: SIGTERM, then the grace period (`podman stop` would refuse the probes' exec
+            # meanwhile; a kubelet's runtime runs them until the container exits).
+            grace = pod()[0]["terminationGracePeriodSeconds"]
+            subprocess.run(["podman", "kill", "--signal=SIGTERM", c.name], check=True, capture_output=True)
+            stop = subprocess.Popen(["podman", "wait", c.name], stdout=subprocess.DEVNULL)
+            # The job outlasts the probes' own slowness (a podman exec takes seconds on a loaded machine).
+            deadline = time.monotonic() + DRAIN_JOB_S - 3
+            while not c.says_draining():  # the probe failing because the daemon said so, not for any reason
+                assert time.monotonic() < deadline, f"not draining {DRAIN_JOB_S - 3} s after SIGTERM"
             try:
                 cl.run("print(1)", timeout=10, wait=10)
                 refused = "ran"
             except RemoteError as exc:
                 refused = exc.code
             th.join(60)
-            assert stop.wait(120) == 0
+            assert stop.wait(grace) == 0, "runnerd did not exit within the grace period"
             result = box["last"].result
             assert result.outcome is Outcome.OK and "done" in result.stdout, result
             assert refused == "DRAINING", refused
@@ -294,7 +319,7 @@ def test_the_image_under_the_pods_privileges(container: Container) -> None:
                 ["podman", "inspect", "-f", "{{.State.ExitCode}}", c.name], capture_output=True, text=True
             ).stdout.strip()
             assert code == "0", f"runnerd exited {code}:\n{c.logs()}"
-            return f"not ready at once; the running job finished; new work: {refused}; runnerd exit 0"
+            return f"readiness: draining; the running job finished; new work: {refused}; runnerd exit 0"
 
         for name, fn in (
             ("startup probe passes", started), ("readiness probe passes", ready),

@@ -192,3 +192,5 @@ def test_the_manifests_agree_with_runnerd(tmp_path):
     assert str(cfg.state_dir) in mounts and str(Path(ipc.removeprefix("ipc://")).parent) in mounts
     assert not any(str(cfg.sandbox_env).startswith(path) for path in mounts), "the env is the image's"
     assert raw["mode"] in ("cold", "warm")
+    # The jobs in the pod's own cgroup, whatever cgroup namespace a privileged container gets.
+    assert cfg.cgroup_parent == "self"

@@ -10,7 +10,7 @@ import pytest
 
 from runnerd import config as config_mod
 from runnerd.config import Limits
-from runnerd.errors import ConfigError, JobRejected, PolicyError
+from runnerd.errors import ConfigError, JobRejected, PolicyError, SandboxError
 from runnerd.result import Observation, Outcome, Reason, Result, decide
 from runnerd.sandbox import artifacts, cgroup_detect, cgroup_v1, cgroup_v2, cgroups, nsjail, report
 from runnerd.sandbox import policy as policy_mod
@@ -425,27 +425,48 @@ def test_a_containers_cgroup_namespace_is_told_from_the_hosts_root(tmp_path: Pat
     assert cgroup_detect.in_container(pod_root, "/") and cgroup_detect.in_container(pod_root, "/supervisor")
     assert not cgroup_detect.in_container(host_root, "/")  # the host's root: runnerd makes /runnerd there
     assert not cgroup_detect.in_container(pod_root, "/system.slice/other.service")  # not at the namespace's root
-    pod = cgroup_v2.CgroupsV2(pod_root, contained=True)
-    assert pod.delegated and pod.jobs == pod_root / "jobs" and "the container's own" in pod.describe()
-    # Its processes (its init too) move to the supervisor leaf before the controllers are enabled below it.
-    (pod_root / "cgroup.procs").write_text(f"1\n{os.getpid()}\n")
-    (pod_root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
-    (pod_root / "cgroup.subtree_control").write_text("")
+    # A privileged pod may share the host's cgroup namespace: cgroup_parent = "self" divides where it started.
+    assert cgroup_detect.own_cgroup("/kubepods.slice/cri-containerd-1.scope") == "kubepods.slice/cri-containerd-1.scope"
+    assert cgroup_detect.own_cgroup("/kubepods.slice/cri-containerd-1.scope/supervisor") == (
+        "kubepods.slice/cri-containerd-1.scope"
+    )
+    assert cgroup_detect.own_cgroup("/") == "" and cgroup_detect.own_cgroup("/supervisor") == ""
+
+
+def test_a_divided_cgroup_moves_every_process_then_enables_its_controllers(tmp_path: Path):
+    """A cgroup file tree stands in for cgroupfs: a write to a leaf's cgroup.procs takes the pid out of the parent's."""
+    import unittest.mock
+
+    pod = tmp_path / "pod"
+    pod.mkdir()
+    (pod / "cgroup.procs").write_text(f"1\n{os.getpid()}\n")
+    for cg in (pod, pod / "jobs"):
+        cg.mkdir(exist_ok=True)
+        (cg / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+        (cg / "cgroup.subtree_control").write_text("")
+    joins = iter(["77"])  # a probe's exec joins the parent while the first ones are moved
     moved: list[str] = []
     real_write = cgroup_v2.write_value
 
     def write(path: Path, value: str) -> None:
         if path.name == "cgroup.procs":
             moved.append(value)
+            left = [p for p in (pod / "cgroup.procs").read_text().split() if p != value]
+            left += [next(joins, "")] if value == "1" else []
+            (pod / "cgroup.procs").write_text("\n".join(p for p in left if p))
+            return
         real_write(path, value)
 
-    import unittest.mock
-
-    with unittest.mock.patch.object(cgroup_v2, "write_value", write), unittest.mock.patch.object(
-        cgroup_v2.CgroupsV2, "_enable", lambda self, cg: moved.append(f"enable {cg.name}")
-    ):  # fmt: skip
-        pod.prepare()
-    assert moved == ["1", str(os.getpid()), "enable pod", "enable jobs"], moved
+    cg = cgroup_v2.CgroupsV2(pod, "", contained=True)
+    assert cg.delegated and cg.jobs == pod / "jobs" and "the container's own" in cg.describe()
+    with unittest.mock.patch.object(cgroup_v2, "write_value", write):
+        cg.prepare()
+    assert moved == [str(os.getpid()), "1", "77"], moved
+    assert (pod / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"  # then the controllers, below it
+    assert (pod / "jobs" / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    # A cgroup it cannot make (read-only in an unprivileged pod) is a SandboxError naming the cause.
+    with pytest.raises(SandboxError, match="cannot create .*missing"):
+        cgroup_v2._mkdir(tmp_path / "missing" / "leaf")
 
 
 def test_systemd_delegated_reads_the_xattr(tmp_path: Path):

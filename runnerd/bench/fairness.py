@@ -20,15 +20,19 @@ backlogged tenants' shares at least :data:`JAIN_TARGET`.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+from ..errors import RunnerdError
 from ..result import Outcome
 from .daemon import started
 from .report import Progress, Row, row_of
+
+log = logging.getLogger(__name__)
 
 JOB_S = 0.1
 THINK_S = 0.4
@@ -71,10 +75,15 @@ class Load:
         with Client(self.endpoint, tenant=tenant) as c:
             while not self.stop.is_set():
                 t = time.perf_counter()
-                ok = c.run(CODE, wait=120).outcome is Outcome.OK
+                try:
+                    ok = c.run(CODE, wait=120).outcome is Outcome.OK
+                except RunnerdError as exc:  # BUSY past a cap, no answer: a failure in the row, and on
+                    log.warning("fairness bench: tenant %s: %s", tenant, exc)
+                    ok = False
                 end = time.perf_counter()
                 with self.lock:
-                    self.done.append((tenant, end - t, end))
+                    if ok:
+                        self.done.append((tenant, end - t, end))
                     self.failures[tenant] += not ok
                 if think_s:
                     self.stop.wait(rng.expovariate(1 / think_s))  # pacing of the offered load, not a wait for it
@@ -97,8 +106,11 @@ class Load:
         return start, end
 
     def within(self, window: tuple[float, float], tenant_prefix: str = "") -> list[tuple[str, float, float]]:
-        """The jobs that ended inside *window*, of tenants whose name starts with *tenant_prefix*."""
-        return [d for d in self.done if window[0] <= d[2] <= window[1] and d[0].startswith(tenant_prefix)]
+        """The jobs that ended inside *window*, of tenants whose name starts with *tenant_prefix*; at least one."""
+        found = [d for d in self.done if window[0] <= d[2] <= window[1] and d[0].startswith(tenant_prefix)]
+        if not found:
+            raise RunnerdError(f"fairness bench: no job of {tenant_prefix or 'any tenant'} ended in the window")
+        return found
 
 
 def bench_fairness(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import SandboxError
 from .cgroup_v1 import FREEZER, V1_CONTROLLERS, CgroupsV1
-from .cgroup_v2 import SUPERVISOR, CgroupsV2, delegated_unit, systemd_delegated
+from .cgroup_v2 import SELF, SUPERVISOR, CgroupsV2, delegated_unit, systemd_delegated
 from .cgroups import Cgroups, read_text
 
 
@@ -53,14 +53,23 @@ def detect(
     if v2_mount is not None:
         own = next((line[3:] for line in self_cgroup_text.splitlines() if line.startswith("0::")), "")
         mount = v2_mount
+        if parent == SELF or (parent == "auto" and in_container(mount, own)):
+            # The cgroup this daemon started in is its to divide: a pod's, a container's.
+            return CgroupsV2(v2_mount, own_cgroup(own), contained=True)
         unit = delegated_unit(own, is_delegated or (lambda rel: systemd_delegated(mount / rel)))
-        contained = unit is None and in_container(mount, own)
-        return CgroupsV2(v2_mount, parent, delegated_unit=unit, contained=contained)
+        return CgroupsV2(v2_mount, parent, delegated_unit=unit)
     if v1:
-        return CgroupsV1(v1, "runnerd" if parent == "auto" else parent)
+        # v1: the hierarchies' roots as this process sees them are a container's own groups already.
+        return CgroupsV1(v1, "runnerd" if parent in ("auto", SELF) else parent)
     raise SandboxError(
         "no cgroup hierarchy found: mount cgroup v2 at /sys/fs/cgroup, or the v1 memory/pids/cpu/cpuacct controllers"
     )
+
+
+def own_cgroup(own: str) -> str:
+    """The cgroup this daemon started in: *own*, or its parent once the daemon moved to the supervisor leaf."""
+    head, _, leaf = own.strip("/").rpartition("/")
+    return head if leaf == SUPERVISOR else own.strip("/")
 
 
 def in_container(mount: Path, own: str) -> bool:

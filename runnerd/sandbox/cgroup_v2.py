@@ -44,6 +44,10 @@ CGROUP2_SUPER_MAGIC = 0x63677270
 V2_CONTROLLERS = ("memory", "pids", "cpu")
 # The leaf a delegated daemon moves itself into (v2: no processes in inner nodes).
 SUPERVISOR = "supervisor"
+# cgroup_parent: the cgroup the daemon starts in is its to divide (a container's, a pod's).
+SELF = "self"
+# A process may join the divided cgroup while its processes are moved (a probe's exec): rounds of moving.
+MOVE_ROUNDS = 20
 
 
 class JobCgroupV2(JobCgroup):
@@ -122,15 +126,19 @@ class CgroupsV2(Cgroups):
     def __init__(
         self, mount: Path, parent: str = "auto", delegated_unit: str | None = None, *, contained: bool = False
     ) -> None:
+        """*contained*: *parent* is the cgroup this daemon started in (relative to *mount*), its to divide."""
         self.mount = mount
         self.delegated = False
         self.contained = contained
         self._made_parent = False
-        if parent == "auto":
-            if delegated_unit or contained:
-                # Delegate=yes, or a container's namespace: the service's, or the container's, own cgroup
-                # is ours to divide (in a pod, the jobs count against the pod's limits).
-                self.parent = mount / (delegated_unit or "").strip("/")
+        if contained:
+            # A container's own cgroup (a pod's: the jobs count against the pod's limits).
+            self.parent = mount / parent.strip("/")
+            self.delegated = True
+        elif parent == "auto":
+            if delegated_unit:
+                # Delegate=yes: the service's own cgroup is ours to divide.
+                self.parent = mount / delegated_unit.strip("/")
                 self.delegated = True
             else:
                 self.parent = mount / "runnerd"
@@ -186,19 +194,13 @@ class CgroupsV2(Cgroups):
 
     def prepare(self) -> None:
         if self.delegated:
-            # No internal processes: move this daemon into a leaf (in a container, every process there:
-            # its init too), then enable the controllers for the parent's children.
+            # No internal processes: move every process of the divided cgroup into a leaf (this daemon; in
+            # a container its init too), then enable the controllers for the parent's children.
             leaf = self.parent / SUPERVISOR
-            leaf.mkdir(exist_ok=True)
-            movers = read_text(self.parent / "cgroup.procs").split() if self.contained else []
-            for pid in dict.fromkeys([*movers, str(os.getpid())]):
-                try:
-                    write_value(leaf / "cgroup.procs", pid)
-                except SandboxError:
-                    if pid == str(os.getpid()) or Path(f"/proc/{pid}").exists():
-                        raise
+            _mkdir(leaf)
+            self._move_all(leaf)
             self._enable(self.parent)
-            self.jobs.mkdir(exist_ok=True)
+            _mkdir(self.jobs)
             self._enable(self.jobs)
             return
         ancestors = list(reversed(self.parent.relative_to(self.mount).parents))
@@ -212,6 +214,21 @@ class CgroupsV2(Cgroups):
         except OSError as exc:
             raise SandboxError(f"cgroup v2: cannot create {self.parent}: {exc.strerror} (is runnerd root?)") from None
         self._enable(self.parent)
+
+    def _move_all(self, leaf: Path) -> None:
+        """Every process of the parent into *leaf*, again while new ones join (a probe's exec does)."""
+        write_value(leaf / "cgroup.procs", str(os.getpid()))
+        for _ in range(MOVE_ROUNDS):
+            left = read_text(self.parent / "cgroup.procs").split()
+            if not left:
+                return
+            for pid in left:
+                try:
+                    write_value(leaf / "cgroup.procs", pid)
+                except SandboxError:
+                    if Path(f"/proc/{pid}").exists():
+                        raise  # not a process that ended meanwhile
+        raise SandboxError(f"cgroup v2: processes keep joining {self.parent} (cgroup.procs); cannot divide it")
 
     def release(self) -> None:
         if self._made_sessions and self.sessions is not None and rmdir_if_empty(self.sessions):
@@ -253,6 +270,15 @@ class CgroupsV2(Cgroups):
                 continue
             found += [JobCgroupV2(n, parent / n) for n in sorted(entries)]
         return found
+
+
+def _mkdir(path: Path) -> None:
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise SandboxError(
+            f"cgroup v2: cannot create {path}: {exc.strerror} (a read-only /sys/fs/cgroup: an unprivileged container?)"
+        ) from None
 
 
 def delegated_unit(own: str, is_delegated: Callable[[str], bool]) -> str | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,7 +74,7 @@ __all__ = [
     "result_reply",
 ]
 
-ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ID_RE = wire.ID_RE
 OPS = ("run", "cancel", "ping", "stats", "open", "close")
 _FIELDS = {
     "run": {"v", "op", "id", "code", "files", "timeout", "stream", "session", "tenant"},
