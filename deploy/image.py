@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from deploy.builds import APT_SOURCES, ROOT, SUITE, Builder, checkout_files, debian_packages, digest, files_digest
+from runnerd import __version__
 
 # In the image beside the set-up's packages: the init (PID 1), and groupadd for `runnerd install`.
 IMAGE_PACKAGES = ("tini", "passwd")
@@ -62,14 +63,6 @@ INSTALL = f"{SETUP} && .venv/bin/runnerd install"
 CLEAN = f"cd / && rm -rf {SRC} {WHEELS} /root/.cache /var/lib/apt/lists/*"
 
 B = Builder("image")
-
-
-def version() -> str:
-    text = (ROOT / "runnerd" / "__init__.py").read_text()
-    found = re.search(r'__version__ = "([^"]+)"', text)
-    if not found:
-        raise B.fail("runnerd/__init__.py has no __version__")
-    return found.group(1)
 
 
 def base_key() -> str:
@@ -133,7 +126,7 @@ def build_image(base: str, ref: str, wheels: Path, work: Path) -> None:
         B.run(
             ["buildah", "config", f"--entrypoint={json.dumps(ENTRYPOINT)}", f"--cmd={json.dumps(CMD)}",
              "--stop-signal=SIGTERM", f"--port={PORT}", "--env=PYTHONUNBUFFERED=1", "--workingdir=/",
-             f"--label=org.opencontainers.image.version={version()}",
+             f"--label=org.opencontainers.image.version={__version__}",
              "--label=org.opencontainers.image.title=runnerd", ctr],
             "buildah config",
         )  # fmt: skip
@@ -158,7 +151,7 @@ def build() -> str:
             B.log(f"image: present ({ref})")
         else:
             build_image(base, ref, wheels, Path(tmp) / "image")
-    for tag in (f"{NAME}:latest", f"{NAME}:{version()}"):
+    for tag in (f"{NAME}:latest", f"{NAME}:{__version__}"):
         B.run(["podman", "tag", ref, tag], f"podman tag {tag}")
     prune(base, ref)
     size = int(B.run(["podman", "image", "inspect", "--format", "{{.Size}}", ref], "podman image inspect"))

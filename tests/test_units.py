@@ -426,11 +426,11 @@ def test_a_containers_cgroup_namespace_is_told_from_the_hosts_root(tmp_path: Pat
     assert not cgroup_detect.in_container(host_root, "/")  # the host's root: runnerd makes /runnerd there
     assert not cgroup_detect.in_container(pod_root, "/system.slice/other.service")  # not at the namespace's root
     # A privileged pod may share the host's cgroup namespace: cgroup_parent = "self" divides where it started.
-    assert cgroup_detect.own_cgroup("/kubepods.slice/cri-containerd-1.scope") == "kubepods.slice/cri-containerd-1.scope"
-    assert cgroup_detect.own_cgroup("/kubepods.slice/cri-containerd-1.scope/supervisor") == (
+    assert cgroup_v2.own_cgroup("/kubepods.slice/cri-containerd-1.scope") == "kubepods.slice/cri-containerd-1.scope"
+    assert cgroup_v2.own_cgroup("/kubepods.slice/cri-containerd-1.scope/supervisor") == (
         "kubepods.slice/cri-containerd-1.scope"
     )
-    assert cgroup_detect.own_cgroup("/") == "" and cgroup_detect.own_cgroup("/supervisor") == ""
+    assert cgroup_v2.own_cgroup("/") == "" and cgroup_v2.own_cgroup("/supervisor") == ""
 
 
 def test_a_divided_cgroup_moves_every_process_then_enables_its_controllers(tmp_path: Path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import SandboxError
 from .cgroup_v1 import FREEZER, V1_CONTROLLERS, CgroupsV1
-from .cgroup_v2 import SELF, SUPERVISOR, CgroupsV2, delegated_unit, systemd_delegated
+from .cgroup_v2 import SELF, SUPERVISOR, CgroupsV2, delegated_unit, own_cgroup, systemd_delegated
 from .cgroups import Cgroups, read_text
 
 
@@ -64,12 +64,6 @@ def detect(
     raise SandboxError(
         "no cgroup hierarchy found: mount cgroup v2 at /sys/fs/cgroup, or the v1 memory/pids/cpu/cpuacct controllers"
     )
-
-
-def own_cgroup(own: str) -> str:
-    """The cgroup this daemon started in: *own*, or its parent once the daemon moved to the supervisor leaf."""
-    head, _, leaf = own.strip("/").rpartition("/")
-    return head if leaf == SUPERVISOR else own.strip("/")
 
 
 def in_container(mount: Path, own: str) -> bool:

@@ -288,15 +288,16 @@ def delegated_unit(own: str, is_delegated: Callable[[str], bool]) -> str | None:
     ``supervisor`` leaf once runnerd has moved there (a reload, or a second
     check in the same process), so both lead to the unit.
     """
-    rel = own.strip("/")
-    candidates = [rel]
-    head, _, leaf = rel.rpartition("/")
-    if leaf == SUPERVISOR and head:
-        candidates.append(head)
-    for candidate in candidates:
+    for candidate in dict.fromkeys([own.strip("/"), own_cgroup(own)]):
         if candidate.endswith((".service", ".scope")) and is_delegated(candidate):
             return candidate
     return None
+
+
+def own_cgroup(own: str) -> str:
+    """The cgroup this daemon started in: *own*, or its parent once the daemon moved to the supervisor leaf."""
+    head, _, leaf = own.strip("/").rpartition("/")
+    return head if leaf == SUPERVISOR else own.strip("/")
 
 
 def systemd_delegated(path: Path) -> bool:
