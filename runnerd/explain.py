@@ -75,3 +75,28 @@ def session_note(result: Result) -> str:
         f"The session ended: {how_it_ended(state.ended)}. Its variables, imports and files are gone; "
         "the next code runs in a new session and must redo what it needs."
     )
+
+
+def result_text(result: Result) -> str:
+    """A run as a tool's result shows it to a model (the MCP server's, the agent frameworks' tools): stdout
+    and the value, stderr, the error, what else came out, and the session's news."""
+    sections: list[str] = []
+    # As the Python REPL shows them: the output, then the value on the next line.
+    shown = "\n".join(t.rstrip("\n") for t in (result.stdout, result.value) if t)
+    if shown:
+        sections.append(shown)
+    if result.stderr_besides_error:
+        sections.append("stderr:\n" + result.stderr.rstrip("\n"))
+    if result.error is not None:
+        where = f" (line {result.error.lineno})" if result.error.lineno else ""
+        sections.append(f"{result.error.type}{where}: {result.error.message}\n{result.error.traceback.rstrip()}")
+    if result.outcome is not Outcome.OK and result.error is None:
+        sections.append(f"{result.outcome.value}: {what_happened(result)}")
+    if result.files:
+        sections.append("files written: " + ", ".join(f"{f.name} ({len(f.data)} bytes)" for f in result.files))
+    for warning in result.warnings:
+        sections.append(f"note: {warning}")
+    note = session_note(result)
+    if note:
+        sections.append(note)
+    return "\n\n".join(sections) or "(no output)"

@@ -31,7 +31,7 @@ from typing import Any
 from . import wire
 from .client import AsyncClient, AsyncSession, resolve_endpoint
 from .errors import ClientError, RemoteError, SessionLost
-from .explain import how_it_ended, session_note, what_happened
+from .explain import how_it_ended, result_text
 from .result import Outcome, Result, SessionEnd
 
 TOOL_DESCRIPTION = (
@@ -48,30 +48,6 @@ RESET_DESCRIPTION = (
 )
 # At the server's end: how long closing the sessions may hold it up.
 CLOSE_AT_EXIT_S = 5.0
-
-
-def result_text(result: Result) -> str:
-    """The text content of a tool result: stdout, stderr, the error, what else came out."""
-    sections: list[str] = []
-    # As the Python REPL shows them: the output, then the value on the next line.
-    shown = "\n".join(t.rstrip("\n") for t in (result.stdout, result.value) if t)
-    if shown:
-        sections.append(shown)
-    if result.stderr_besides_error:
-        sections.append("stderr:\n" + result.stderr.rstrip("\n"))
-    if result.error is not None:
-        where = f" (line {result.error.lineno})" if result.error.lineno else ""
-        sections.append(f"{result.error.type}{where}: {result.error.message}\n{result.error.traceback.rstrip()}")
-    if result.outcome is not Outcome.OK and result.error is None:
-        sections.append(f"{result.outcome.value}: {what_happened(result)}")
-    if result.files:
-        sections.append("files written: " + ", ".join(f"{f.name} ({len(f.data)} bytes)" for f in result.files))
-    for warning in result.warnings:
-        sections.append(f"note: {warning}")
-    note = session_note(result)
-    if note:
-        sections.append(note)
-    return "\n\n".join(sections) or "(no output)"
 
 
 def _decode_files(files: Sequence[Mapping[str, Any]] | None) -> dict[str, bytes]:

@@ -28,7 +28,7 @@ from runnerd.exchange import ABANDON_WAIT_S, _Ask, _run_request, _SessionState, 
 from runnerd.explain import SESSION_ENDS, session_note
 from runnerd.gemini import output_text
 from runnerd.loop import Attempt, arun_loop, feedback, run_loop
-from runnerd.mcp_server import result_text
+from runnerd.explain import result_text
 from runnerd.repl import PS1, PS2, InputBuffer, Repl, _CtrlC, _Echo, interact
 from runnerd.result import Outcome, Reason, Result, SessionEnd, SessionState
 
