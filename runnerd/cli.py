@@ -236,6 +236,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows.extend(bench.bench_fleet(args.config, workloads, args.jobs, args.clients, progress))
     if "fairness" in modes:
         rows.extend(bench.bench_fairness(args.config, args.concurrency, progress))
+    if "integrations" in modes:
+        for mode in ("cold", "warm"):
+            with bench.started(args.config, mode, args.concurrency) as d:
+                rows.extend(bench.bench_integrations(d.endpoint, mode, args.jobs, progress))
 
     print(bench.table(rows))
     by = {(r.workload, r.mode): r for r in rows}

@@ -157,6 +157,39 @@ def test_a_session_stays_on_its_daemon_and_is_lost_with_it(fleet):
     restart(fleet, home)
 
 
+def test_an_agents_session_lost_with_its_daemon_is_opened_again_elsewhere_and_the_agent_told(fleet):
+    from smolagents.default_tools import FinalAnswerTool
+    from smolagents.monitoring import AgentLogger, LogLevel
+    from smolagents.utils import AgentError
+
+    from runnerd.integrations.langchain import RunnerdPython
+    from runnerd.integrations.smolagents import RunnerdExecutor
+
+    executor = RunnerdExecutor([], AgentLogger(level=LogLevel.OFF), fleet.spec())
+    tool = RunnerdPython(endpoint=fleet.spec())
+    thread = {"configurable": {"thread_id": "t"}}
+    try:
+        executor.send_tools({"final_answer": FinalAnswerTool()})
+        executor("x = 41")
+        assert tool.invoke({"code": "x = 41\nprint(x)"}, thread)[0]["text"] == "41"
+        homes = {fleet.name_of(executor.session.pin.endpoint), fleet.name_of(tool._threads["t"].session.pin.endpoint)}
+        for home in homes:  # one or two of the three
+            fleet.daemons[home].proc.send_signal(signal.SIGKILL)
+        with pytest.raises(AgentError, match="ended before this step ran .*stopped answering.*none of your variables"):
+            executor("x + 1")
+        out = executor("final_answer('x' in dir())")  # a new session elsewhere, the tools sent again
+        assert out.is_final_answer and out.output is False and executor.resets == 1
+        assert fleet.name_of(executor.session.pin.endpoint) not in homes
+        told = tool.invoke({"code": "print(x + 1)"}, thread)[0]["text"]
+        assert "ended before this code ran" in told and "stopped answering" in told, told
+        assert tool.invoke({"code": "print('x' in dir())"}, thread)[0]["text"] == "False"
+    finally:
+        executor.cleanup()
+        tool.close()
+    for home in homes:
+        restart(fleet, home)
+
+
 def test_a_draining_daemon_is_left_alone_and_nothing_fails(fleet):
     drained = "c"
     fleet.daemons[drained].proc.send_signal(signal.SIGUSR1)

@@ -239,8 +239,7 @@ def test_cage_faults_are_retried_then_raised_and_a_cancel_stops_at_once():
 
 @pytest.mark.parametrize("reason", list(Reason))
 def test_one_wording_for_every_reason(reason):
-    from runnerd.explain import what_happened
-    from runnerd.explain import result_text
+    from runnerd.explain import result_text, what_happened
 
     r = Result(Outcome.FAILED, reason, exit_code=-9 if reason is Reason.SIGNAL else 3)
     said = what_happened(r)

@@ -25,10 +25,9 @@ import pytest
 from runnerd.client import Accepted, AsyncClient, Client, Finished, Output, Session
 from runnerd.errors import AttemptNotRun, ClientError, RemoteError
 from runnerd.exchange import ABANDON_WAIT_S, _Ask, _run_request, _SessionState, session_end_from
-from runnerd.explain import SESSION_ENDS, session_note
+from runnerd.explain import SESSION_ENDS, result_text, session_note
 from runnerd.gemini import output_text
 from runnerd.loop import Attempt, arun_loop, feedback, run_loop
-from runnerd.explain import result_text
 from runnerd.repl import PS1, PS2, InputBuffer, Repl, _CtrlC, _Echo, interact
 from runnerd.result import Outcome, Reason, Result, SessionEnd, SessionState
 

@@ -33,7 +33,10 @@ Modes, measured in one run so their ratios are comparable:
   through the fleet layer (:mod:`runnerd.bench.fleet`);
 * ``fairness`` - tenants sharing a warm daemon's slots: light ones alone,
   then beside a heavy one, then backlogged ones' shares
-  (:mod:`runnerd.bench.fairness`; its own workload, F1).
+  (:mod:`runnerd.bench.fairness`; its own workload, F1);
+* ``integrations`` - one agent step through smolagents' and LangChain's
+  integrations beside a direct ``Session.run``, a cold daemon then a warm
+  one (:mod:`runnerd.bench.integrations`; needs the extras).
 
 Each daemon mode runs alone (the others stopped, :mod:`runnerd.bench.daemon`)
 so they do not share the CPUs. For each workload and mode: latency
@@ -55,12 +58,13 @@ from .bare import bench_bare
 from .daemon import started
 from .fairness import bench_fairness
 from .fleet import bench_fleet
+from .integrations import bench_integrations
 from .jobs import bench_endpoint
 from .memory import tree_pss
 from .report import Progress, Row, plot, report_json, table
 from .workloads import WORKLOADS, Workload
 
-MODES = ("bare", "cold", "warm", "daemon", "fleet", "fairness")
+MODES = ("bare", "cold", "warm", "daemon", "fleet", "fairness", "integrations")
 
 __all__ = [
     "MODES",
@@ -72,6 +76,7 @@ __all__ = [
     "bench_endpoint",
     "bench_fairness",
     "bench_fleet",
+    "bench_integrations",
     "plot",
     "report_json",
     "started",

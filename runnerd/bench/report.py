@@ -110,15 +110,16 @@ def session_ratios(rows: list[Row]) -> list[str]:
 
 
 def table(rows: list[Row]) -> str:
+    width = max([12, *(len(r.mode) for r in rows)])  # the fleet's and the integrations' modes are long
     head = (
-        f"{'workload':<9} {'mode':<12} {'jobs':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'mean ms':>9} "
+        f"{'workload':<9} {'mode':<{width}} {'jobs':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'mean ms':>9} "
         f"{'jobs/s':>8} {'fail':>5}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         tput = f"{r.throughput_jobs_s:.1f}" if r.throughput_jobs_s is not None else ""
         lines.append(
-            f"{r.workload:<9} {r.mode:<12} {r.jobs:>5} {r.p50_ms:>9.1f} {r.p95_ms:>9.1f} {r.p99_ms:>9.1f} "
+            f"{r.workload:<9} {r.mode:<{width}} {r.jobs:>5} {r.p50_ms:>9.1f} {r.p95_ms:>9.1f} {r.p99_ms:>9.1f} "
             f"{r.mean_ms:>9.1f} {tput:>8} {r.failures:>5}"
         )
     notes = [note for r in rows for note in r.notes] + session_ratios(rows)
