@@ -277,3 +277,33 @@ def test_the_langchain_tools_threads_run_side_by_side(daemon: Any) -> None:
     finally:
         slow.join()
         tool.close()
+
+
+# A PNG of a few bytes that claims a 5,000 x 5,000 canvas (under PIL's own bomb check), and one cut off after its header.
+BOMB_PNG = """\
+import struct, zlib
+def chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+head = b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', {w}, {h}, 8, 2, 0, 0, 0))
+open('{name}', 'wb').write(head + chunk(b'IDAT', zlib.compress(b'\\x00' * 64)) + chunk(b'IEND', b''))
+"""
+
+
+def test_figures_from_the_cage_are_decoded_on_the_host_only_when_small_and_whole(daemon: Any) -> None:
+    from smolagents.monitoring import AgentLogger, LogLevel
+
+    from runnerd.integrations.smolagents import RunnerdExecutor
+
+    with pytest.raises(ValueError, match="a pickle made by the caged code runs code on this host"):
+        RunnerdExecutor([], AgentLogger(level=LogLevel.OFF), str(daemon.ipc), allow_pickle=True)
+    executor = RunnerdExecutor([], AgentLogger(level=LogLevel.OFF), str(daemon.ipc))
+    try:
+        out = executor(BOMB_PNG.format(w=5000, h=5000, name="huge.png"))
+        assert executor.last_result is not None and [f.name for f in executor.last_result.figures] == ["huge.png"]
+        assert executor.last_figures == [] and "huge.png not shown: 5000x5000 pixels" in out.logs, out.logs
+        out = executor(BOMB_PNG.format(w=64, h=64, name="cut.png"))  # the IDAT holds too few rows
+        assert executor.last_figures == [] and "cut.png not shown: it could not be decoded" in out.logs, out.logs
+        out = executor(BOMB_PNG.format(w=4, h=4, name="small.png").replace("b'\\x00' * 64", "b'\\x00' * 52"))
+        assert len(executor.last_figures) == 1 and executor.last_figures[0].size == (4, 4), out.logs
+    finally:
+        executor.cleanup()

@@ -75,6 +75,10 @@ del _runnerd_keep
 """
 
 
+SHOWN_MIMES = ("image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp")
+MAX_PIXELS = 4096 * 4096  # a Matplotlib figure at 100 dpi is 640x480
+
+
 class RunnerdExecutor(RemotePythonExecutor):
     """smolagents' executor on a runnerd session (opened at once, closed by :meth:`cleanup`).
 
@@ -95,7 +99,12 @@ class RunnerdExecutor(RemotePythonExecutor):
         idle_timeout: float | None = None,
         allow_pickle: bool = False,
     ) -> None:
-        super().__init__(additional_imports, logger, allow_pickle=allow_pickle)
+        if allow_pickle:
+            raise ValueError(
+                "RunnerdExecutor does not take allow_pickle=True: smolagents would unpickle what the sandbox sends "
+                "back, and a pickle made by the caged code runs code on this host; answers travel as JSON"
+            )
+        super().__init__(additional_imports, logger, allow_pickle=False)
         self.client = Client(endpoint, curve=curve, tenant=tenant)
         self.timeout = timeout
         self.session: Session = self.client.session(files=files, idle_timeout=idle_timeout)
@@ -157,8 +166,8 @@ class RunnerdExecutor(RemotePythonExecutor):
                 self.logger,
             ) from None
         self.last_result = result
-        self.last_figures = _images(result)
-        logs = note + result.stdout
+        self.last_figures, unshown = _images(result)
+        logs = note + result.stdout + "".join(f"\n[{line}]" for line in unshown)
         error = result.error
         if error is not None and error.type.rsplit(".", 1)[-1] == self.FINAL_ANSWER_EXCEPTION:
             return CodeOutput(output=self._final_answer(result), logs=logs, is_final_answer=True)
@@ -201,7 +210,10 @@ class RunnerdExecutor(RemotePythonExecutor):
         result = self.session.run(HAVE.format(names=json.dumps(names)), timeout=30)
         if result.outcome is not Outcome.OK:
             raise AgentError(f"runnerd could not check the sandbox's libraries: {result_text(result)}", self.logger)
-        missing = json.loads(result.stdout.strip().splitlines()[-1])
+        try:  # the session's earlier steps may have changed print or json: a check that cannot be read fails
+            missing = json.loads(result.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise AgentError(f"runnerd could not check the sandbox's libraries: {result.stdout[-500:]!r}", self.logger)
         if missing:
             raise AgentError(
                 f"runnerd cannot install packages: {', '.join(missing)} not in its fixed library set "
@@ -221,14 +233,30 @@ class RunnerdExecutor(RemotePythonExecutor):
         self.cleanup()
 
 
-def _images(result: Result) -> list[Any]:
+def _images(result: Result) -> tuple[list[Any], list[str]]:
+    """The run's figures decoded (PIL images), and a line for each one not shown.
+
+    The bytes come from the cage: a figure is decoded here only under :data:`MAX_PIXELS` (a small PNG can
+    claim a huge canvas) and whole (a truncated one fails here, not later in smolagents' encoder).
+    """
     from PIL import Image
 
-    images = []
+    images, unshown = [], []
     for fig in result.figures:
-        if fig.mime in ("image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp"):
-            images.append(Image.open(io.BytesIO(fig.data)))
-    return images
+        if fig.mime not in SHOWN_MIMES:
+            continue
+        try:
+            image = Image.open(io.BytesIO(fig.data))
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                unshown.append(f"figure {fig.name} not shown: {width}x{height} pixels, more than {MAX_PIXELS}")
+                continue
+            image.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            unshown.append(f"figure {fig.name} not shown: it could not be decoded ({exc})")
+            continue
+        images.append(image)
+    return images, unshown
 
 
 def show_figures(memory_step: Any, agent: Any) -> None:
@@ -238,7 +266,7 @@ def show_figures(memory_step: Any, agent: Any) -> None:
         memory_step.observations_images = list(executor.last_figures)
 
 
-EXECUTOR_ARGS = ("files", "curve", "tenant", "timeout", "idle_timeout", "allow_pickle")
+EXECUTOR_ARGS = ("files", "curve", "tenant", "timeout", "idle_timeout")
 
 
 def code_agent(model: Any, endpoint: str | None = None, **kwargs: Any) -> Any:
