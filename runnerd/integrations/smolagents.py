@@ -213,7 +213,9 @@ class RunnerdExecutor(RemotePythonExecutor):
         try:  # the session's earlier steps may have changed print or json: a check that cannot be read fails
             missing = json.loads(result.stdout.strip().splitlines()[-1])
         except (IndexError, ValueError):
-            raise AgentError(f"runnerd could not check the sandbox's libraries: {result.stdout[-500:]!r}", self.logger)
+            raise AgentError(
+                f"runnerd could not check the sandbox's libraries: {result.stdout[-500:]!r}", self.logger
+            ) from None
         if missing:
             raise AgentError(
                 f"runnerd cannot install packages: {', '.join(missing)} not in its fixed library set "
