@@ -23,6 +23,7 @@ from runnerd.fleet.members import SILENCE_S
 from runnerd.result import SessionEnd
 
 from .conftest import DaemonProc, free_port
+from .test_integrations import assert_reopened_and_told
 from .test_sessions import _home, assert_clean, launch, wait_until
 
 UID_BASE = 2_900_000
@@ -160,7 +161,6 @@ def test_a_session_stays_on_its_daemon_and_is_lost_with_it(fleet):
 def test_an_agents_session_lost_with_its_daemon_is_opened_again_elsewhere_and_the_agent_told(fleet):
     from smolagents.default_tools import FinalAnswerTool
     from smolagents.monitoring import AgentLogger, LogLevel
-    from smolagents.utils import AgentError
 
     from runnerd.integrations.langchain import RunnerdPython
     from runnerd.integrations.smolagents import RunnerdExecutor
@@ -175,14 +175,9 @@ def test_an_agents_session_lost_with_its_daemon_is_opened_again_elsewhere_and_th
         homes = {fleet.name_of(executor.session.pin.endpoint), fleet.name_of(tool._threads["t"].session.pin.endpoint)}
         for home in homes:  # one or two of the three
             fleet.daemons[home].proc.send_signal(signal.SIGKILL)
-        with pytest.raises(AgentError, match="ended before this step ran .*stopped answering.*none of your variables"):
-            executor("x + 1")
-        out = executor("final_answer('x' in dir())")  # a new session elsewhere, the tools sent again
-        assert out.is_final_answer and out.output is False and executor.resets == 1
-        assert fleet.name_of(executor.session.pin.endpoint) not in homes
-        told = tool.invoke({"code": "print(x + 1)"}, thread)[0]["text"]
-        assert "ended before this code ran" in told and "stopped answering" in told, told
-        assert tool.invoke({"code": "print('x' in dir())"}, thread)[0]["text"] == "False"
+        assert_reopened_and_told(executor, tool, thread, "stopped answering")
+        assert fleet.name_of(executor.session.pin.endpoint) not in homes  # the new sessions are elsewhere
+        assert fleet.name_of(tool._threads["t"].session.pin.endpoint) not in homes
     finally:
         executor.cleanup()
         tool.close()

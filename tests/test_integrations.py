@@ -15,13 +15,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from typing import Any
 
 import pytest
 
 from runnerd.client import Client
+
+from .test_sessions import wait_until
 
 CSV = b"region,amount\nnorth,10\nsouth,20\neast,30\n"
 FORK_BOMB = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
@@ -209,23 +210,28 @@ def test_the_integrations_bench_measures_each_path(warm_daemon: Any) -> None:
     assert all(r.jobs == 3 and r.failures == 0 and r.p50_ms > 0 for r in rows), rows
 
 
-def wait_for(what: str, ok: Any, deadline_s: float = 60) -> None:
-    """Wait for an event the daemon reports (a ping's counts), polling it; fail past the deadline."""
-    deadline = time.monotonic() + deadline_s
-    while not ok():
-        assert time.monotonic() < deadline, f"not seen within {deadline_s} s: {what}"
-        time.sleep(0.05)
-
-
 def sessions_open(endpoint: str) -> int:
     with Client(endpoint) as c:
         return int(c.ping()["sessions_open"])
 
 
+def assert_reopened_and_told(executor: Any, tool: Any, thread: Any, cause: str) -> None:
+    """After their sessions ended under them, each integration says so at its next step, naming *cause*, and
+    goes on in a new session: the executor's with the agent's tools (final_answer), neither with ``x``."""
+    from smolagents.utils import AgentError
+
+    with pytest.raises(AgentError, match=f"ended before this step ran .*{cause}.*none of your variables"):
+        executor("print(x)")
+    out = executor("final_answer('x' in dir())")
+    assert out.is_final_answer and out.output is False and executor.resets == 1
+    told = tool.invoke({"code": "print(x)"}, thread)[0]["text"]
+    assert "ended before this code ran" in told and cause in told and "run the set-up again" in told, told
+    assert tool.invoke({"code": "print('x' in dir())"}, thread)[0]["text"] == "False"
+
+
 def test_a_session_that_ends_between_steps_is_opened_again_and_the_agent_is_told(daemon: Any) -> None:
     from smolagents.default_tools import FinalAnswerTool
     from smolagents.monitoring import AgentLogger, LogLevel
-    from smolagents.utils import AgentError
 
     from runnerd.integrations.langchain import RunnerdPython
     from runnerd.integrations.smolagents import RunnerdExecutor
@@ -239,14 +245,8 @@ def test_a_session_that_ends_between_steps_is_opened_again_and_the_agent_is_told
         executor.send_tools({"final_answer": FinalAnswerTool()})
         executor("x = 1")
         tool.invoke({"code": "x = 1"}, thread)
-        wait_for("both sessions ended idle", lambda: sessions_open(endpoint) == before)
-        with pytest.raises(AgentError, match="ended before this step ran .*none of your variables"):
-            executor("print(x)")
-        out = executor("final_answer(2)")  # the new session has the agent's tools
-        assert out.is_final_answer and out.output == 2 and executor.resets == 1
-        told = tool.invoke({"code": "print(x)"}, thread)[0]["text"]
-        assert "ended before this code ran" in told and "run the set-up again" in told, told
-        assert tool.invoke({"code": "x = 2\nprint(x)"}, thread)[0]["text"] == "2"
+        wait_until(lambda: sessions_open(endpoint) == before, 60, "both sessions ended idle")
+        assert_reopened_and_told(executor, tool, thread, "idle_timeout")
     finally:
         executor.cleanup()
         tool.close()
@@ -268,7 +268,7 @@ def test_the_langchain_tools_threads_run_side_by_side(daemon: Any) -> None:
             with Client(endpoint) as c:
                 return int(c.ping()["running"]) == 1
 
-        wait_for("the slow thread's code running", running)
+        wait_until(running, 60, "the slow thread's code running")
         fast = tool.invoke({"code": "print(1)"}, {"configurable": {"thread_id": "fast"}})
         assert fast[0]["text"] == "1"
         assert slow.is_alive()  # the fast thread did not wait for the slow one's turn
