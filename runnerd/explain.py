@@ -11,6 +11,21 @@ from __future__ import annotations
 
 from .result import Outcome, Reason, Result, SessionEnd
 
+# The library set in one phrase, for tool descriptions and refusals (README, "The sandbox env", has the list).
+LIBRARIES = "numpy, pandas, matplotlib, scipy, scikit-learn, tensorflow, sympy, opencv and more"
+# A tool's text for one run, at most: a print of a big DataFrame must not fill a model's context (smolagents
+# cuts its own executor's logs at 20,000 characters too). The head and the tail are kept: the error is last.
+MAX_TOOL_TEXT = 20_000
+
+
+def cut(text: str, limit: int = MAX_TOOL_TEXT) -> str:
+    """*text* at most *limit* characters long: its head and tail, and a line saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    head, tail = text[: limit * 3 // 5], text[-(limit * 2 // 5) :]
+    return f"{head}\n[... {len(text) - len(head) - len(tail)} characters cut ...]\n{tail}"
+
+
 # Failures the code did not cause: a model that reads them as its own would
 # rewrite working code.
 NOT_THE_CODES_FAULT = frozenset({Reason.SANDBOX_ERROR, Reason.SHUTDOWN, Reason.CANCELLED})
@@ -66,6 +81,14 @@ def how_it_ended(ended: SessionEnd | None) -> str:
     return SESSION_ENDS.get(ended, "for a reason not given") if ended else "for a reason not given"
 
 
+def session_replaced(ended: SessionEnd | None) -> str:
+    """What a tool says first when the session its calls share had ended, and this call ran in a new one."""
+    return (
+        f"The previous session ended: {how_it_ended(ended)}. This code ran in a new session: "
+        "variables, imports and files from earlier calls are gone."
+    )
+
+
 def session_note(result: Result) -> str:
     """One sentence when this run ended its session (its variables are gone); empty otherwise."""
     state = result.session
@@ -90,7 +113,9 @@ def result_text(result: Result) -> str:
     if result.error is not None:
         where = f" (line {result.error.lineno})" if result.error.lineno else ""
         sections.append(f"{result.error.type}{where}: {result.error.message}\n{result.error.traceback.rstrip()}")
-    if result.outcome is not Outcome.OK and result.error is None:
+    # A deadline reaches a session's code as KeyboardInterrupt: without this line a model reads an interrupt
+    # nobody sent, not that its code was too slow.
+    if result.outcome is not Outcome.OK and (result.error is None or result.outcome is Outcome.DEADLINE_EXCEEDED):
         sections.append(f"{result.outcome.value}: {what_happened(result)}")
     if result.files:
         sections.append("files written: " + ", ".join(f"{f.name} ({len(f.data)} bytes)" for f in result.files))
@@ -99,4 +124,4 @@ def result_text(result: Result) -> str:
     note = session_note(result)
     if note:
         sections.append(note)
-    return "\n\n".join(sections) or "(no output)"
+    return cut("\n\n".join(sections)) or "(no output)"

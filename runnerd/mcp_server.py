@@ -31,16 +31,16 @@ from typing import Any
 from . import wire
 from .client import AsyncClient, AsyncSession, resolve_endpoint
 from .errors import ClientError, RemoteError, SessionLost
-from .explain import how_it_ended, result_text
-from .result import Outcome, Result, SessionEnd
+from .explain import LIBRARIES, result_text, session_replaced
+from .result import Outcome, Result
+from .shown_figures import shown
 
 TOOL_DESCRIPTION = (
-    "Run Python 3 code in a sandbox (no network, 30 s, numpy, pandas, matplotlib, scipy, scikit-learn, "
-    "tensorflow, sympy, opencv and more) and return what it printed, the value of a trailing expression "
-    "(as a notebook shows it), its error if any, and every Matplotlib figure as an image. Calls share one "
-    "Python session: variables, imports and files stay for later calls until reset_session, or until the "
-    "session ends (the output then says so). Input files are readable by their name from the working "
-    "directory; a file given once stays there."
+    f"Run Python 3 code in a sandbox (no network, 30 s, {LIBRARIES}) and return what it printed, the value "
+    "of a trailing expression (as a notebook shows it), its error if any, and every Matplotlib figure as an "
+    "image. Calls share one Python session: variables, imports and files stay for later calls until "
+    "reset_session, or until the session ends (the output then says so). Input files are readable by their "
+    "name from the working directory; a file given once stays there."
 )
 RESET_DESCRIPTION = (
     "Close the Python session that run_python calls share (its variables, imports and files); "
@@ -87,7 +87,7 @@ class SessionSlot:
             session = self.session
             ended = session.ended
             if await session.ensure_open():
-                notes.append(_replaced(ended))
+                notes.append(session_replaced(ended))
             try:
                 return await session.run(code, files=_new_files(session, inputs), timeout=timeout), notes
             except RemoteError as exc:
@@ -96,7 +96,7 @@ class SessionSlot:
             except SessionLost:
                 pass  # its daemon died or restarted (a fleet): the same as an ended session, said so
             # It ended since the last call said it was alive (an idle timeout, most likely), or was lost.
-            notes.append(_replaced(session.ended))
+            notes.append(session_replaced(session.ended))
             await session.reopen()
             return await session.run(code, files=_new_files(session, inputs), timeout=timeout), notes
 
@@ -115,13 +115,6 @@ class SessionSlot:
                 await session.close()
         finally:
             self.client.close()
-
-
-def _replaced(ended: SessionEnd | None) -> str:
-    return (
-        f"The previous session ended: {how_it_ended(ended)}. This code ran in a new session: "
-        "variables, imports and files from earlier calls are gone."
-    )
 
 
 def _new_files(session: AsyncSession, inputs: dict[str, bytes]) -> dict[str, bytes]:
@@ -180,8 +173,9 @@ def build_server(endpoint: str | None = None, curve: Mapping[str, bytes] | None 
             return CallToolResult(content=[TextContent(text=f"bad files argument: {exc}")], is_error=True)
         except ClientError as exc:
             return CallToolResult(content=[TextContent(text=f"runnerd: {exc}")], is_error=True)
-        content: list[Any] = [TextContent(text="\n\n".join([*notes, result_text(result)]))]
-        for figure in result.figures:
+        figures = shown(result)
+        content: list[Any] = [TextContent(text="\n\n".join([*notes, result_text(result), *figures.notes]))]
+        for figure in figures.figures:
             content.append(ImageContent(data=base64.b64encode(figure.data).decode("ascii"), mime_type=figure.mime))
         return CallToolResult(content=content, is_error=result.outcome is not Outcome.OK)
 

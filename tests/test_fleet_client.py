@@ -168,6 +168,7 @@ def test_an_agents_session_lost_with_its_daemon_is_opened_again_elsewhere_and_th
     executor = RunnerdExecutor([], AgentLogger(level=LogLevel.OFF), fleet.spec())
     tool = RunnerdPython(endpoint=fleet.spec())
     thread = {"configurable": {"thread_id": "t"}}
+    homes: set[str] = set()
     try:
         executor.send_tools({"final_answer": FinalAnswerTool()})
         executor("x = 41")
@@ -175,14 +176,14 @@ def test_an_agents_session_lost_with_its_daemon_is_opened_again_elsewhere_and_th
         homes = {fleet.name_of(executor.session.pin.endpoint), fleet.name_of(tool._threads["t"].session.pin.endpoint)}
         for home in homes:  # one or two of the three
             fleet.daemons[home].proc.send_signal(signal.SIGKILL)
-        assert_reopened_and_told(executor, tool, thread, "stopped answering")
+        assert_reopened_and_told(executor, tool, thread, "the sandbox host that held it died or restarted")
         assert fleet.name_of(executor.session.pin.endpoint) not in homes  # the new sessions are elsewhere
         assert fleet.name_of(tool._threads["t"].session.pin.endpoint) not in homes
     finally:
         executor.cleanup()
         tool.close()
-    for home in homes:
-        restart(fleet, home)
+        for home in homes:  # its leftover cages go with the restart
+            restart(fleet, home)
 
 
 def test_a_draining_daemon_is_left_alone_and_nothing_fails(fleet):

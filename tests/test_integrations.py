@@ -12,6 +12,8 @@ network call (each fails inside the cage; the next step runs), answer.
 
 from __future__ import annotations
 
+import base64
+import re
 import subprocess
 import sys
 import threading
@@ -65,12 +67,15 @@ def test_a_smolagents_code_agent_runs_its_steps_in_one_session(endpoint: str) ->
             super().__init__(model_id="scripted")
             self.replies = [f"Thought: step {i}\n<code>\n{code}\n</code>" for i, (code, _) in enumerate(STEPS)]
             self.replies.append("Thought: done\n<code>\nfinal_answer(total)\n</code>")
+            self.seen: list[Any] = []  # the messages of each call: what the agent showed the model
 
         def generate(self, messages: Any, stop_sequences: Any = None, **kwargs: Any) -> ChatMessage:
+            self.seen.append(messages)
             return ChatMessage(role=MessageRole.ASSISTANT, content=self.replies.pop(0))
 
+    model = Scripted()
     agent = code_agent(
-        Scripted(), endpoint, files={"sales.csv": CSV}, additional_authorized_imports=["pandas", "matplotlib"],
+        model, endpoint, files={"sales.csv": CSV}, additional_authorized_imports=["pandas", "matplotlib"],
         timeout=10, max_steps=len(STEPS) + 2,
     )  # fmt: skip
     executor = agent.python_executor
@@ -91,6 +96,11 @@ def test_a_smolagents_code_agent_runs_its_steps_in_one_session(endpoint: str) ->
         # A session the bomb ended was opened again, its tools (final_answer) with it.
         assert executor.resets == (1 if ENDED in bomb else 0), bomb
         assert executor.session.alive
+        # What the model was given: the plot as an image after step 2, the KeyError after step 3.
+        parts = [[part for m in call for part in m.content] for call in model.seen]
+        assert not any(p["type"] == "image" for p in parts[2]) and any(p["type"] == "image" for p in parts[3])
+        assert not any("KeyError" in str(p.get("text")) for p in parts[3])
+        assert any("KeyError" in str(p.get("text")) for p in parts[4])
     finally:
         executor.cleanup()
 
@@ -110,12 +120,16 @@ def test_over_a_fleet_the_agents_session_stays_on_the_daemon_that_opened_it(daem
         def generate(self, messages: Any, stop_sequences: Any = None, **kwargs: Any) -> ChatMessage:
             return ChatMessage(role=MessageRole.ASSISTANT, content=self.replies.pop(0))
 
-    agent = code_agent(Scripted(), f"{daemon.ipc},{warm_daemon.ipc}", max_steps=5)
+    both = (str(daemon.ipc), str(warm_daemon.ipc))
+    before = {e: sessions_open(e) for e in both}
+    agent = code_agent(Scripted(), ",".join(both), max_steps=5)
     try:
         assert agent.run("Add one to 41.") == "42" * 10_000
         assert agent.run("And one more.", reset=False) == 43  # the tools sent again, the variables kept
         pin = agent.python_executor.session.pin
-        assert pin is not None and pin.endpoint in (daemon.ipc, warm_daemon.ipc)
+        assert pin is not None
+        home, other = (both[0], both[1]) if pin.endpoint == both[0] else (both[1], both[0])
+        assert sessions_open(home) == before[home] + 1 and sessions_open(other) == before[other]
     finally:
         agent.python_executor.cleanup()
 
@@ -160,9 +174,15 @@ def test_a_langgraph_agent_calls_the_tool_with_state_per_thread(endpoint: str, b
 
     from runnerd.integrations.langchain import RunnerdPython
 
+    given: list[Any] = []  # the messages of each call: what the agent showed the model
+
     class Scripted(GenericFakeChatModel):
         def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
             return self  # the script already says which tool it calls
+
+        def _generate(self, messages: Any, *args: Any, **kwargs: Any) -> Any:
+            given.append(list(messages))
+            return super()._generate(messages, *args, **kwargs)
 
     def call(i: int, code: str) -> AIMessage:
         return AIMessage(content="", tool_calls=[{"name": "python", "args": {"code": code}, "id": f"c{i}"}])
@@ -182,13 +202,17 @@ def test_a_langgraph_agent_calls_the_tool_with_state_per_thread(endpoint: str, b
         bomb = replies[BOMB].content[0]["text"]
         assert "TimeoutError" in bomb or ENDED in bomb, bomb
         if ENDED in bomb:  # the next call said the session was new
-            assert "a new sandbox session" in replies[BOMB + 1].content[0]["text"]
+            assert "The previous session ended" in replies[BOMB + 1].content[0]["text"]
         # Another thread has a session of its own; without a thread, a call is one-off.
         other = tool.invoke({"code": "print('total' in dir())"}, {"configurable": {"thread_id": "t2"}})
         assert other[0]["text"] == "False"
         again = tool.invoke({"code": "print('total' in dir())"}, {"configurable": {"thread_id": "t1"}})
         assert again[0]["text"] == "True"
         assert tool.invoke({"code": "print(6 * 7)"})[0]["text"] == "42"
+        # What the model was given: the plot's image block after step 2, the KeyError after step 3.
+        last = [call[-1] for call in given]
+        assert isinstance(last[3], ToolMessage) and last[3].content[1]["type"] == "image"
+        assert "KeyError" in last[4].content[0]["text"]
     finally:
         tool.close()
 
@@ -216,16 +240,17 @@ def sessions_open(endpoint: str) -> int:
 
 
 def assert_reopened_and_told(executor: Any, tool: Any, thread: Any, cause: str) -> None:
-    """After their sessions ended under them, each integration says so at its next step, naming *cause*, and
-    goes on in a new session: the executor's with the agent's tools (final_answer), neither with ``x``."""
+    """After their sessions ended under them, each integration runs the next step in a new session and says so
+    first, naming *cause*: the executor's has the agent's tools (final_answer), neither has ``x``."""
     from smolagents.utils import AgentError
 
-    with pytest.raises(AgentError, match=f"ended before this step ran .*{cause}.*none of your variables"):
+    told = f"(?s)The previous session ended: {cause}.*This code ran in a new session.*NameError"
+    with pytest.raises(AgentError, match=told):
         executor("print(x)")
     out = executor("final_answer('x' in dir())")
     assert out.is_final_answer and out.output is False and executor.resets == 1
-    told = tool.invoke({"code": "print(x)"}, thread)[0]["text"]
-    assert "ended before this code ran" in told and cause in told and "run the set-up again" in told, told
+    text = tool.invoke({"code": "print(x)"}, thread)[0]["text"]
+    assert re.search(told, text), text
     assert tool.invoke({"code": "print('x' in dir())"}, thread)[0]["text"] == "False"
 
 
@@ -246,7 +271,7 @@ def test_a_session_that_ends_between_steps_is_opened_again_and_the_agent_is_told
         executor("x = 1")
         tool.invoke({"code": "x = 1"}, thread)
         wait_until(lambda: sessions_open(endpoint) == before, 60, "both sessions ended idle")
-        assert_reopened_and_told(executor, tool, thread, "idle_timeout")
+        assert_reopened_and_told(executor, tool, thread, "nothing ran in it for its idle timeout")
     finally:
         executor.cleanup()
         tool.close()
@@ -279,14 +304,22 @@ def test_the_langchain_tools_threads_run_side_by_side(daemon: Any) -> None:
         tool.close()
 
 
-# A PNG of a few bytes that claims a 5,000 x 5,000 canvas (under PIL's own bomb check), and one cut off after its header.
-BOMB_PNG = """\
-import struct, zlib
-def chunk(kind, data):
-    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
-head = b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', {w}, {h}, 8, 2, 0, 0, 0))
-open('{name}', 'wb').write(head + chunk(b'IDAT', zlib.compress(b'\\x00' * 64)) + chunk(b'IEND', b''))
-"""
+def make_png(width: int, height: int, rows: int = 0) -> bytes:
+    """A PNG that claims *width* x *height* pixels (RGB), with *rows* rows of black: a few bytes for any canvas."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    head = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    pixels = zlib.compress(b"\x00" * (rows * (1 + 3 * width)))
+    return b"\x89PNG\r\n\x1a\n" + head + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def writes(name: str, data: bytes) -> str:
+    """A step that writes *data* to *name* in its working directory (a PNG there comes back as a figure)."""
+    return f"open({name!r}, 'wb').write({data!r})"
 
 
 def test_figures_from_the_cage_are_decoded_on_the_host_only_when_small_and_whole(daemon: Any) -> None:
@@ -298,12 +331,64 @@ def test_figures_from_the_cage_are_decoded_on_the_host_only_when_small_and_whole
         RunnerdExecutor([], AgentLogger(level=LogLevel.OFF), str(daemon.ipc), allow_pickle=True)
     executor = RunnerdExecutor([], AgentLogger(level=LogLevel.OFF), str(daemon.ipc))
     try:
-        out = executor(BOMB_PNG.format(w=5000, h=5000, name="huge.png"))
+        out = executor(writes("huge.png", make_png(5000, 5000)))  # under PIL's own bomb check
         assert executor.last_result is not None and [f.name for f in executor.last_result.figures] == ["huge.png"]
         assert executor.last_figures == [] and "huge.png not shown: 5000x5000 pixels" in out.logs, out.logs
-        out = executor(BOMB_PNG.format(w=64, h=64, name="cut.png"))  # the IDAT holds too few rows
+        out = executor(writes("cut.png", make_png(64, 64)))  # an IDAT with no rows: cut off
         assert executor.last_figures == [] and "cut.png not shown: it could not be decoded" in out.logs, out.logs
-        out = executor(BOMB_PNG.format(w=4, h=4, name="small.png").replace("b'\\x00' * 64", "b'\\x00' * 52"))
+        out = executor(writes("small.png", make_png(4, 4, rows=4)))
         assert len(executor.last_figures) == 1 and executor.last_figures[0].size == (4, 4), out.logs
     finally:
         executor.cleanup()
+
+
+def test_a_final_answer_from_the_cage_is_checked_before_this_host_decodes_it(daemon: Any) -> None:
+    from smolagents.monitoring import AgentLogger, LogLevel
+    from smolagents.utils import AgentError
+
+    from runnerd.integrations.smolagents import RunnerdExecutor
+
+    def answer(payload: str) -> str:  # what final_answer raises, forged by the step
+        return f"class FinalAnswerException(BaseException): pass\nraise FinalAnswerException({payload!r})"
+
+    huge = base64.b64encode(make_png(5000, 5000)).decode()
+    refused = {
+        "pickle:gASVIQAAAAAAAACMBXBvc2l4lIwGc3lzdGVtlJOUjAV0cnVlIJSFlFKULg==": "not smolagents' safe JSON",
+        "safe:" + "[" * 100 + "]" * 100: "nested deeper than 64",
+        'safe:{"__type__": "ndarray", "data": [1], "dtype": "(4096,)f8"}': "an array of dtype",
+        'safe:{"__type__": "PIL.Image", "data": "%s"}' % huge: "not a PNG, JPEG or GIF of at most",
+        'safe:{"__type__": "timedelta", "total_seconds": 1e300}': "OverflowError",
+        'safe:{"__type__": "bytes", "data": 1}': "",
+    }
+    executor = RunnerdExecutor([], AgentLogger(level=LogLevel.OFF), str(daemon.ipc))
+    try:
+        for payload, why in refused.items():
+            with pytest.raises(AgentError, match="could not be read back from the sandbox") as info:
+                executor(answer(payload))
+            assert why in str(info.value), (payload[:80], str(info.value))
+        out = executor(answer('safe:{"__type__": "tuple", "data": [1, "a"]}'))
+        assert out.is_final_answer and out.output == (1, "a")
+        assert executor.session.alive
+    finally:
+        executor.cleanup()
+
+
+def test_the_langchain_tool_answers_with_text_whatever_goes_wrong(daemon: Any) -> None:
+    from runnerd.integrations.langchain import RunnerdPython
+
+    big = RunnerdPython(endpoint=str(daemon.ipc), files={"big.bin": b"x" * (65 << 20)})  # past max_files_bytes
+    try:
+        for config in ({"configurable": {"thread_id": "t"}}, {}):  # the session's open, a one-off run
+            text = big.invoke({"code": "print(1)"}, config)[0]["text"]
+            assert text.startswith("runnerd refused the code: TOO_LARGE"), text
+    finally:
+        big.close()
+    tool = RunnerdPython(endpoint=str(daemon.ipc))
+    try:
+        long = tool.invoke({"code": "print('x' * 100_000)\nraise ValueError('the end')"})[0]["text"]
+        assert len(long) < 21_000 and "characters cut" in long and long.rstrip().endswith("ValueError: the end"), long[
+            -300:
+        ]
+    finally:
+        tool.close()
+    assert "this tool was closed" in tool.invoke({"code": "print(1)"})[0]["text"]

@@ -10,20 +10,21 @@
     agent.invoke({"messages": [("user", "Which region sold most?")]}, {"configurable": {"thread_id": "t1"}})
 
 Each call's output is what a model should read (runnerd's one renderer,
-:func:`runnerd.explain.result_text`, the MCP server's too: stdout, the value, the error, a line on
-what happened), then each figure as an image content block. With a
-``thread_id`` in the run's config, the thread's calls share one session
-(variables, imports and files kept between calls, on one daemon of a
-fleet; each thread on its own connection, so threads run side by side); without one, or with
-``stateful=False``, each call is a one-off run. A session that ended is opened again at the next call, and
-the text says its variables are gone; a run the daemon refuses (``BUSY``, too large) is a text too.
-:meth:`RunnerdPython.close` closes the sessions and the clients.
+:func:`runnerd.explain.result_text`, the MCP server's too), then each figure a model may be shown
+(:mod:`runnerd.shown_figures`) as an image content block. With a ``thread_id`` in the run's config, the
+thread's calls share one session (variables, imports and files kept between calls, on one daemon of a
+fleet; each thread on its own connection, so threads run side by side; at most ``max_threads`` kept);
+without one, or with ``stateful=False``, each call is a one-off run. A session that ended is replaced at the
+next call, which runs in the new one and says so first (as the MCP server does). Whatever goes wrong is the
+tool message, never an exception that would end the agent's run. :meth:`RunnerdPython.close` closes the
+sessions and the clients.
 """
 
 from __future__ import annotations
 
 import base64
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,20 +32,19 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from .. import wire
 from ..client import Client, Session
-from ..errors import RemoteError, SessionLost
-from ..explain import result_text
+from ..errors import ClientError, RemoteError, SessionLost
+from ..explain import LIBRARIES, result_text, session_replaced
 from ..result import Result
+from ..shown_figures import shown
 
 DESCRIPTION = (
     "Run Python 3 code in a sandbox and see what it printed, the value of its last expression, any error, and "
     "its Matplotlib figures as images. Variables, imports and files are kept between calls in this conversation. "
-    "Libraries: a fixed set (numpy, pandas, matplotlib, scipy, scikit-learn, sympy, ...); nothing can be "
-    "installed; there is no network. Input files are in the working directory, by their bare names."
+    f"Libraries: a fixed set ({LIBRARIES}); nothing can be installed; there is no network. Input files are in "
+    "the working directory, by their bare names."
 )
-
-AFTER_RESET = "A new session is open with the input files, but none of the variables or imports: run the set-up again."
-NEW_SESSION = "[a new sandbox session: the earlier one ended, its variables are gone]\n"
 
 
 class _Code(BaseModel):
@@ -52,8 +52,8 @@ class _Code(BaseModel):
 
 
 class RunnerdPython(BaseTool):
-    """The tool. A session per ``thread_id`` of the run's config (a lost one is opened anew, with a note), each on
-    its own connection, so parallel threads run in parallel."""
+    """The tool. A session per ``thread_id`` of the run's config, each on its own connection (parallel threads
+    run in parallel); at most ``max_threads`` threads are kept, the least recently used one closed for a new one."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -67,61 +67,102 @@ class RunnerdPython(BaseTool):
     timeout: float | None = None
     idle_timeout: float | None = None  # a thread's session ends after this long without a call (the daemon's)
     stateful: bool = True
+    max_threads: int = Field(default=64, ge=1)  # the daemon's own default cap on open sessions
 
-    _threads: dict[str, _Thread] = PrivateAttr(default_factory=dict)
+    _threads: OrderedDict[str, _Thread] = PrivateAttr(default_factory=OrderedDict)
     _idle: list[Client] = PrivateAttr(default_factory=list)  # one-off calls' clients, free for the next
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _closed: bool = PrivateAttr(default=False)
 
     def _run(self, code: str, config: RunnableConfig, run_manager: Any = None) -> list[str | dict[str, Any]]:
         thread = ((config or {}).get("configurable") or {}).get("thread_id")
-        if not self.stateful or thread is None:
-            return self._one_off(code)
+        # Whatever goes wrong is the tool message, as the MCP server's: an exception here ends the agent's run.
+        try:
+            if not self.stateful or thread is None:
+                return self._one_off(code)
+            return self._in_thread(str(thread), code)
+        except RemoteError as exc:
+            return [_text(f"runnerd refused the code: {exc}")]  # BUSY, too large: the model can act on it
+        except ClientError as exc:
+            return [_text(f"runnerd could not run the code: {exc}")]
+
+    def _in_thread(self, key: str, code: str) -> list[str | dict[str, Any]]:
+        evicted: list[_Thread] = []
         with self._lock:
-            mine = self._threads.get(str(thread))
+            self._check_open()
+            mine = self._threads.get(key)
             if mine is None:
+                evicted = self._evict()
                 client = self._client()
-                mine = _Thread(client, client.session(files=self.files, idle_timeout=self.idle_timeout))
-                self._threads[str(thread)] = mine
-        with mine.lock:  # a thread's calls take turns; other threads' run beside them, each on its own socket
-            session, note = mine.session, ""
+                mine = self._threads[key] = _Thread(client, client.session(self.files, self.idle_timeout))
+            self._threads.move_to_end(key)
+        for old in evicted:
+            old.close()
+        with mine.lock:  # a thread's calls take turns
+            if mine.closed:
+                raise ClientError("this tool was closed")
+            session, notes = mine.session, []
+            ended = session.ended
+            if session.ensure_open():
+                notes.append(session_replaced(ended))
             try:
-                if session.ensure_open():
-                    note = NEW_SESSION
                 result = session.run(code, timeout=self.timeout)
-            except (SessionLost, RemoteError) as exc:
-                if isinstance(exc, RemoteError) and session.alive:
-                    return [_text(f"runnerd refused the code: {exc}")]  # too large, busy: the model can act on it
-                session.ensure_open()
-                return [_text(f"The sandbox session ended before this code ran ({exc}). {AFTER_RESET}")]
-        return blocks(result, note)
+            except (RemoteError, SessionLost) as exc:
+                if isinstance(exc, RemoteError) and exc.code != wire.NOT_FOUND:
+                    raise
+                # It ended since the last call (idle, most likely), or its daemon was lost: as the MCP server does.
+                notes.append(session_replaced(session.ended))
+                session.reopen()
+                result = session.run(code, timeout=self.timeout)
+        return blocks(result, notes)
+
+    def _evict(self) -> list[_Thread]:
+        """Room for one more thread (called under the lock): the least recently used ones not in a call."""
+        evicted = []
+        while len(self._threads) >= self.max_threads:
+            for key, old in self._threads.items():
+                if old.lock.acquire(blocking=False):
+                    old.closed = True
+                    old.lock.release()
+                    del self._threads[key]
+                    evicted.append(old)
+                    break
+            else:
+                raise ClientError(f"more than max_threads ({self.max_threads}) agent threads are in a call at once")
+        return evicted
 
     def _one_off(self, code: str) -> list[str | dict[str, Any]]:
         with self._lock:
+            self._check_open()
             client = self._idle.pop() if self._idle else self._client()
         try:
             result = client.run(code, files=self.files, timeout=self.timeout)
-        except RemoteError as exc:
-            return [_text(f"runnerd refused the code: {exc}")]
         finally:
             with self._lock:
-                self._idle.append(client)
+                keep = not self._closed and len(self._idle) < self.max_threads
+                if keep:
+                    self._idle.append(client)
+            if not keep:
+                client.close()
         return blocks(result)
 
     def _client(self) -> Client:
         return Client(self.endpoint, curve=self.curve, tenant=self.tenant)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientError("this tool was closed")
+
     def close(self) -> None:
-        """Close every thread's session and every client."""
+        """Close every thread's session and every client (a call under way ends first)."""
         with self._lock:
+            self._closed = True
             threads, idle = list(self._threads.values()), list(self._idle)
             self._threads.clear()
             self._idle.clear()
         for mine in threads:
             with mine.lock:
-                try:
-                    mine.session.close()
-                finally:
-                    mine.client.close()
+                mine.close()
         for client in idle:
             client.close()
 
@@ -133,15 +174,24 @@ class _Thread:
         self.client = client
         self.session = session
         self.lock = threading.Lock()
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.session.close()
+        except ClientError:
+            pass  # gone with its daemon, or no answer: the daemon's idle timeout ends it
+        finally:
+            self.client.close()
 
 
-def blocks(result: Result, note: str = "") -> list[str | dict[str, Any]]:
-    """The tool message's content: the text a model reads, then each figure as an image block."""
-    content: list[str | dict[str, Any]] = [_text(note + result_text(result))]
-    for fig in result.figures:
-        if fig.mime.startswith("image/") and fig.mime != "image/svg+xml":
-            data = base64.b64encode(fig.data).decode()
-            content.append({"type": "image", "base64": data, "mime_type": fig.mime})
+def blocks(result: Result, notes: list[str] | None = None) -> list[str | dict[str, Any]]:
+    """The tool message's content: the text a model reads, then each figure it may be shown as an image block."""
+    figures = shown(result)
+    content: list[str | dict[str, Any]] = [_text("\n\n".join([*(notes or []), result_text(result), *figures.notes]))]
+    for fig in figures.figures:
+        content.append({"type": "image", "base64": base64.b64encode(fig.data).decode(), "mime_type": fig.mime})
     return content
 
 
