@@ -866,3 +866,55 @@ def test_files_past_the_count_caps_are_not_read(tmp_path, monkeypatch):
     assert len(reads) == 5  # the .png files are not images: files too, and the files were full
     text = "\n".join(out.warnings.final()[0])
     assert "more than 5 files" in text
+
+
+@pytest.mark.parametrize("fmt, mime", [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("GIF", "image/gif")])
+def test_a_figures_size_is_read_from_its_header_as_pil_reads_it(fmt: str, mime: str) -> None:
+    import io
+
+    from PIL import Image
+
+    from runnerd.shown_figures import image_size
+
+    for size in ((1, 1), (640, 480), (3000, 17)):
+        out = io.BytesIO()
+        Image.new("RGB", size).save(out, fmt, **({"progressive": True} if fmt == "JPEG" else {}))
+        data = out.getvalue()
+        assert image_size(data, mime) == size
+        assert image_size(data[:9], mime) is None  # cut before the size
+    other = "image/gif" if mime != "image/gif" else "image/png"
+    assert image_size(data, other) is None  # a header must be what the mime says
+    assert image_size(b"<svg/>", "image/svg+xml") is None
+
+
+def test_what_a_model_is_shown_of_a_runs_figures() -> None:
+    import struct
+
+    from runnerd.result import Artifact
+    from runnerd.shown_figures import MAX_FIGURE_PIXELS, MAX_SHOWN, shown
+
+    def png(w: int, h: int) -> bytes:
+        return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", w, h) + b"\x08\x02\0\0\0"
+
+    figures = [
+        Artifact("huge.png", "image/png", png(MAX_FIGURE_PIXELS, 2)),
+        Artifact("a.svg", "image/svg+xml", b"<svg/>"),
+    ]
+    figures += [Artifact(f"f{i}.png", "image/png", png(640, 480)) for i in range(MAX_SHOWN + 2)]
+    out = shown(Result(Outcome.OK, None, figures=tuple(figures)))
+    assert [f.name for f in out.figures] == [f"f{i}.png" for i in range(MAX_SHOWN)]
+    assert [n.split(":")[0] for n in out.notes] == [
+        "figure huge.png not shown", "figure a.svg not shown", f"figure f{MAX_SHOWN}.png not shown",
+        f"figure f{MAX_SHOWN + 1}.png not shown",
+    ]  # fmt: skip
+
+
+def test_a_tools_text_is_cut_in_the_middle_with_a_line_saying_so() -> None:
+    from runnerd.explain import MAX_TOOL_TEXT, cut, result_text
+
+    assert cut("short") == "short"
+    text = "".join(f"{i:06d}\n" for i in range(10_000))  # 70,000 characters
+    out = cut(text)
+    assert len(out) <= MAX_TOOL_TEXT + 60 and out.startswith("000000\n") and out.endswith("009999\n")
+    assert f"[... {len(text) - MAX_TOOL_TEXT} characters cut ...]" in out
+    assert len(result_text(Result(Outcome.OK, None, stdout=text))) <= MAX_TOOL_TEXT + 60
