@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import zmq
@@ -73,7 +73,7 @@ from .exchange import (
 )
 from .fleet.drive import Pin, drive
 from .fleet.links import Links
-from .result import Result
+from .result import Result, SessionEnd
 
 __all__ = [
     "CONTROL_TIMEOUT_S",
@@ -304,6 +304,29 @@ class Session(_SessionState):
             return False
         self.reopen()
         return True
+
+    def run_renewing(
+        self, code: str, timeout: float | None = None, *, on_new: Callable[[], None] | None = None
+    ) -> tuple[Result, list[SessionEnd | None]]:
+        """Run *code*, in a new session if this one had ended (found before the run, or by it: an idle
+        timeout, its daemon lost), as a tool whose calls share a session does; *on_new* runs after each new
+        open (to set it up again). Also returns how each replaced session ended, for the tool to say so."""
+        replaced: list[SessionEnd | None] = []
+        ended = self.ended
+        if self.ensure_open():
+            replaced.append(ended)
+            if on_new is not None:
+                on_new()
+        try:
+            return self.run(code, timeout=timeout), replaced
+        except (RemoteError, SessionLost):
+            if self.alive:  # a refusal (BUSY, TOO_LARGE), not the session's end: run noted NOT_FOUND
+                raise
+        replaced.append(self.ended)
+        self.reopen()
+        if on_new is not None:
+            on_new()
+        return self.run(code, timeout=timeout), replaced
 
     def close(self) -> None:
         """Close it. Closing a session that already ended (or was never opened) is not an error."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from runnerd.bench.integrations import python_call, scripted_chat, scripted_model
 from runnerd.client import Client
 
 from .test_sessions import wait_until
@@ -58,22 +59,11 @@ def endpoint(request: pytest.FixtureRequest, cage_confirmed: Any) -> str:
 
 
 def test_a_smolagents_code_agent_runs_its_steps_in_one_session(endpoint: str) -> None:
-    from smolagents.models import ChatMessage, MessageRole, Model
-
     from runnerd.integrations.smolagents import RunnerdExecutor, code_agent
 
-    class Scripted(Model):
-        def __init__(self) -> None:
-            super().__init__(model_id="scripted")
-            self.replies = [f"Thought: step {i}\n<code>\n{code}\n</code>" for i, (code, _) in enumerate(STEPS)]
-            self.replies.append("Thought: done\n<code>\nfinal_answer(total)\n</code>")
-            self.seen: list[Any] = []  # the messages of each call: what the agent showed the model
-
-        def generate(self, messages: Any, stop_sequences: Any = None, **kwargs: Any) -> ChatMessage:
-            self.seen.append(messages)
-            return ChatMessage(role=MessageRole.ASSISTANT, content=self.replies.pop(0))
-
-    model = Scripted()
+    replies = [f"Thought: step {i}\n<code>\n{code}\n</code>" for i, (code, _) in enumerate(STEPS)]
+    replies.append("Thought: done\n<code>\nfinal_answer(total)\n</code>")
+    model = scripted_model(replies)
     agent = code_agent(
         model, endpoint, files={"sales.csv": CSV}, additional_authorized_imports=["pandas", "matplotlib"],
         timeout=10, max_steps=len(STEPS) + 2,
@@ -106,23 +96,14 @@ def test_a_smolagents_code_agent_runs_its_steps_in_one_session(endpoint: str) ->
 
 
 def test_over_a_fleet_the_agents_session_stays_on_the_daemon_that_opened_it(daemon: Any, warm_daemon: Any) -> None:
-    from smolagents.models import ChatMessage, MessageRole, Model
-
     from runnerd.integrations.smolagents import code_agent
 
-    class Scripted(Model):
-        def __init__(self) -> None:
-            super().__init__(model_id="scripted")
-            # 20 KB: past an error message's cap; then a second agent.run on the same session
-            steps = ("x = 41", "y = x + 1", "final_answer(str(y) * 10_000)", "final_answer(y + 1)")
-            self.replies = [f"<code>\n{c}\n</code>" for c in steps]
-
-        def generate(self, messages: Any, stop_sequences: Any = None, **kwargs: Any) -> ChatMessage:
-            return ChatMessage(role=MessageRole.ASSISTANT, content=self.replies.pop(0))
-
+    # 20 KB: past an error message's cap; then a second agent.run on the same session
+    steps = ("x = 41", "y = x + 1", "final_answer(str(y) * 10_000)", "final_answer(y + 1)")
+    model = scripted_model([f"<code>\n{c}\n</code>" for c in steps])
     both = (str(daemon.ipc), str(warm_daemon.ipc))
     before = {e: sessions_open(e) for e in both}
-    agent = code_agent(Scripted(), ",".join(both), max_steps=5)
+    agent = code_agent(model, ",".join(both), max_steps=5)
     try:
         assert agent.run("Add one to 41.") == "42" * 10_000
         assert agent.run("And one more.", reset=False) == 43  # the tools sent again, the variables kept
@@ -169,28 +150,17 @@ def react_agent(builder: str, model: Any, tools: list[Any]) -> Any:
 
 @pytest.mark.parametrize("builder", ["create_react_agent", "create_agent"])
 def test_a_langgraph_agent_calls_the_tool_with_state_per_thread(endpoint: str, builder: str) -> None:
-    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
     from langchain_core.messages import AIMessage, ToolMessage
 
     from runnerd.integrations.langchain import RunnerdPython
 
     given: list[Any] = []  # the messages of each call: what the agent showed the model
 
-    class Scripted(GenericFakeChatModel):
-        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
-            return self  # the script already says which tool it calls
-
-        def _generate(self, messages: Any, *args: Any, **kwargs: Any) -> Any:
-            given.append(list(messages))
-            return super()._generate(messages, *args, **kwargs)
-
-    def call(i: int, code: str) -> AIMessage:
-        return AIMessage(content="", tool_calls=[{"name": "python", "args": {"code": code}, "id": f"c{i}"}])
-
-    script = [call(i, code) for i, (code, _) in enumerate(STEPS)] + [AIMessage(content="The total is 60.")]
+    script = [python_call(code, f"c{i}") for i, (code, _) in enumerate(STEPS)]
+    script.append(AIMessage(content="The total is 60."))
     tool = RunnerdPython(endpoint=endpoint, files={"sales.csv": CSV}, timeout=10)
     try:
-        agent = react_agent(builder, Scripted(messages=iter(script)), [tool])
+        agent = react_agent(builder, scripted_chat(script, given), [tool])
         out = agent.invoke({"messages": [("user", "Total sales?")]}, {"configurable": {"thread_id": "t1"}})
         replies = [m for m in out["messages"] if isinstance(m, ToolMessage)]
         assert len(replies) == len(STEPS) and out["messages"][-1].content == "The total is 60."

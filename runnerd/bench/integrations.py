@@ -61,6 +61,48 @@ def bench_integrations(endpoint: str, mode: str, n: int, progress: Progress) -> 
     return rows
 
 
+def scripted_model(replies: list[str]) -> Any:
+    """A smolagents model (no LLM) whose calls answer with *replies* in turn; ``seen`` keeps each call's messages,
+    what the agent showed the model. The tests drive ``CodeAgent`` with it too."""
+    from smolagents.models import ChatMessage, MessageRole, Model
+
+    class Scripted(Model):
+        def __init__(self) -> None:
+            super().__init__(model_id="scripted")
+            self.replies = replies
+            self.seen: list[Any] = []
+
+        def generate(self, messages: Any, stop_sequences: Any = None, **kwargs: Any) -> ChatMessage:
+            self.seen.append(messages)
+            return ChatMessage(role=MessageRole.ASSISTANT, content=self.replies.pop(0))
+
+    return Scripted()
+
+
+def scripted_chat(messages: list[Any], given: list[Any] | None = None) -> Any:
+    """A LangChain chat model (no LLM) whose calls answer with *messages* in turn, whatever tools it is bound to;
+    each call's messages are added to *given*. The tests drive LangGraph's agents with it too."""
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+
+    class Scripted(GenericFakeChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self  # the script says which tool it calls
+
+        def _generate(self, messages: Any, *args: Any, **kwargs: Any) -> Any:
+            if given is not None:
+                given.append(list(messages))
+            return super()._generate(messages, *args, **kwargs)
+
+    return Scripted(messages=iter(messages))
+
+
+def python_call(code: str, call_id: str) -> Any:
+    """A model's message that calls the tool (``python``) with *code*."""
+    from langchain_core.messages import AIMessage
+
+    return AIMessage(content="", tool_calls=[{"name": "python", "args": {"code": code}, "id": call_id}])
+
+
 def _runs(n: int) -> Iterator[int]:
     """The sizes of the agent runs that make *n* steps."""
     while n > 0:
@@ -99,20 +141,11 @@ def _executor(endpoint: str, code: str, n: int) -> Iterator[float]:
 
 def _code_agent(endpoint: str, code: str, n: int) -> Iterator[float]:
     from smolagents.memory import ActionStep
-    from smolagents.models import ChatMessage, MessageRole, Model
     from smolagents.monitoring import LogLevel
 
     from ..integrations.smolagents import code_agent
 
-    class Scripted(Model):
-        def __init__(self) -> None:
-            super().__init__(model_id="scripted")
-            self.replies: list[str] = []
-
-        def generate(self, messages: Any, stop_sequences: Any = None, **kwargs: Any) -> ChatMessage:
-            return ChatMessage(role=MessageRole.ASSISTANT, content=self.replies.pop(0))
-
-    model = Scripted()
+    model = scripted_model([])
     agent = code_agent(model, endpoint, verbosity_level=LogLevel.OFF, max_steps=STEPS_PER_RUN + 1)
     try:
         for steps in _runs(n):
@@ -144,23 +177,15 @@ def _tool(endpoint: str, code: str, n: int) -> Iterator[float]:
 
 def _langgraph(endpoint: str, code: str, n: int) -> Iterator[float]:
     from langchain.agents import create_agent
-    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
     from langchain_core.messages import AIMessage
 
     from ..integrations.langchain import RunnerdPython
 
-    class Scripted(GenericFakeChatModel):
-        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
-            return self  # the script says which tool it calls
-
     tool = RunnerdPython(endpoint=endpoint)
     try:
         for run, steps in enumerate(_runs(n)):
-            calls = [
-                AIMessage(content="", tool_calls=[{"name": "python", "args": {"code": code}, "id": f"c{i}"}])
-                for i in range(steps + 1)
-            ]
-            agent = create_agent(Scripted(messages=iter([*calls, AIMessage(content="done")])), [tool])
+            calls = [python_call(code, f"c{i}") for i in range(steps + 1)]
+            agent = create_agent(scripted_chat([*calls, AIMessage(content="done")]), [tool])
             config: Any = {"configurable": {"thread_id": f"bench-{run}"}}
             ask: Any = {"messages": [("user", "Print 1.")]}
             last = None

@@ -32,9 +32,8 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from .. import wire
 from ..client import Client, Session
-from ..errors import ClientError, RemoteError, SessionLost
+from ..errors import ClientError, RemoteError
 from ..explain import LIBRARIES, result_text, session_replaced
 from ..result import Result
 from ..shown_figures import shown
@@ -101,20 +100,8 @@ class RunnerdPython(BaseTool):
         with mine.lock:  # a thread's calls take turns
             if mine.closed:
                 raise ClientError("this tool was closed")
-            session, notes = mine.session, []
-            ended = session.ended
-            if session.ensure_open():
-                notes.append(session_replaced(ended))
-            try:
-                result = session.run(code, timeout=self.timeout)
-            except (RemoteError, SessionLost) as exc:
-                if isinstance(exc, RemoteError) and exc.code != wire.NOT_FOUND:
-                    raise
-                # It ended since the last call (idle, most likely), or its daemon was lost: as the MCP server does.
-                notes.append(session_replaced(session.ended))
-                session.reopen()
-                result = session.run(code, timeout=self.timeout)
-        return blocks(result, notes)
+            result, replaced = mine.session.run_renewing(code, self.timeout)
+        return blocks(result, [session_replaced(ended) for ended in replaced])
 
     def _evict(self) -> list[_Thread]:
         """Room for one more thread (called under the lock): the least recently used ones not in a call."""

@@ -40,9 +40,8 @@ from smolagents.remote_executors import RemotePythonExecutor
 from smolagents.serialization import SafeSerializer
 from smolagents.utils import AgentError
 
-from .. import wire
 from ..client import Client, Session
-from ..errors import ClientError, RemoteError, SessionLost
+from ..errors import ClientError, RemoteError
 from ..explain import LIBRARIES, result_text, session_replaced
 from ..result import Outcome, Result
 from ..shown_figures import MAX_FIGURE_PIXELS, SHOWN_MIMES, image_size, shown
@@ -195,18 +194,8 @@ class RunnerdExecutor(RemotePythonExecutor):
 
     def _run(self, code: str) -> tuple[Result, list[str]]:
         """*code* in the session, a new one if it had ended (as the MCP server does); notes on what happened."""
-        notes: list[str] = []
-        if self.session.opened and not self.session.alive:
-            notes.append(session_replaced(self.session.ended))
-            self._reset()
-        try:
-            return self.session.run(code, timeout=self.timeout), notes
-        except (RemoteError, SessionLost) as exc:
-            if isinstance(exc, RemoteError) and exc.code != wire.NOT_FOUND:
-                raise
-        notes.append(session_replaced(self.session.ended))  # idle, most likely, or its daemon lost
-        self._reset()
-        return self.session.run(code, timeout=self.timeout), notes
+        result, replaced = self.session.run_renewing(code, self.timeout, on_new=self._set_up_again)
+        return result, [session_replaced(ended) for ended in replaced]
 
     def _final_answer(self, result: Result) -> Any:
         kept = next((f.data for f in result.files if f.name == ANSWER_FILE), None)
@@ -223,18 +212,18 @@ class RunnerdExecutor(RemotePythonExecutor):
                 self.logger,
             ) from None
 
-    def _reset(self) -> None:
-        """A new session for the one that ended, given the tools and initial variables again."""
-        self.session.ensure_open()
+    def _set_up_again(self) -> None:
+        """A new session took the place of one that ended: the tools and initial variables again."""
         self.resets += 1
         for code in self._setup.values():
             self._run_setup(code)
         self.logger.log(f"runnerd session ended; a new one is open: {self.session.id}")
 
     def _reset_quietly(self) -> str:
-        """:meth:`_reset` after a run that ended its session, whose own text says so: a line if it failed."""
+        """A new session after a run that ended its own (whose text says so): a line if that failed."""
         try:
-            self._reset()
+            self.session.ensure_open()
+            self._set_up_again()
         except (ClientError, AgentError) as exc:
             return f"(runnerd could not open a new session yet: {exc}; the next step tries again)"
         return ""
